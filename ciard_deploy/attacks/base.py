@@ -1,0 +1,337 @@
+"""The attack interface, eps parsing, budgets, capabilities and the attack registry.
+
+This module imports no torch: the registry, ``create_attack`` and the query-only Square path
+must work on an edge device that has only numpy and a runtime. Attack classes are loaded
+lazily from their modules when ``create_attack`` first needs them.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import inspect
+import math
+import re
+from dataclasses import dataclass, field
+import numbers
+from typing import TYPE_CHECKING, Any, Iterable, Literal
+
+from ciard_deploy.errors import UsageError
+from ciard_deploy.registry import Registry, unknown_name_message
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Norm = Literal["Linf"]
+
+#: What a model or runtime can give an attack. A torch model gives both; an exported
+#: runtime (onnxruntime, TensorRT) gives only scores.
+GRADIENTS = "gradients"
+SCORES = "scores"
+CAPABILITIES = frozenset({GRADIENTS, SCORES})
+TORCH_CAPABILITIES = frozenset({GRADIENTS, SCORES})
+
+
+# --------------------------------------------------------------------------- eps and budgets
+
+_EPS_RE = re.compile(r"^\s*(?P<num>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*(?P<den>[0-9]*\.?[0-9]+))?\s*$")
+
+
+def parse_eps(text: str | float) -> float:
+    """Parses an L-inf radius given as a fraction of the pixel range [0, 1].
+
+    Accepts ``"8/255"``, ``"8/255.0"``, ``"0.03"`` (and plain floats). The result must lie in
+    [0, 1].
+
+    Args:
+        text: the radius as typed by a user, or a number.
+
+    Returns:
+        eps as a float.
+
+    Raises:
+        UsageError: malformed, negative, larger than 1, or not finite (one-line message).
+
+    Example:
+        >>> round(parse_eps("8/255") * 255, 6)
+        8.0
+    """
+    if isinstance(text, bool):
+        raise UsageError(f"invalid eps {text!r}: expected a number like 8/255 or 0.03")
+    if isinstance(text, numbers.Real):
+        value = float(text)
+    else:
+        s = str(text)
+        m = _EPS_RE.match(s)
+        if m is None:
+            if s.strip().startswith("-"):
+                raise UsageError(f"invalid eps {s!r}: must not be negative (expected e.g. 8/255 or 0.03)")
+            raise UsageError(f"invalid eps {s!r}: expected a number like 8/255 or 0.03")
+        value = float(m["num"])
+        if m["den"] is not None:
+            den = float(m["den"])
+            if den == 0:
+                raise UsageError(f"invalid eps {s!r}: division by zero")
+            value /= den
+    if not math.isfinite(value):
+        raise UsageError(f"invalid eps {text!r}: must be finite")
+    if value < 0:
+        raise UsageError(f"invalid eps {text!r}: must not be negative")
+    if value > 1:
+        hint = f" (did you mean {value:g}/255?)" if value.is_integer() and value <= 255 else ""
+        raise UsageError(f"invalid eps {text!r}: pixels are in [0, 1], so eps must be <= 1{hint}")
+    return value
+
+
+def format_eps(eps: float) -> str:
+    """Formats eps for labels: a short decimal when it has one, else ``k/255``, else 4 digits.
+
+    ``0.1 -> "0.1"``, ``8/255 -> "8/255"``, ``0.2 -> "0.2"`` (although it is 51/255),
+    ``0.0314 -> "0.0314"``.
+    """
+    if eps == 0:
+        return "0"
+    short = repr(float(eps))
+    if len(short) <= 5:  # "0.1", "0.03", "0.005", "1.0"
+        return short[:-2] if short.endswith(".0") else short
+    k = eps * 255.0
+    if abs(k - round(k)) < 1e-6 and round(k) > 0:
+        return f"{int(round(k))}/255"
+    return f"{eps:.4g}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The threat model of one attack run.
+
+    Attributes:
+        norm: only ``"Linf"`` for now.
+        eps: radius in pixel units of [0, 1].
+        steps: gradient steps (PGD, CW), 1 for FGSM, queries for Square, APGD iterations for AA.
+        step_size: step per iteration; ``None`` where the attack adapts it (AutoAttack, Square).
+    """
+
+    norm: Norm
+    eps: float
+    steps: int
+    step_size: float | None
+
+    @property
+    def eps_label(self) -> str:
+        return format_eps(self.eps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"norm": self.norm, "eps": self.eps, "eps_label": self.eps_label,
+                "steps": self.steps, "step_size": self.step_size}
+
+
+# --------------------------------------------------------------------------- capabilities
+
+class MissingCapability(UsageError):
+    """An attack needs something the model or runtime cannot give (e.g. gradients from ONNX)."""
+
+    def __init__(self, attack_label: str, missing: Iterable[str], available: Iterable[str]) -> None:
+        self.attack_label = attack_label
+        self.missing = sorted(missing)
+        self.available = sorted(available)
+        have = ", ".join(self.available) or "nothing"
+        hint = (" Run white-box attacks on the torch model, or use a query-only attack (square<Q>) here."
+                if GRADIENTS in self.missing else "")
+        super().__init__(f"attack {attack_label} needs {' and '.join(self.missing)}, which this model/runtime "
+                         f"does not provide (it provides: {have}).{hint}")
+
+
+# --------------------------------------------------------------------------- the interface
+
+class Attack(abc.ABC):
+    """One adversarial attack with a fixed budget.
+
+    Subclasses set ``name`` (e.g. ``"pgd20"``), ``budget`` and ``requires`` and implement
+    ``run``. Every image ``run`` returns lies within ``budget.eps`` (L-inf) of its clean image
+    and in [0, 1]. ``run`` puts the model in eval mode and restores its train/eval mode and
+    each parameter's ``requires_grad`` afterwards.
+    """
+
+    name: str
+    budget: Budget
+    requires: frozenset[str] = frozenset({GRADIENTS})
+
+    @property
+    def eps(self) -> float:
+        return self.budget.eps
+
+    @property
+    def label(self) -> str:
+        """Name and budget, e.g. ``"pgd20@8/255"``: robust accuracy always carries it."""
+        return f"{self.name}@{self.budget.eps_label}"
+
+    def ensure_capabilities(self, available: Iterable[str]) -> None:
+        """Raises ``MissingCapability`` (a ``UsageError``) naming what ``available`` lacks."""
+        have = frozenset(available)
+        missing = self.requires - have
+        if missing:
+            raise MissingCapability(self.label, missing, have)
+
+    @abc.abstractmethod
+    def run(self, model: "torch.nn.Module", x: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
+        """Returns adversarial images for float32 NCHW ``x`` in [0, 1] and int64 labels ``y``."""
+
+    def options(self) -> dict[str, Any]:
+        """The attack's settings beyond its budget (for reports and manifests)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "requires": sorted(self.requires),
+                "budget": self.budget.to_dict(), "options": self.options()}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({self.label}{', ' if opts else ''}{opts})"
+
+
+def ensure_capabilities(attacks: Iterable[Attack], available: Iterable[str]) -> None:
+    """Checks every attack before any work starts; raises on the first that cannot run."""
+    have = frozenset(available)
+    for attack in attacks:
+        attack.ensure_capabilities(have)
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """One attack family in the registry.
+
+    Attributes:
+        family: the spec's name part (``"pgd"`` in ``"pgd20"``).
+        pattern: how users write it (``"pgd<K>"``).
+        target: ``"module:Class"`` of the implementation, imported on first use.
+        count_arg: constructor argument that receives ``<K>``/``<Q>``; ``None`` if the spec takes no number.
+        default_count: used when the spec omits the number (``"pgd"`` means ``"pgd20"``).
+        defaults: extra constructor arguments for this family (e.g. the TRADES step size).
+        requires: capabilities it needs (known without importing torch).
+        description: one line for ``ciard eval --list``.
+    """
+
+    family: str
+    pattern: str
+    target: str
+    count_arg: str | None = None
+    default_count: int | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    requires: frozenset[str] = frozenset({GRADIENTS})
+    description: str = ""
+
+    def load(self) -> type[Attack]:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+ATTACKS: Registry[AttackEntry] = Registry("attack")
+
+_TWO_255 = 2.0 / 255.0
+for _entry in (
+    AttackEntry("fgsm", "fgsm", "ciard_deploy.attacks.pgd:FGSM",
+                description="FGSM: one signed-gradient step of size eps (Goodfellow et al. 2015)"),
+    AttackEntry("pgd", "pgd<K>", "ciard_deploy.attacks.pgd:PGD", "steps", 20, {"step_size": _TWO_255},
+                description="PGD on cross-entropy, K steps of 2/255, uniform random start (Madry et al. 2018)"),
+    AttackEntry("pgdt", "pgdt<K>", "ciard_deploy.attacks.pgd:PGD", "steps", 20,
+                {"step_size": 0.003, "prefix": "pgdt"},
+                description="PGD-TRADES: PGD on cross-entropy with step 0.003, random start (Zhang et al. 2019)"),
+    AttackEntry("cw", "cw<K>", "ciard_deploy.attacks.cw:CWInf", "steps", 30,
+                description="CW-inf: K PGD steps of 2/255 on the CW margin loss, confidence 50, zero start"),
+    AttackEntry("aa", "aa", "ciard_deploy.attacks.autoattack:AutoAttack", defaults={"version": "standard"},
+                description="AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack, Croce & Hein 2020)"),
+    AttackEntry("aa-fast", "aa-fast", "ciard_deploy.attacks.autoattack:AutoAttack", defaults={"version": "fast"},
+                description="AutoAttack subset: APGD-CE + APGD-T (pyautoattack), a cheaper lower bound on aa"),
+    AttackEntry("square", "square<Q>", "ciard_deploy.attacks.square:SquareAttack", "queries", 5000,
+                requires=frozenset({SCORES}),
+                description="Square: score-based random search, Q queries (Andriushchenko et al. 2020), via ART"),
+):
+    ATTACKS.add(_entry.family, _entry)
+
+_SPEC_RE = re.compile(r"^(?P<family>[a-z]+(?:-[a-z]+)*)(?P<count>\d+)?$")
+
+
+def list_attacks() -> list[str]:
+    """The attack spec patterns users can write: ``fgsm``, ``pgd<K>``, ``aa``, ``square<Q>``, ..."""
+    return [e.pattern for _, e in ATTACKS.items()]
+
+
+def _unknown(spec: str) -> UsageError:
+    msg = unknown_name_message("attack", spec, list_attacks())
+    return UsageError(msg + " (e.g. fgsm, pgd20, pgdt20, cw30, aa, aa-fast, square100)")
+
+
+def parse_attack_spec(spec: str) -> tuple[AttackEntry, int | None]:
+    """Splits ``"pgd20"`` into its registry entry and 20; raises UsageError for unknown specs."""
+    s = str(spec).strip().lower()
+    m = _SPEC_RE.match(s)
+    if m is None or m["family"] not in ATTACKS:
+        raise _unknown(str(spec))
+    entry = ATTACKS.get(m["family"])
+    count = int(m["count"]) if m["count"] is not None else None
+    if count is not None and entry.count_arg is None:
+        raise _unknown(str(spec))
+    if count is not None and count < 1:
+        raise UsageError(f"attack {spec!r}: the number of steps/queries must be at least 1")
+    return entry, count if count is not None else entry.default_count
+
+
+def attack_requires(spec: str) -> frozenset[str]:
+    """Capabilities an attack spec needs, without importing its implementation (or torch)."""
+    return parse_attack_spec(spec)[0].requires
+
+
+def create_attack(spec: str, eps: float | str, **overrides: Any) -> Attack:
+    """Builds an attack from a spec such as ``"pgd20"`` and an L-inf radius.
+
+    Args:
+        spec: one of ``list_attacks()`` with its number filled in: ``fgsm``, ``pgd20``, ``pgdt20``,
+            ``cw30``, ``aa``, ``aa-fast``, ``square100``. Without a number the family default
+            is used (``pgd`` -> ``pgd20``, ``cw`` -> ``cw30``, ``square`` -> ``square5000``).
+        eps: radius in [0, 1], a float or a string such as ``"8/255"``.
+        **overrides: constructor options of the attack (``step_size``, ``restarts``,
+            ``random_start``, ``seed``, ``confidence``, ``p_init``, ``batch_size``, ...).
+
+    Returns:
+        the attack.
+
+    Raises:
+        UsageError: unknown spec (listing valid names), bad eps, or an option the attack does not take.
+
+    Example:
+        >>> create_attack("pgd20", "8/255").label
+        'pgd20@8/255'
+    """
+    entry, count = parse_attack_spec(spec)
+    eps_value = parse_eps(eps)
+    cls = entry.load()
+    kwargs: dict[str, Any] = dict(entry.defaults)
+    if entry.count_arg is not None:
+        kwargs[entry.count_arg] = count
+    params = inspect.signature(cls.__init__).parameters
+    accepted = sorted(k for k in params if k not in ("self", "eps", "prefix", "version", entry.count_arg))
+    bad = sorted(k for k in overrides if k not in accepted)
+    if bad:
+        raise UsageError(f"attack {spec!r} does not take option(s) {', '.join(bad)}; "
+                         f"it takes: {', '.join(accepted) or 'none'}")
+    kwargs.update(overrides)
+    try:
+        return cls(eps=eps_value, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"attack {spec!r}: {exc}") from None
+
+
+def _check_positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+__all__ = [
+    "ATTACKS", "Attack", "AttackEntry", "Budget", "CAPABILITIES", "GRADIENTS", "MissingCapability", "SCORES",
+    "TORCH_CAPABILITIES", "attack_requires", "create_attack", "ensure_capabilities", "format_eps", "list_attacks",
+    "parse_attack_spec", "parse_eps",
+]

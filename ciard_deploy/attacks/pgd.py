@@ -1,0 +1,142 @@
+"""FGSM and L-inf PGD, as attacks and as one functional ``pgd_linf`` the trainers reuse."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ciard_deploy.attacks.base import GRADIENTS, Budget, _check_positive
+from ciard_deploy.attacks.common import TorchAttack, make_generator, project_linf
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ce_loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy: per-sample gradients independent of the batch size."""
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
+             random_start: bool = True, loss_fn: LossFn | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """L-inf projected gradient ascent on ``loss_fn(model(x_adv), y)`` (Madry et al. 2018).
+
+    The functional core of FGSM, PGD and CW-inf. It does not change the model's mode or
+    ``requires_grad`` flags (training code decides those; the ``Attack`` classes freeze the
+    model) and never accumulates parameter gradients: it differentiates w.r.t. the input only.
+
+    Args:
+        model: maps float images in [0, 1] to logits.
+        x: clean images, float NCHW in [0, 1].
+        y: labels, or any target ``loss_fn`` understands (e.g. teacher logits for ARD's KL).
+        eps: L-inf radius.
+        step_size: signed-gradient step per iteration.
+        steps: number of iterations (1 with ``step_size=eps`` and no random start is FGSM).
+        random_start: start from a uniform sample of the eps-ball (else from ``x``).
+        loss_fn: loss to maximize, summed over the batch; default cross-entropy.
+        generator: seeds the random start.
+
+    Returns:
+        adversarial images (detached) within eps of ``x`` and in [0, 1].
+    """
+    loss_fn = loss_fn or ce_loss_sum
+    x = x.detach()
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_adv = (x + (2.0 * noise - 1.0) * eps).clamp_(0.0, 1.0)
+    else:
+        x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(model(x_adv), y)
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+class PGD(TorchAttack):
+    """L-inf PGD on the cross-entropy loss (Madry et al., ICLR 2018); white-box.
+
+    Threat model: L-inf ball of radius eps around each image, pixels in [0, 1], full gradient
+    access. Defaults follow the CIARD evaluation protocol: ``pgd20`` is 20 steps of 2/255 from
+    a uniform random start; ``pgdt20`` ("PGD-TRADES") is the same with step 0.003.
+
+    Args:
+        eps: L-inf radius.
+        steps: iterations (the ``K`` of ``pgd<K>``); default 20.
+        step_size: step per iteration; default 2/255.
+        random_start: start from a uniform point of the eps-ball; default True.
+        restarts: independent runs; a sample counts as broken if any run breaks it; default 1.
+        seed: seeds the random start (per ``run`` call); default None (global RNG).
+        prefix: name prefix, ``"pgd"`` or ``"pgdt"``.
+
+    Example:
+        >>> attack = PGD(8 / 255, steps=20)
+        >>> attack.label
+        'pgd20@8/255'
+        >>> x_adv = attack.run(model, x, y)  # doctest: +SKIP
+    """
+
+    requires = frozenset({GRADIENTS})
+
+    def __init__(self, eps: float, steps: int = 20, step_size: float = 2.0 / 255.0, random_start: bool = True,
+                 restarts: int = 1, seed: int | None = None, prefix: str = "pgd") -> None:
+        _check_positive("steps", steps)
+        _check_positive("step_size", step_size)
+        _check_positive("restarts", restarts)
+        self.name = f"{prefix}{int(steps)}"
+        self.budget = Budget("Linf", float(eps), int(steps), float(step_size))
+        self.random_start = bool(random_start)
+        self.restarts = int(restarts)
+        self.seed = seed
+
+    def options(self) -> dict[str, Any]:
+        return {"random_start": self.random_start, "restarts": self.restarts, "seed": self.seed}
+
+    def _loss_fn(self) -> LossFn:
+        return ce_loss_sum
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b = self.budget
+        gen = make_generator(self.seed, x.device)
+        if self.restarts == 1:
+            return pgd_linf(model, x, y, b.eps, b.step_size, b.steps, self.random_start, self._loss_fn(), gen)
+        best = x.clone()
+        broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(self.restarts):
+            x_adv = pgd_linf(model, x, y, b.eps, b.step_size, b.steps, self.random_start, self._loss_fn(), gen)
+            with torch.no_grad():
+                now = model(x_adv).argmax(1) != y
+            keep = ~broken
+            best[keep] = x_adv[keep]
+            broken |= now
+            if bool(broken.all()):
+                break
+        return best
+
+
+class FGSM(TorchAttack):
+    """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015); white-box, L-inf.
+
+    One step of size eps along the sign of the cross-entropy gradient, from the clean image.
+
+    Args:
+        eps: L-inf radius (also the step size).
+
+    Example:
+        >>> FGSM(8 / 255).label
+        'fgsm@8/255'
+    """
+
+    requires = frozenset({GRADIENTS})
+
+    def __init__(self, eps: float) -> None:
+        self.name = "fgsm"
+        self.budget = Budget("Linf", float(eps), 1, float(eps))
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return pgd_linf(model, x, y, self.budget.eps, self.budget.eps, 1, random_start=False)

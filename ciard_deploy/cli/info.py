@@ -1,0 +1,118 @@
+"""Verbs that describe the installation: doctor, models, datasets, attacks."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ciard_deploy.cli.app import app
+from ciard_deploy.cli.common import console, handle_errors, write_json
+
+
+def environment_report() -> dict:
+    """Python, torch, CUDA devices, onnxruntime providers, TensorRT: available or why not."""
+    from ciard_deploy import __version__
+
+    rep: dict = {"ciard_deploy": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import torch
+
+        rep["torch"] = {"version": torch.__version__, "cuda_available": torch.cuda.is_available(),
+                        "cuda_build": torch.version.cuda,
+                        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                        if torch.cuda.is_available() else []}
+    except ImportError as e:
+        rep["torch"] = {"unavailable": str(e)}
+    try:
+        import onnxruntime as ort
+
+        rep["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+    except ImportError as e:
+        rep["onnxruntime"] = {"unavailable": str(e)}
+    try:
+        import onnx
+
+        rep["onnx"] = {"version": onnx.__version__}
+    except ImportError as e:
+        rep["onnx"] = {"unavailable": str(e)}
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+
+        rep["tensorrt"] = {"version": tensorrt.__version__}
+    except Exception as e:  # ImportError, or OSError when the native library is missing
+        rep["tensorrt"] = {"unavailable": f"{type(e).__name__}: {e}", "install": "pip install 'ciard-deploy[tensorrt]' on a machine with an NVIDIA GPU"}
+    return rep
+
+
+@app.command()
+@handle_errors
+def doctor(json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON.")) -> None:
+    """Show Python, torch, CUDA devices, onnxruntime providers and whether TensorRT is usable (and why not)."""
+    rep = environment_report()
+    t = Table(title="ciard doctor", show_header=True)
+    t.add_column("component")
+    t.add_column("status")
+    t.add_row("ciard-deploy", rep["ciard_deploy"])
+    t.add_row("python", f"{rep['python']} ({rep['platform']})")
+    th = rep["torch"]
+    if "unavailable" in th:
+        t.add_row("torch", f"[red]unavailable[/]: {th['unavailable']}")
+    else:
+        t.add_row("torch", th["version"])
+        t.add_row("cuda", ", ".join(th["devices"]) if th["cuda_available"] else f"no CUDA device (build: {th['cuda_build']})")
+    o = rep["onnxruntime"]
+    t.add_row("onnxruntime", f"{o['version']}; providers: {', '.join(o['providers'])}" if "version" in o
+              else f"[red]unavailable[/]: {o['unavailable']}")
+    trt = rep["tensorrt"]
+    t.add_row("tensorrt", trt.get("version") or f"[yellow]unavailable[/]: {trt['unavailable']}")
+    console.print(t)
+    write_json(json_out, rep)
+
+
+@app.command()
+@handle_errors
+def models() -> None:
+    """List the registered model architectures."""
+    from ciard_deploy.models import MODELS
+
+    t = Table(title="models (all take float32 NCHW in [0, 1])")
+    t.add_column("name")
+    t.add_column("params (10 classes, RGB)", justify="right")
+    t.add_column("role")
+    for name, entry in MODELS.items():
+        t.add_row(name, f"{entry.num_params() / 1e6:.2f}M", entry.role)
+    console.print(t)
+
+
+@app.command()
+@handle_errors
+def datasets() -> None:
+    """List the registered datasets."""
+    from ciard_deploy.data import DATASETS
+
+    t = Table(title="datasets")
+    t.add_column("name")
+    t.add_column("needs --data-root")
+    t.add_column("description")
+    for name, entry in DATASETS.items():
+        t.add_row(name, "yes" if entry.needs_root else "no", entry.description)
+    console.print(t)
+
+
+@app.command()
+@handle_errors
+def attacks() -> None:
+    """List the attacks (names like pgd20, cw30, aa, square1000)."""
+    from ciard_deploy.attacks import ATTACKS
+
+    t = Table(title="attacks (L-inf; eps given with --eps)")
+    t.add_column("name")
+    t.add_column("needs")
+    t.add_column("description")
+    for name, entry in ATTACKS.items():
+        t.add_row(name, ", ".join(sorted(getattr(entry, "requires", ()))), (getattr(entry, "__doc__", "") or "").strip().splitlines()[0] if getattr(entry, "__doc__", None) else "")
+    console.print(t)

@@ -1,0 +1,305 @@
+"""Checkpoints, atomic writes and hashing. Nothing here ever unpickles arbitrary code.
+
+A checkpoint is two files: ``NAME.safetensors`` (weights) and ``NAME.json`` (metadata:
+architecture, classes, input shape, dataset, normalization, eps, recipe hash, versions,
+metrics). ``load_checkpoint`` rebuilds the model from the metadata. Users' own ``.pt``/``.pth``
+files go through ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ciard_deploy.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "student", "module")
+# keys that published checkpoints carry for modules this code base does not have
+IGNORED_PREFIXES = ("sub_block1.",)  # TRADES WRN-34-10 release
+
+
+# ---------------------------------------------------------------- atomic files
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temp path in the same folder; renamed onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape numbers, for metadata and reports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ciard-deploy", "torch", "torchvision", "numpy", "onnx", "onnxruntime", "tensorrt"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------- checkpoint metadata
+@dataclass
+class CheckpointMeta:
+    """Everything needed to rebuild and trust a model: the model card that travels with the weights."""
+
+    arch: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dataset: str = ""
+    classes: tuple[str, ...] = ()
+    eps: float | None = None
+    recipe_hash: str = ""
+    role: str = "model"  # student, clean_teacher, robust_teacher, model
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: str = "ciard-checkpoint/1"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("input_shape", "mean", "std", "classes"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckpointMeta":
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            kw = {k: v for k, v in d.items() if k in known}
+            for k in ("input_shape", "mean", "std", "classes"):
+                if k in kw:
+                    kw[k] = tuple(kw[k])
+            return cls(**kw)
+        except TypeError as e:
+            raise ArtifactError(f"checkpoint metadata incomplete: {e}") from None
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, metadata) paths for ``x``, ``x.safetensors`` or ``x.json``."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def save_checkpoint(path: str | os.PathLike, model: Any, meta: CheckpointMeta) -> Path:
+    """Writes ``<stem>.safetensors`` + ``<stem>.json`` atomically; returns the weights path."""
+    from safetensors.torch import save_file
+
+    weights, meta_path = checkpoint_paths(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap_model(model).state_dict().items()}
+    d = meta.to_dict()
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"ciard": json.dumps({"arch": meta.arch, "format": meta.format})})
+    d["weights_sha256"] = sha256_file(weights)
+    atomic_write_json(meta_path, d)
+    return weights
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    weights, meta_path = checkpoint_paths(path)
+    if not weights.exists():
+        raise ArtifactError(f"checkpoint not found: {weights}")
+    if not meta_path.exists():
+        raise ArtifactError(f"checkpoint metadata missing: {meta_path} (a ciard checkpoint is .safetensors + .json)")
+    try:
+        d = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"checkpoint metadata {meta_path} is not valid JSON: {e}") from None
+    return CheckpointMeta.from_dict(d)
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, CheckpointMeta]:
+    """Rebuilds the model named in the metadata and loads its weights (eval mode)."""
+    from ciard_deploy.models import create_model
+
+    meta = read_meta(path)
+    model = create_model(meta.arch, meta.num_classes, meta.input_shape[0], meta.mean, meta.std)
+    load_weights_into(model, checkpoint_paths(path)[0])
+    return model.to(device).eval(), meta
+
+
+# ---------------------------------------------------------------- state dicts
+def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Tensors from a .safetensors file or a .pt/.pth/.bin file (torch.load weights_only=True)."""
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ArtifactError(f"corrupt safetensors file {p}: {e}") from None
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for truncated zips
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise ArtifactError(f"refusing {p}: it contains pickled code or objects, not just weights "
+                                f"(loaded with weights_only=True; re-save it as a plain state dict)") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if "WeightsUnpickler error:" in str(e) else type(e).__name__
+        raise ArtifactError(f"cannot read checkpoint {p}: corrupt or not a PyTorch/safetensors file ({detail})") from None
+    return unwrap_state_dict(obj, p)
+
+
+def unwrap_state_dict(obj: Any, source: Path | str = "checkpoint") -> dict[str, Any]:
+    """Finds the tensor dict inside the usual wrappers (state_dict, model, net, ...)."""
+    import torch
+
+    for _ in range(3):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        if isinstance(obj, dict):
+            inner = next((obj[k] for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+            if inner is not None:
+                obj = inner
+                continue
+            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            if tensors:
+                return tensors
+        break
+    raise ArtifactError(f"no state dict found in {source} (looked for a tensor dict or keys {', '.join(WRAPPER_KEYS)})")
+
+
+def unwrap_model(model: Any) -> Any:
+    """The module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
+    while hasattr(model, "module") and not hasattr(model, "net"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def adapt_state_dict(state: dict[str, Any], model: Any) -> dict[str, Any]:
+    """Strips ``module.`` / ``_orig_mod.`` prefixes, drops known-unused keys, and adds the
+    ``net.`` prefix when the state dict is for the bare network inside ``Normalized``."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    dropped = [k for k in out if k.startswith(IGNORED_PREFIXES)]
+    if dropped:
+        log.info("ignoring %d keys of unused modules (%s...)", len(dropped), dropped[0])
+        out = {k: v for k, v in out.items() if k not in dropped}
+    target = set(model.state_dict())
+    if hasattr(model, "net") and not any(k.startswith("net.") for k in out):
+        out = {f"net.{k}": v for k, v in out.items()}
+        for buf in ("mean", "std"):  # a bare network has no normalization: keep the model's own
+            if buf in target and buf not in out:
+                out[buf] = model.state_dict()[buf]
+    return out
+
+
+def load_weights_into(model: Any, path: str | os.PathLike) -> None:
+    """Loads a checkpoint file into ``model`` strictly; a mismatch names the offending keys."""
+    state = adapt_state_dict(read_state_dict(path), model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if shape:
+            k = shape[0]
+            parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        raise ArtifactError(f"{Path(path).name} does not fit this architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------- model sources
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """A checkpoint path from a run dir (its best student), a ``.safetensors``/``.json`` stem or a .pt file."""
+    p = Path(source)
+    if p.is_dir():
+        for name in ("student_best", "student_last", "model_best", "model_last", "model"):
+            if (p / f"{name}.safetensors").exists():
+                return p / f"{name}.safetensors"
+        raise ArtifactError(f"{p} is a folder without a checkpoint (student_best.safetensors expected)")
+    if p.suffix == ".json" and p.with_suffix(".safetensors").exists():
+        return p.with_suffix(".safetensors")
+    if not p.exists():
+        raise ArtifactError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_model(source: str | os.PathLike, arch: str | None = None, dataset: str | None = None,
+               data_root: str | None = None, device: str = "cpu") -> tuple[Any, CheckpointMeta]:
+    """Loads a ciard checkpoint (metadata says what it is) or, with ``arch`` and ``dataset``,
+    a user's plain state dict (.pt/.pth/.safetensors without metadata)."""
+    from ciard_deploy.errors import UsageError
+    from ciard_deploy.models import create_model
+
+    path = resolve_checkpoint(source)
+    if checkpoint_paths(path)[1].exists() and path.suffix == ".safetensors":
+        model, meta = load_checkpoint(path, device)
+        if arch and arch != meta.arch:
+            raise UsageError(f"--arch {arch} contradicts the checkpoint's metadata ({meta.arch}); drop --arch")
+        return model, meta
+    if not arch or not dataset:
+        raise UsageError(f"{path.name} has no ciard metadata: pass --arch and --dataset to load it as a plain state dict")
+    from ciard_deploy.data import get_dataset_info
+
+    info = get_dataset_info(dataset, data_root)
+    model = create_model(arch, info.num_classes, info.in_chans, info.mean, info.std)
+    load_weights_into(model, path)
+    meta = CheckpointMeta(arch, info.num_classes, info.input_shape, info.mean, info.std, dataset, info.classes,
+                          extra={"source": str(path), "sha256": sha256_file(path)})
+    return model.to(device).eval(), meta

@@ -1,0 +1,52 @@
+"""Shared fixtures and skip helpers. Tests run on CPU with CUDA hidden unless marked gpu."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CIARD_SHARED_DATA", REPO.parent / "shared" / "data"))
+CIFAR_TAR = SHARED_DATA / "cifar10-jpeg.tar.gz"
+
+requires_shared_cifar = pytest.mark.skipif(
+    not CIFAR_TAR.exists(), reason=f"real CIFAR-10 JPEG copy not found at {CIFAR_TAR} (only on project machines)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Teacher caches and decoded datasets go to a per-session temp folder, never the user's home."""
+    monkeypatch.setenv("CIARD_CACHE", str(tmp_path_factory.getbasetemp() / "ciard-cache"))
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small image-folder copy of real CIFAR-10 (50 train / 20 test images per class)."""
+    if not CIFAR_TAR.exists():
+        pytest.skip(f"real CIFAR-10 JPEG copy not found at {CIFAR_TAR}")
+    out = tmp_path_factory.mktemp("cifar10")
+    keep = {"train": 50, "test": 20}
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            parts = Path(m.name).parts
+            i = next((k for k, p in enumerate(parts) if p in keep), None)
+            if i is None or len(parts) < i + 3:
+                continue
+            split, cls = parts[i], parts[i + 1]
+            if counts.get((split, cls), 0) >= keep[split]:
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            dest = out / split / cls / parts[-1]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
+    return out

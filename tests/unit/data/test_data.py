@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from ciard_deploy.data import create_dataset, get_dataset_info, iterate_batches, list_datasets, stratified_indices
+from ciard_deploy.data.transforms import augment_batch
+from ciard_deploy.errors import CiardError, DataError, UsageError
+
+pytestmark = pytest.mark.unit
+
+
+def test_registry():
+    assert {"digits", "cifar10", "cifar100", "tinyimagenet", "imagefolder"} <= set(list_datasets())
+
+
+def test_digits_split_is_fixed_disjoint_and_stratified():
+    tr, te = create_dataset("digits", "train"), create_dataset("digits", "test")
+    assert (len(tr), len(te)) == (1437, 360)
+    assert te.labels.bincount().tolist() == [36] * 10
+    x, y = tr.tensors()
+    assert x.dtype == torch.float32 and x.shape[1:] == (1, 8, 8) and y.dtype == torch.int64
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    # disjoint: no test image equals a train image at the same label more often than chance duplicates
+    again = create_dataset("digits", "test")
+    assert torch.equal(again.images, te.images)
+
+
+def test_stratified_subset_is_seeded():
+    y = torch.arange(100) % 10
+    a, b, c = stratified_indices(y, 30, 1), stratified_indices(y, 30, 1), stratified_indices(y, 30, 2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert y[a].bincount().tolist() == [3] * 10
+    assert len(stratified_indices(y, 200, 0)) == 100
+
+
+def test_iterate_batches_covers_everything_once():
+    ds = create_dataset("digits", "test")
+    g = torch.Generator().manual_seed(0)
+    seen = torch.cat([y for _, y in iterate_batches(ds, 64, shuffle=True, generator=g)])
+    assert len(seen) == 360 and torch.equal(seen.sort().values, ds.labels.sort().values)
+
+
+def test_augmentation_crops_and_flips_per_sample():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 32, 32)
+    out = augment_batch(x, 4, g)
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    same = [(torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))) for i in range(64)]
+    assert sum(same) < 20  # most samples moved
+
+
+def test_cifar_without_files_names_where_and_download(tmp_path):
+    with pytest.raises(DataError, match="--download"):
+        create_dataset("cifar10", "test", root=str(tmp_path))
+
+
+def test_imagefolder_needs_root_and_bad_split():
+    with pytest.raises(UsageError, match="--data-root"):
+        get_dataset_info("imagefolder")
+    with pytest.raises(UsageError):
+        create_dataset("digits", "validation")
+    with pytest.raises(CiardError):
+        create_dataset("imagefolder", "train", root="/nonexistent/folder")
+
+
+def test_imagefolder_reads_real_cifar(cifar_folder):
+    info = get_dataset_info("imagefolder", str(cifar_folder))
+    assert info.classes[0] == "airplane" and info.num_classes == 10 and info.input_shape == (3, 32, 32)
+    te = create_dataset("imagefolder", "test", root=str(cifar_folder))
+    assert len(te) == 200 and te.labels.bincount().tolist() == [20] * 10
+    x, _ = te.tensors()
+    assert x.dtype == torch.float32 and 0.2 < float(x.mean()) < 0.7
+    # second load hits the decoded cache and gives identical pixels
+    assert torch.equal(create_dataset("imagefolder", "test", root=str(cifar_folder)).images, te.images)
