@@ -113,6 +113,6 @@ def attacks() -> None:
     t.add_column("name")
     t.add_column("needs")
     t.add_column("description")
-    for name, entry in ATTACKS.items():
-        t.add_row(name, ", ".join(sorted(getattr(entry, "requires", ()))), (getattr(entry, "__doc__", "") or "").strip().splitlines()[0] if getattr(entry, "__doc__", None) else "")
+    for _, entry in ATTACKS.items():
+        t.add_row(entry.pattern, ", ".join(sorted(entry.requires)), entry.description)
     console.print(t)
