@@ -8,6 +8,7 @@ lazily from their modules when ``create_attack`` first needs them.
 from __future__ import annotations
 
 import abc
+import difflib
 import importlib
 import inspect
 import math
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numbers
 from typing import TYPE_CHECKING, Any, Iterable, Literal
 
-from ciard_deploy.errors import UsageError
+from ciard_deploy.errors import EnvironmentMissing, UsageError
 from ciard_deploy.registry import Registry, unknown_name_message
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,10 +190,11 @@ class Attack(abc.ABC):
         return f"{type(self).__name__}({self.label}{', ' if opts else ''}{opts})"
 
 
-def ensure_capabilities(attacks: Iterable[Attack], available: Iterable[str]) -> None:
-    """Checks every attack before any work starts; raises on the first that cannot run."""
+def ensure_capabilities(attacks: Attack | Iterable[Attack], available: Iterable[str]) -> None:
+    """Checks one attack or several before any work starts; raises ``MissingCapability`` on the first
+    that cannot run (``Attack.ensure_capabilities`` is the one-attack form)."""
     have = frozenset(available)
-    for attack in attacks:
+    for attack in ([attacks] if isinstance(attacks, Attack) else attacks):
         attack.ensure_capabilities(have)
 
 
@@ -223,8 +225,14 @@ class AttackEntry:
     description: str = ""
 
     def load(self) -> type[Attack]:
+        """Imports the implementation; a missing dependency (torch on an edge device) is EnvironmentMissing."""
         module, _, attr = self.target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            missing = getattr(exc, "name", None) or str(exc)
+            raise EnvironmentMissing(f"attack {self.pattern} needs {missing}, which is not installed here "
+                                     f"({exc}); query-only attacks (square<Q>) need only numpy and ART") from None
 
 
 ATTACKS: Registry[AttackEntry] = Registry("attack")
@@ -240,9 +248,9 @@ for _entry in (
                 description="PGD-TRADES: PGD on cross-entropy with step 0.003, random start (Zhang et al. 2019)"),
     AttackEntry("cw", "cw<K>", "ciard_deploy.attacks.cw:CWInf", "steps", 30,
                 description="CW-inf: K PGD steps of 2/255 on the CW margin loss, confidence 50, zero start"),
-    AttackEntry("aa", "aa", "ciard_deploy.attacks.autoattack:AutoAttack", defaults={"version": "standard"},
+    AttackEntry("aa", "aa", "ciard_deploy.attacks.autoattack:AutoAttackAdapter", defaults={"version": "standard"},
                 description="AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack, Croce & Hein 2020)"),
-    AttackEntry("aa-fast", "aa-fast", "ciard_deploy.attacks.autoattack:AutoAttack", defaults={"version": "fast"},
+    AttackEntry("aa-fast", "aa-fast", "ciard_deploy.attacks.autoattack:AutoAttackAdapter", defaults={"version": "fast"},
                 description="AutoAttack subset: APGD-CE + APGD-T (pyautoattack), a cheaper lower bound on aa"),
     AttackEntry("square", "square<Q>", "ciard_deploy.attacks.square:SquareAttack", "queries", 5000,
                 requires=frozenset({SCORES}),
@@ -260,6 +268,12 @@ def list_attacks() -> list[str]:
 
 def _unknown(spec: str) -> UsageError:
     msg = unknown_name_message("attack", spec, list_attacks())
+    m = _SPEC_RE.match(spec.strip().lower())
+    if m is not None and "Did you mean" not in msg:  # "pdg20" -> "pgd20": match the family, keep the number
+        close = difflib.get_close_matches(m["family"], ATTACKS.names(), n=1)
+        if close and ATTACKS.get(close[0]).count_arg is not None:
+            guess = f"{close[0]}{m['count'] or ''}"
+            msg = msg.replace(f"{spec!r}.", f"{spec!r}. Did you mean {guess!r}?", 1)
     return UsageError(msg + " (e.g. fgsm, pgd20, pgdt20, cw30, aa, aa-fast, square100)")
 
 

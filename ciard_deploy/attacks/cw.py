@@ -9,7 +9,7 @@ from torch import nn
 
 from ciard_deploy.attacks.base import GRADIENTS, Budget, _check_positive
 from ciard_deploy.attacks.common import TorchAttack, make_generator
-from ciard_deploy.attacks.pgd import pgd_linf
+from ciard_deploy.attacks.pgd import pgd_linf, warn_if_short
 
 
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, confidence: float = 50.0) -> torch.Tensor:
@@ -57,6 +57,7 @@ class CWInf(TorchAttack):
         self.confidence = float(confidence)
         self.random_start = bool(random_start)
         self.seed = seed
+        warn_if_short(self.label, self.budget.eps, self.budget.steps, float(step_size))
 
     def options(self) -> dict[str, Any]:
         return {"confidence": self.confidence, "random_start": self.random_start, "seed": self.seed}

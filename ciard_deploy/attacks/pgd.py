@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
@@ -11,12 +12,22 @@ from torch import nn
 from ciard_deploy.attacks.base import GRADIENTS, Budget, _check_positive
 from ciard_deploy.attacks.common import TorchAttack, make_generator, project_linf
 
+log = logging.getLogger(__name__)
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def ce_loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy: per-sample gradients independent of the batch size."""
     return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def warn_if_short(label: str, eps: float, steps: int, step_size: float) -> None:
+    """Logs a warning when the steps cannot reach the eps boundary (e.g. ``pgd10`` at eps 0.1 with step 2/255)."""
+    reach = steps * step_size
+    if eps > 0 and reach < eps:
+        log.warning("%s: %d steps of %.4g reach at most %.4g < eps %.4g; the attack is weaker than it "
+                    "looks (raise the steps or step_size)", label, steps, step_size, reach, eps)
 
 
 def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
@@ -93,6 +104,7 @@ class PGD(TorchAttack):
         self.random_start = bool(random_start)
         self.restarts = int(restarts)
         self.seed = seed
+        warn_if_short(self.label, self.budget.eps, self.budget.steps, float(step_size))
 
     def options(self) -> dict[str, Any]:
         return {"random_start": self.random_start, "restarts": self.restarts, "seed": self.seed}
@@ -126,6 +138,7 @@ class FGSM(TorchAttack):
 
     Args:
         eps: L-inf radius (also the step size).
+        seed: accepted so every attack takes ``seed``; FGSM is deterministic and ignores it.
 
     Example:
         >>> FGSM(8 / 255).label
@@ -134,9 +147,10 @@ class FGSM(TorchAttack):
 
     requires = frozenset({GRADIENTS})
 
-    def __init__(self, eps: float) -> None:
+    def __init__(self, eps: float, seed: int | None = None) -> None:
         self.name = "fgsm"
         self.budget = Budget("Linf", float(eps), 1, float(eps))
+        self.seed = seed
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pgd_linf(model, x, y, self.budget.eps, self.budget.eps, 1, random_start=False)

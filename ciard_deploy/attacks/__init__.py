@@ -1,0 +1,77 @@
+"""Adversarial attacks behind one interface, and an AutoAttack-style evaluation.
+
+    from ciard_deploy.attacks import create_attack, evaluate
+    attacks = [create_attack(s, "8/255") for s in ("fgsm", "pgd20", "cw30", "aa")]
+    result = evaluate(model, x, y, attacks)
+    result.to_dict()  # {"robust_acc": {"pgd20@8/255": ..., ...}, "worst_case_acc": ..., ...}
+
+Importing this package does not import torch: the registry, ``parse_eps``, the results and the
+query-only Square (``SquareAttack.run_numpy``) work on a torch-free device. The white-box
+attacks and ``evaluate`` are loaded on first use (PEP 562), together with torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ciard_deploy.attacks.base import (
+    ATTACKS,
+    CAPABILITIES,
+    GRADIENTS,
+    SCORES,
+    TORCH_CAPABILITIES,
+    Attack,
+    AttackEntry,
+    Budget,
+    MissingCapability,
+    attack_requires,
+    create_attack,
+    ensure_capabilities,
+    format_eps,
+    list_attacks,
+    parse_attack_spec,
+    parse_eps,
+)
+from ciard_deploy.attacks.results import AttackResult, EvalResult
+from ciard_deploy.attacks.square import SquareAttack
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ciard_deploy.attacks.autoattack import AutoAttackAdapter
+    from ciard_deploy.attacks.common import frozen_eval, project_linf
+    from ciard_deploy.attacks.cw import CWInf, cw_margin_loss
+    from ciard_deploy.attacks.evaluate import evaluate
+    from ciard_deploy.attacks.pgd import FGSM, PGD, pgd_linf
+
+_LAZY = {
+    "evaluate": "ciard_deploy.attacks.evaluate",
+    "FGSM": "ciard_deploy.attacks.pgd",
+    "PGD": "ciard_deploy.attacks.pgd",
+    "pgd_linf": "ciard_deploy.attacks.pgd",
+    "CWInf": "ciard_deploy.attacks.cw",
+    "cw_margin_loss": "ciard_deploy.attacks.cw",
+    "AutoAttackAdapter": "ciard_deploy.attacks.autoattack",
+    "frozen_eval": "ciard_deploy.attacks.common",
+    "project_linf": "ciard_deploy.attacks.common",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "ATTACKS", "Attack", "AttackEntry", "AttackResult", "AutoAttackAdapter", "Budget", "CAPABILITIES", "CWInf",
+    "EvalResult", "FGSM", "GRADIENTS", "MissingCapability", "PGD", "SCORES", "SquareAttack", "TORCH_CAPABILITIES",
+    "attack_requires", "create_attack", "cw_margin_loss", "ensure_capabilities", "evaluate", "format_eps",
+    "frozen_eval", "list_attacks", "parse_attack_spec", "parse_eps", "pgd_linf", "project_linf",
+]
