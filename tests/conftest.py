@@ -50,3 +50,14 @@ def cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Tiny models run faster on one thread, and a 2-thread pool stalls when another process
+    takes a core (CI runners are shared): pin torch to one thread for the whole session."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ciard_deploy.errors import CiardError
 
@@ -50,7 +51,7 @@ def handle_errors(fn: Callable) -> Callable:
         except CiardError as e:
             if State.verbose:
                 err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

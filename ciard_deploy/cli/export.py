@@ -1,0 +1,191 @@
+"""`ciard export` (student -> checked ONNX / TensorRT artifacts + manifest) and `ciard inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ciard_deploy.cli.app import app
+from ciard_deploy.cli.common import console, err_console, handle_errors, progress, write_json
+from ciard_deploy.errors import GateFailed, UsageError
+
+
+def _parse_batch(text: str) -> int | str:
+    t = text.strip().lower()
+    if t == "dynamic":
+        return "dynamic"
+    try:
+        value = int(t)
+    except ValueError:
+        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got {text!r}")
+    return value
+
+
+@app.command("export")
+@handle_errors
+def export_cmd(
+    source: Optional[Path] = typer.Argument(None, help="Run dir (its best student) or ciard checkpoint (.safetensors + .json)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for the artifacts and manifest.json."),
+    onnx: bool = typer.Option(False, "--onnx", help="ONNX FP32 (also written whenever another format is chosen: they derive from it)."),
+    fp16: bool = typer.Option(False, "--fp16", help="ONNX FP16 (and an FP16 engine with --tensorrt)."),
+    int8: bool = typer.Option(False, "--int8", help="ONNX INT8 QDQ (and an INT8 engine with --tensorrt)."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="TensorRT engine per chosen precision (FP32 if none): needs TensorRT and an NVIDIA GPU."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset, checked in the saved file."),
+    batch: str = typer.Option("dynamic", "--batch", help="'dynamic' or a fixed batch size baked into the graph/engine."),
+    calib: str = typer.Option("clean", "--calib", help="INT8 calibration images: clean, adversarial (PGD on the FP32 student) or mixed."),
+    calib_n: int = typer.Option(512, "--calib-n", help="Calibration images from the training split."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax, entropy or percentile."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset for parity and calibration (default: the checkpoint's)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset files are."),
+    n: int = typer.Option(512, "--n", help="Test images for the parity check and the reference metrics."),
+    eps: Optional[str] = typer.Option(None, "--eps", help="L-inf budget for pgd20 and adversarial calibration (default: the checkpoint's)."),
+    min_agreement_fp32: float = typer.Option(0.999, "--min-agreement-fp32", help="Minimum top-1 agreement with PyTorch (fraction)."),
+    min_agreement_fp16: float = typer.Option(0.99, "--min-agreement-fp16"),
+    min_agreement_int8: float = typer.Option(0.97, "--min-agreement-int8"),
+    provider: str = typer.Option("cpu", "--provider", help="onnxruntime provider for the check: cpu, cuda, tensorrt."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads for the check (default: its own)."),
+    seed: int = typer.Option(0, "--seed"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a plain state dict without ciard metadata (with --dataset)."),
+    workspace_mb: int = typer.Option(1024, "--workspace-mb", help="TensorRT builder workspace (MiB)."),
+    max_batch: int = typer.Option(256, "--max-batch", help="TensorRT profile's largest batch (dynamic batch)."),
+    trt_int8: str = typer.Option("qdq", "--trt-int8", help="INT8 engine from the QDQ ONNX (qdq) or an entropy calibrator (calibrator)."),
+    simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="onnxslim/onnxsim when installed."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    list_formats: bool = typer.Option(False, "--list", help="Show the formats, their options and whether they can run here, then exit."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the manifest to this path."),
+) -> None:
+    """Export a student to ONNX (FP32/FP16/INT8) and TensorRT, check each artifact against PyTorch, write manifest.json."""
+    from ciard_deploy import export
+    from ciard_deploy.attacks.base import parse_eps
+
+    if list_formats:
+        render_formats(export.format_table())
+        return
+    if source is None:
+        raise UsageError("missing SOURCE: a run dir or a ciard checkpoint (see ciard export --help)")
+    if out is None:
+        raise UsageError("missing --out DIR: where the artifacts and manifest.json go")
+    formats = export.formats_from_flags(onnx=onnx, fp16=fp16, int8=int8, tensorrt=tensorrt)
+    options = export.ExportOptions(
+        opset=opset, batch=_parse_batch(batch), dataset=dataset, data_root=data_root, n=n, seed=seed,
+        eps=parse_eps(eps) if eps is not None else None, calib=calib, calib_n=calib_n,  # type: ignore[arg-type]
+        calib_method=calib_method, min_agreement_fp32=min_agreement_fp32,  # type: ignore[arg-type]
+        min_agreement_fp16=min_agreement_fp16, min_agreement_int8=min_agreement_int8, provider=provider, threads=threads,
+        simplify=simplify, arch=arch, workspace_mb=workspace_mb, max_batch=max_batch,
+        opt_batch=min(32, max_batch), trt_int8=trt_int8)  # type: ignore[arg-type]
+    with progress("export", unit="step") as update:
+        result = export.run(source, out, formats, options, force=force, progress=update, check=False)
+    manifest = result.manifest.to_dict()
+    render_manifest(manifest)
+    write_json(json_out, manifest)
+    console.print(f"wrote {len(manifest['artifacts'])} artifact(s) and manifest.json to {out}", highlight=False)
+    if not result.passed:
+        raise GateFailed(f"export check failed: {'; '.join(result.failures())} (kept, marked failed in the manifest)")
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="Export folder, manifest.json, .onnx file or .engine/.plan file."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write what is shown as JSON."),
+) -> None:
+    """Show an export's manifest (checking file hashes), or the metadata an ONNX file or engine carries."""
+    from ciard_deploy.export.manifest import inspect_artifact
+
+    rep = inspect_artifact(path)
+    if rep["kind"] == "manifest":
+        render_manifest(rep["manifest"])
+    else:
+        render_artifact_metadata(rep)
+    for problem in rep["problems"]:
+        err_console.print(f"[bold yellow]warning:[/] {escape(problem)}", highlight=False)
+    write_json(json_out, rep)
+
+
+# --------------------------------------------------------------------------- rendering (no logic)
+def _fmt_size(size: int) -> str:
+    return f"{size / 1024:,.1f} KiB" if size < 1 << 20 else f"{size / (1 << 20):,.2f} MiB"
+
+
+def render_formats(rows: list[dict[str, Any]]) -> None:
+    t = Table(title="export formats")
+    for col in ("name", "flags", "file", "GPU", "consumes", "here"):
+        t.add_column(col)
+    reasons: dict[str, str] = {}
+    for r in rows:
+        ok = r["status"] == "ok"
+        if not ok:
+            reasons[r["runtime"]] = r["status"]
+        t.add_row(r["name"], r["flags"], r["file"], "yes" if r["gpu"] else "no", ", ".join(r["needs"]) or "-",
+                  "[green]ok[/]" if ok else "[yellow]unavailable[/]")
+    console.print(t)
+    for r in rows:
+        console.print(f"{r['name']}: {r['description']}; options: {', '.join(r['options']) or '-'}", highlight=False,
+                      markup=False)
+    for runtime, why in reasons.items():
+        console.print(f"{runtime}: {why}", highlight=False, markup=False)
+
+
+def render_manifest(m: dict[str, Any]) -> None:
+    src, model, ref = m["source"], m["model"], m["reference"]
+    head = Table(title=f"export of {model['arch']} ({m['status']})", show_header=False)
+    head.add_column("key")
+    head.add_column("value")
+    head.add_row("source", f"{src['checkpoint']} (sha256 {src['sha256'][:12]}...)")
+    head.add_row("recipe hash", src.get("recipe_hash") or "-")
+    head.add_row("model", f"{model['num_classes']} classes, input {model['input_shape']}, dataset {model['dataset']}, "
+                          f"eps {model['eps']}")
+    refs = [f"clean {ref['clean_acc']:.4f}"] + [f"{k} {v['robust_acc']:.4f}" for k, v in ref["attacks"].items()]
+    head.add_row("PyTorch reference", f"{', '.join(refs)} on {ref['n']} {ref['dataset']} {ref['split']} images")
+    if m.get("calibration"):
+        c = m["calibration"]
+        head.add_row("INT8 calibration", f"{c['source']} ({c['n']} {c['split']} images, method {c.get('method')}, "
+                                         f"attack {c.get('attack') or '-'}, sha256 {c['sha256'][:12]}...)")
+    head.add_row("versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items()
+                                       if k in ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt")))
+    console.print(head)
+
+    t = Table(title="artifacts: parity with PyTorch on the same test images (agreement gates, |Δ| is reported)")
+    for col in ("file", "size", "top-1 agree", "max |Δ|", "clean", "transfer", "status"):
+        t.add_column(col, justify="left" if col in ("file", "status") else "right")
+    for a in m["artifacts"]:
+        p = a["parity"].get("clean", {})
+        robust = [f"{v:.4f}" for k, v in a["metrics"].items() if k != "clean_acc"]
+        status = "[green]passed[/]" if a["status"] == "passed" else f"[bold red]{a['status']}[/]"
+        t.add_row(a["file"], _fmt_size(a["size"]), f"{p.get('top1_agreement', 0):.2%} (>= {p.get('threshold', 0):.1%})",
+                  f"{p.get('max_abs_diff', 0):.2g}", f"{a['metrics'].get('clean_acc', 0):.4f}",
+                  ", ".join(robust) or "-", status)
+    console.print(t)
+    attacks = list(m["reference"]["attacks"])
+    if attacks:
+        console.print(f"transfer: accuracy under {', '.join(attacks)} images crafted on the PyTorch student", highlight=False)
+    for w in m.get("warnings", []):
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+
+
+def render_artifact_metadata(rep: dict[str, Any]) -> None:
+    t = Table(title=f"{Path(rep['path']).name} ({rep['kind']}, {_fmt_size(rep['size'])}, sha256 {rep['sha256'][:12]}...)",
+              show_header=True)
+    t.add_column("key")
+    t.add_column("value", overflow="fold")
+    for k, v in rep["metadata"].items():
+        t.add_row(escape(k), escape(v if isinstance(v, str) else _compact(v)))
+    for k, v in rep["other_props"].items():
+        t.add_row(f"[dim]{escape(k)}[/]", escape(str(v)))
+    entry = rep.get("manifest_entry")
+    if entry:
+        p = entry["parity"].get("clean", {})
+        t.add_row("manifest status", f"{entry['status']} (top-1 agreement {p.get('top1_agreement', 0):.2%})")
+    console.print(t)
+
+
+def _compact(v: Any) -> str:
+    import json
+
+    return json.dumps(v, sort_keys=True)

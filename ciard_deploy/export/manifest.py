@@ -1,0 +1,259 @@
+"""``manifest.json``: what an export folder holds, how each artifact was made and checked.
+
+Schema ``ciard-export-manifest/1`` (every key always present; ``null`` where it does not apply)::
+
+    schema, created, tool, status ("passed" | "failed")
+    source:    {path, checkpoint, sha256, metadata_sha256, arch, role, recipe_hash, recipe_file, recipe_file_sha256}
+    model:     {arch, num_classes, classes, input_shape, normalization: {mean, std, inside_model}, dataset, eps}
+    reference: {backend, device, dataset, split, n, seed, images_sha256, clean_acc, attacks: {label: {...}},
+                origin, checkpoint_metrics}
+    calibration: {source, method, n, split, seed, sha256, attack, adversarial_fraction, symmetric} | null
+    thresholds: {fp32, fp16, int8}      # minimum top-1 agreement with PyTorch
+    options:   ExportOptions as a dict
+    artifacts: [{name, file, sha256, size, format, precision, runtime, status, opset, ir_version,
+                 input_spec: {name, shape, batch, dtype, range, layout[, max_batch]},
+                 output: {name, shape}, classes, normalization, exporter: {...}, derived_from,
+                 calibration, engine, sidecar, parity: {clean: {...}, adversarial: {...}},
+                 metrics: {clean_acc, "<attack>@<eps> (transfer)": acc}, seconds}]
+    versions:  {python, torch, onnx, onnxruntime, onnxscript, tensorrt, ...}
+    warnings:  [str]
+
+Torch-free, so ``verify`` on a device can read it and check hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ciard_deploy.errors import ArtifactError
+from ciard_deploy.runtime.metadata import decode_metadata, encode_metadata
+
+SCHEMA = "ciard-export-manifest/1"
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class ArtifactRecord:
+    """One exported file in the manifest."""
+
+    name: str
+    file: str
+    format: str
+    precision: str
+    runtime: str
+    sha256: str = ""
+    size: int = 0
+    status: str = "unchecked"  # passed | failed | unchecked
+    opset: int | None = None
+    ir_version: int | None = None
+    input_spec: dict[str, Any] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] = field(default_factory=list)
+    normalization: dict[str, Any] = field(default_factory=dict)
+    exporter: dict[str, Any] = field(default_factory=dict)
+    derived_from: str | None = None
+    calibration: dict[str, Any] | None = None
+    engine: dict[str, Any] | None = None
+    sidecar: str | None = None
+    parity: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArtifactRecord":
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as e:
+            raise ArtifactError(f"manifest artifact entry incomplete: {e}") from None
+
+
+@dataclass
+class Manifest:
+    """The whole export folder: source, reference numbers, artifacts, versions."""
+
+    source: dict[str, Any]
+    model: dict[str, Any]
+    reference: dict[str, Any]
+    thresholds: dict[str, float]
+    options: dict[str, Any]
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    tool: str = ""
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    schema: str = SCHEMA
+
+    @property
+    def passed(self) -> bool:
+        return all(a.passed for a in self.artifacts)
+
+    @property
+    def status(self) -> str:
+        return "passed" if self.passed else "failed"
+
+    def artifact(self, key: str) -> ArtifactRecord:
+        """The record whose format name or file name is ``key``."""
+        for a in self.artifacts:
+            if key == a.name or Path(key).name == a.file:
+                return a
+        raise ArtifactError(f"the manifest lists no artifact {key!r} (it has: "
+                            f"{', '.join(a.file for a in self.artifacts) or 'none'})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema, "created": self.created, "tool": self.tool, "status": self.status,
+                "source": self.source, "model": self.model, "reference": self.reference,
+                "calibration": self.calibration, "thresholds": self.thresholds, "options": self.options,
+                "artifacts": [a.to_dict() for a in self.artifacts], "versions": self.versions,
+                "warnings": self.warnings}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("ciard-export-manifest/"):
+            raise ArtifactError("not a ciard export manifest (no 'schema: ciard-export-manifest/N' key)")
+        try:
+            return cls(source=d["source"], model=d["model"], reference=d["reference"], thresholds=d["thresholds"],
+                       options=d.get("options", {}),
+                       artifacts=[ArtifactRecord.from_dict(a) for a in d.get("artifacts", [])],
+                       calibration=d.get("calibration"), versions=d.get("versions", {}),
+                       warnings=list(d.get("warnings", [])), tool=d.get("tool", ""), created=d.get("created", ""),
+                       schema=d["schema"])
+        except KeyError as e:
+            raise ArtifactError(f"manifest is missing the key {e}") from None
+
+    def write(self, folder: str | Path) -> Path:
+        from ciard_deploy.io import atomic_write_json
+
+        path = Path(folder) / MANIFEST_NAME
+        atomic_write_json(path, self.to_dict())
+        return path
+
+
+def manifest_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / MANIFEST_NAME if p.is_dir() else p
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Reads ``manifest.json`` from a folder or a file path; ArtifactError (exit 2) if absent or invalid."""
+    p = manifest_path(path)
+    if not p.is_file():
+        raise ArtifactError(f"no export manifest at {p}")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{p} is not valid JSON: {e}") from None
+    return Manifest.from_dict(data)
+
+
+def check_files(manifest: Manifest, folder: str | Path) -> list[str]:
+    """Problems between the manifest and the files beside it (missing, size or sha256 differs)."""
+    from ciard_deploy.io import sha256_file
+
+    problems = []
+    for a in manifest.artifacts:
+        p = Path(folder) / a.file
+        if not p.is_file():
+            problems.append(f"{a.file}: listed in the manifest but missing")
+            continue
+        if p.stat().st_size != a.size:
+            problems.append(f"{a.file}: size {p.stat().st_size} differs from the manifest's {a.size}")
+            continue
+        digest = sha256_file(p)
+        if digest != a.sha256:
+            problems.append(f"{a.file}: sha256 {digest[:12]}... differs from the manifest's {a.sha256[:12]}...")
+    return problems
+
+
+# --------------------------------------------------------------------------- ONNX metadata_props
+def set_onnx_metadata(model: Any, meta: dict[str, Any]) -> None:
+    """Writes ``meta`` into an ``onnx.ModelProto``'s metadata_props (replacing earlier ciard keys)."""
+    encoded = encode_metadata(meta)
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key not in encoded]
+    del model.metadata_props[:]
+    for k, v in keep + sorted(encoded.items()):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def read_onnx_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(decoded ciard metadata, all raw metadata_props) of an ONNX file, without loading weights."""
+    p = Path(path)
+    try:
+        import onnx
+
+        model = onnx.load(str(p), load_external_data=False)
+        raw = {e.key: e.value for e in model.metadata_props}
+    except ImportError:  # a device without the onnx package: onnxruntime reads it too
+        from ciard_deploy.runtime.ort_backend import import_onnxruntime
+
+        ort = import_onnxruntime()
+        try:
+            sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"cannot read {p.name}: {str(e).splitlines()[0]}") from None
+        raw = dict(sess.get_modelmeta().custom_metadata_map)
+    except Exception as e:  # DecodeError for truncated/corrupt files
+        raise ArtifactError(f"cannot read {p.name} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            " (truncated or corrupt?)") from None
+    return decode_metadata(raw), raw
+
+
+# --------------------------------------------------------------------------- ciard inspect
+def inspect_artifact(path: str | Path) -> dict[str, Any]:
+    """What ``ciard inspect`` shows, as data.
+
+    - a folder or ``manifest.json``: ``{"kind": "manifest", "path", "manifest", "problems"}`` where
+      problems lists files missing or differing from their recorded sha256;
+    - an ``.onnx`` file: ``{"kind": "onnx", "path", "sha256", "size", "metadata", "other_props",
+      "manifest_entry", "problems"}`` (the entry of a manifest beside it, if one lists the file);
+    - an ``.engine``/``.plan`` file: the same with the JSON sidecar as metadata.
+    """
+    from ciard_deploy.errors import UsageError
+    from ciard_deploy.io import sha256_file
+    from ciard_deploy.runtime.metadata import read_sidecar
+
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactError(f"nothing to inspect at {p}")
+    if p.is_dir() or p.name == MANIFEST_NAME:
+        m = load_manifest(p)
+        folder = p if p.is_dir() else p.parent
+        return {"kind": "manifest", "path": str(manifest_path(p)), "manifest": m.to_dict(),
+                "problems": check_files(m, folder)}
+    suffix = p.suffix.lower()
+    if suffix == ".onnx":
+        meta, raw = read_onnx_metadata(p)
+        other = {k: v for k, v in raw.items() if not k.startswith("ciard.")}
+        kind = "onnx"
+    elif suffix in (".engine", ".plan"):
+        meta, other, kind = read_sidecar(p), {}, "engine"
+    else:
+        raise UsageError(f"cannot inspect {p.name}: expected an export folder, manifest.json, .onnx, .engine or .plan")
+    digest = sha256_file(p)
+    entry, problems = None, []
+    beside = p.parent / MANIFEST_NAME
+    if beside.is_file():
+        try:
+            rec = load_manifest(beside).artifact(p.name)
+            entry = rec.to_dict()
+            if rec.sha256 != digest:
+                problems.append(f"{p.name}: sha256 {digest[:12]}... differs from the manifest's {rec.sha256[:12]}...")
+        except ArtifactError:
+            entry = None
+    if not meta:
+        problems.append(f"{p.name} carries no ciard metadata (not exported by ciard export?)")
+    return {"kind": kind, "path": str(p), "sha256": digest, "size": p.stat().st_size, "metadata": meta,
+            "other_props": other, "manifest_entry": entry, "problems": problems}
