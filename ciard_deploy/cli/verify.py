@@ -1,0 +1,144 @@
+"""`ciard pack` (on the machine with PyTorch) and `ciard verify` (on the runtime, torch-free).
+
+Nothing here imports torch, at module level or inside ``verify``: the CLI must start and verify
+an ONNX file or engine on a device that has only numpy, the runtime and ART.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from ciard_deploy.cli.app import app
+from ciard_deploy.cli.common import State, console, err_console, handle_errors, progress, write_json
+from ciard_deploy.errors import GateFailed
+
+
+class StagedProgress:
+    """A progress callback ``(done, total, stage=...)`` that opens one bar per stage, so each bar's
+    images/s is that stage's own (inference on the pack vs Square's live queries)."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.stage: str | None = None
+        self.stack = ExitStack()
+        self.update: Callable[..., None] | None = None
+
+    def __call__(self, done: int, total: int | None = None, stage: str | None = None) -> None:
+        if stage != self.stage or self.update is None:
+            self.stack.close()
+            self.stack = ExitStack()
+            label = f"{self.description} {stage}" if stage else self.description
+            self.update = self.stack.enter_context(progress(label, total, unit="img"))
+            self.stage = stage
+        self.update(done, total)
+
+    def __enter__(self) -> "StagedProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.close()
+
+
+def _wrote(path: Path | None) -> None:
+    if path is not None and not State.quiet:
+        err_console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("pack")
+@handle_errors
+def pack_cmd(
+    source: Path = typer.Argument(..., help="Run dir, ciard checkpoint (.safetensors + .json), or a plain .pt/.pth with --arch."),
+    out: Path = typer.Option(..., "--out", "-o", help="The pack file to write (.npz)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset of the test sample (default: the checkpoint's)."),
+    n: int = typer.Option(1000, "--n", help="Test images (seeded, class-stratified)."),
+    attacks: str = typer.Option("pgd20,cw30,aa", "--attacks", "-a",
+                                help="Comma-separated white-box attacks crafted on the PyTorch model: fgsm, pgd20, cw30, aa, ..."),
+    eps: str = typer.Option("8/255", "--eps", help="L-inf budget, e.g. 8/255 or 0.1."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample and of every attack."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset files are."),
+    download: bool = typer.Option(False, "--download", help="Download the dataset if absent (torchvision datasets)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per attack call."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture, for a plain state dict without metadata."),
+    step_size: Optional[str] = typer.Option(None, "--step-size",
+                                            help="Step of pgd/cw (default 2/255, made for 8/255; use about eps/4 at larger eps)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the pack's metadata as JSON."),
+) -> None:
+    """Build a robustness pack: test images, adversarial images crafted on the PyTorch model, its logits.
+
+    Run it where PyTorch is; copy the pack to the device and run `ciard verify` there.
+    """
+    from ciard_deploy.verify.pack import build_pack, check_output, save_pack
+    from ciard_deploy.verify.render import render_pack
+    from ciard_deploy.verify.report import check_report_paths
+
+    check_output(out, force)
+    check_report_paths({"--json": json_out}, {"--out": out, "SOURCE": source})
+    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    with StagedProgress("pack") as update:
+        pack = build_pack(source, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed, data_root=data_root,
+                          download=download, device=device, batch_size=batch_size, arch=arch, step_size=step_size,
+                          progress=update)
+    save_pack(pack, out, force=force)
+    summary = pack.summary()
+    render_pack(summary, console)
+    _wrote(out)
+    write_json(json_out, summary)
+
+
+@app.command("verify")
+@handle_errors
+def verify_cmd(
+    artifact: Path = typer.Argument(..., help="Exported model: .onnx (onnxruntime), .engine/.plan (TensorRT), or a checkpoint (PyTorch)."),
+    pack: Path = typer.Option(..., "--pack", "-p", help="Robustness pack built by `ciard pack`."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="onnxruntime execution provider: cpu (default), cuda, tensorrt."),
+    square_queries: int = typer.Option(1000, "--square-queries", help="Square's queries per image on the runtime; 0 turns it off."),
+    square_n: Optional[int] = typer.Option(None, "--square-n", help="Images Square attacks (seeded class-stratified subset; default: all)."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per runtime call."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: its own choice)."),
+    min_clean: Optional[float] = typer.Option(None, "--min-clean", help="Gate: clean accuracy on the runtime >= this (0..1)."),
+    min_robust: Optional[float] = typer.Option(None, "--min-robust", help="Gate: worst-case robust accuracy (all attacks, per sample) >= this."),
+    max_clean_drop: Optional[float] = typer.Option(None, "--max-clean-drop", help="Gate: clean accuracy lost vs the pack's PyTorch reference <= this."),
+    max_robust_drop: Optional[float] = typer.Option(None, "--max-robust-drop", help="Gate: transferred worst case lost vs the PyTorch reference <= this."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Gate: top-1 agreement with PyTorch on clean images >= this."),
+    min_agreement_adv: Optional[float] = typer.Option(None, "--min-agreement-adv", help="Gate: top-1 agreement on the adversarial images >= this."),
+    gates_file: Optional[Path] = typer.Option(None, "--gates", help="YAML file of gates (flags override it)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
+    junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file (one testcase per gate)."),
+    md_out: Optional[Path] = typer.Option(None, "--markdown", help="Write a short Markdown report (for a PR comment)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of Square and its subset."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Measure robustness on the runtime: clean, transferred attacks, live Square, worst case, parity, gates.
+
+    Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input, 3 runtime missing.
+    """
+    from ciard_deploy.verify.evaluate import run
+    from ciard_deploy.verify.gates import Gates, load_gates
+    from ciard_deploy.verify.render import render_report
+    from ciard_deploy.verify.report import check_report_paths
+
+    if quiet:
+        State.quiet = True
+    check_report_paths({"--json": json_out, "--junit": junit_out, "--markdown": md_out},
+                       {"--pack": pack, "ARTIFACT": artifact})
+    flags = {"min_clean": min_clean, "min_robust": min_robust, "max_clean_drop": max_clean_drop,
+             "max_robust_drop": max_robust_drop, "min_agreement": min_agreement,
+             "min_agreement_adv": min_agreement_adv}
+    gates = load_gates(gates_file) if gates_file is not None else Gates()
+    gates = gates.merged(Gates.create(**{k: v for k, v in flags.items() if v is not None}))
+    with StagedProgress("verify") as update:
+        report = run(artifact, pack, provider=provider, gates=gates, square_queries=square_queries, square_n=square_n,
+                     batch_size=batch_size, seed=seed, threads=threads, progress=update)
+    render_report(report, console)
+    for path, write in ((json_out, report.write_json), (junit_out, report.write_junit), (md_out, report.write_markdown)):
+        if path is not None:
+            write(path)
+            _wrote(path)
+    if not report.passed:
+        raise GateFailed(report.failure_summary())

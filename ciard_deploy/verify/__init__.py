@@ -1,0 +1,27 @@
+"""Verify robustness on the runtime that serves the model: packs, the runtime cascade, parity, gates, reports.
+
+    from ciard_deploy import verify
+    pack = verify.build_pack("runs/digits", n=1000, attacks=["pgd20", "fgsm"], eps=0.1)   # needs torch
+    verify.save_pack(pack, "pack.npz")
+    report = verify.run("exports/digits/model.int8.onnx", "pack.npz",                     # numpy + runtime
+                        gates=verify.Gates.create(min_clean=0.9, max_robust_drop=0.02))
+    report.passed, report.metrics["worst_case_acc"]
+    report.write_json("verify.json"); report.write_junit("verify.xml"); report.write_markdown("verify.md")
+
+Nothing in this package imports torch at module level: ``build_pack`` imports it when called;
+everything else runs on a device that has only numpy, onnxruntime (or TensorRT) and ART.
+"""
+
+from __future__ import annotations
+
+from ciard_deploy.verify.checks import CHECKS, Finding
+from ciard_deploy.verify.evaluate import AttackOutcome, RuntimeEvaluation, evaluate_runtime, run, stratified_subset
+from ciard_deploy.verify.gates import GateResult, Gates, gates_from_mapping, gates_from_recipe, judge, load_gates
+from ciard_deploy.verify.pack import RobustnessPack, build_pack, load_pack, save_pack
+from ciard_deploy.verify.parity import Parity, ParityReport, compare
+from ciard_deploy.verify.report import VerifyReport, check_report_paths, check_writable
+
+__all__ = ["AttackOutcome", "CHECKS", "Finding", "GateResult", "Gates", "Parity", "ParityReport", "RobustnessPack",
+           "RuntimeEvaluation", "VerifyReport", "build_pack", "check_report_paths", "check_writable", "compare",
+           "evaluate_runtime", "gates_from_mapping", "gates_from_recipe", "judge", "load_gates", "load_pack", "run",
+           "save_pack", "stratified_subset"]

@@ -1,0 +1,246 @@
+"""Release gates: thresholds from flags, a YAML file or a recipe -> one pass/fail per gate, with numbers.
+
+A gate compares one named metric of a verify run with a threshold::
+
+    gate               metric                 passes when
+    min_clean          clean_acc              runtime clean accuracy            >= threshold
+    min_robust         worst_case_acc         runtime worst case (every attack) >= threshold
+    max_clean_drop     clean_drop             reference clean - runtime clean   <= threshold
+    max_robust_drop    robust_drop            reference worst - runtime worst
+                                              (both over the pack's transferred attacks) <= threshold
+    min_agreement      agreement_clean        top-1 agreement with PyTorch, clean images >= threshold
+    min_agreement_adv  agreement_adversarial  the same on the transferred adversarial images >= threshold
+
+Thresholds are fractions in [0, 1] (``0.9``, or the string ``"90%"``). The metrics are stored
+in the report next to the gates, so ``judge`` can re-run on a report without the model.
+
+A gates file (``--gates gates.yaml``)::
+
+    # ciard verify model.int8.onnx --pack pack.npz --gates gates.yaml
+    gates:
+      min_clean: 0.90
+      min_robust: 0.40
+      max_clean_drop: 0.01
+      min_agreement: 0.97
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from ciard_deploy.errors import UsageError
+
+#: float slack so that 19/20 >= 0.95 passes despite rounding
+TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What one gate checks (the table in the module docstring)."""
+
+    name: str
+    metric: str
+    op: Literal[">=", "<="]
+    kind: Literal["accuracy", "drop", "agreement"]
+    flag: str
+    description: str
+
+
+SPECS: dict[str, GateSpec] = {s.name: s for s in (
+    GateSpec("min_clean", "clean_acc", ">=", "accuracy", "--min-clean", "clean accuracy on the runtime"),
+    GateSpec("min_robust", "worst_case_acc", ">=", "accuracy", "--min-robust",
+             "worst-case robust accuracy on the runtime (every transferred attack and Square, per sample)"),
+    GateSpec("max_clean_drop", "clean_drop", "<=", "drop", "--max-clean-drop",
+             "clean accuracy lost against the PyTorch reference in the pack"),
+    GateSpec("max_robust_drop", "robust_drop", "<=", "drop", "--max-robust-drop",
+             "worst case over the transferred attacks lost against the PyTorch reference in the pack"),
+    GateSpec("min_agreement", "agreement_clean", ">=", "agreement", "--min-agreement",
+             "top-1 agreement with the PyTorch reference on the clean images"),
+    GateSpec("min_agreement_adv", "agreement_adversarial", ">=", "agreement", "--min-agreement-adv",
+             "top-1 agreement with the PyTorch reference on the transferred adversarial images"),
+)}
+
+
+def _threshold(name: str, value: Any, source: str) -> float | None:
+    """Parses one threshold (a number or ``"90%"``) and checks it is a sensible fraction."""
+    if value is None:
+        return None
+    spec = SPECS[name]
+    where = f"{spec.flag if source == 'flags' else f'{source}: {name}'}"
+    if isinstance(value, bool):
+        raise UsageError(f"{where} must be a number in [0, 1], got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            v = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        except ValueError:
+            raise UsageError(f"{where} must be a number in [0, 1] (or a percentage like 90%), got {value!r}") from None
+    elif isinstance(value, (int, float)):
+        v = float(value)
+    else:
+        raise UsageError(f"{where} must be a number in [0, 1], got {type(value).__name__}")
+    if not math.isfinite(v):
+        raise UsageError(f"{where} must be finite, got {value!r}")
+    if spec.kind == "drop" and v < 0:
+        raise UsageError(f"{where} {value} is negative: a drop limit is the accuracy you accept to lose, >= 0 "
+                         "(a negative limit would demand a gain and can never be certain)")
+    if v < 0 or v > 1:
+        hint = f" (did you mean {v / 100:g}?)" if 1 < v <= 100 else ""
+        raise UsageError(f"{where} {value} is outside [0, 1]: thresholds are fractions, not percents{hint}")
+    return v
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The thresholds of one verify run; ``None`` means no gate. See the module docstring."""
+
+    min_clean: float | None = None
+    min_robust: float | None = None
+    max_clean_drop: float | None = None
+    max_robust_drop: float | None = None
+    min_agreement: float | None = None
+    min_agreement_adv: float | None = None
+
+    @classmethod
+    def create(cls, source: str = "flags", **values: Any) -> "Gates":
+        """Validated gates from keyword values (numbers or ``"90%"`` strings).
+
+        Raises:
+            UsageError: an unknown gate name (with the closest valid one), a threshold outside
+                [0, 1] or a negative drop limit: gates no model can pass are bad input (exit 2),
+                not a failed gate (exit 1).
+        """
+        unknown = sorted(k for k in values if k not in SPECS)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(SPECS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"{source}: unknown gate {unknown[0]!r}.{hint} Valid: {', '.join(SPECS)}")
+        return cls(**{k: _threshold(k, v, source) for k, v in values.items()})
+
+    def items(self) -> list[tuple[str, float]]:
+        """(name, threshold) of the gates that are set, in the fixed order of ``SPECS``."""
+        return [(name, getattr(self, name)) for name in SPECS if getattr(self, name) is not None]
+
+    def __bool__(self) -> bool:
+        return bool(self.items())
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.items())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "gates") -> "Gates":
+        return cls.create(source=source, **dict(d))
+
+    def merged(self, override: "Gates") -> "Gates":
+        """These gates with every gate ``override`` sets replacing ours (flags override a file)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update({k: v for k, v in override.items()})
+        return Gates(**values)
+
+
+def load_gates(path: str | os.PathLike) -> Gates:
+    """Reads gates from a YAML file: the keys at the top level or under ``gates:`` (or ``verify: gates:``).
+
+    Raises:
+        UsageError: missing or unreadable file, not a mapping, unknown keys, bad values.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"gates file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read gates file {p}: {first}") from None
+    return gates_from_mapping(data, source=p.name)
+
+
+def gates_from_mapping(data: Any, source: str = "gates") -> Gates:
+    """Gates from a parsed mapping: top-level keys, ``{gates: {...}}`` or ``{verify: {gates: {...}}}``."""
+    if data is None:
+        return Gates()
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{source}: expected a mapping of gate: threshold, got {type(data).__name__}")
+    if "verify" in data and isinstance(data["verify"], Mapping):
+        data = data["verify"]
+    if "gates" in data:
+        data = data["gates"] or {}
+        if not isinstance(data, Mapping):
+            raise UsageError(f"{source}: 'gates' must be a mapping of gate: threshold")
+    return Gates.create(source=source, **{str(k): v for k, v in data.items()})
+
+
+def gates_from_recipe(recipe: Any) -> Gates:
+    """Gates from a recipe's ``verify.gates`` section (a recipe without one has no gates).
+
+    Accepts a recipe object with a ``verify`` attribute (a mapping or a model with ``gates``)
+    or a plain dict, so recipes can grow the section without this module changing.
+    """
+    section = recipe.get("verify") if isinstance(recipe, Mapping) else getattr(recipe, "verify", None)
+    if section is None:
+        return Gates()
+    if not isinstance(section, Mapping):
+        section = getattr(section, "model_dump", lambda: {"gates": getattr(section, "gates", None)})()
+    return gates_from_mapping({"gates": section.get("gates") or {}}, source="recipe verify.gates")
+
+
+# --------------------------------------------------------------------------- judging
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict with the numbers: ``measured op threshold``."""
+
+    name: str
+    metric: str
+    op: str
+    threshold: float
+    measured: float | None
+    passed: bool
+    description: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "metric": self.metric, "op": self.op, "threshold": self.threshold,
+                "measured": self.measured, "passed": self.passed, "description": self.description,
+                "message": self.message}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GateResult":
+        return cls(name=d["name"], metric=d["metric"], op=d["op"], threshold=float(d["threshold"]),
+                   measured=None if d.get("measured") is None else float(d["measured"]), passed=bool(d["passed"]),
+                   description=d.get("description", ""), message=d.get("message", ""))
+
+
+def judge_one(name: str, threshold: float, metrics: Mapping[str, float | None]) -> GateResult:
+    spec = SPECS[name]
+    measured = metrics.get(spec.metric)
+    if measured is None:
+        return GateResult(name, spec.metric, spec.op, threshold, None, False, spec.description,
+                          f"{spec.metric} was not measured (the pack or settings give no such number)")
+    ok = measured >= threshold - TOLERANCE if spec.op == ">=" else measured <= threshold + TOLERANCE
+    if ok:
+        message = f"{spec.metric} {measured:.4f} {spec.op} {threshold:.4f}"
+    else:
+        message = f"{spec.metric} {measured:.4f} {'<' if spec.op == '>=' else '>'} required {threshold:.4f}"
+    return GateResult(name, spec.metric, spec.op, threshold, float(measured), ok, spec.description, message)
+
+
+def judge(gates: Gates, metrics: Mapping[str, float | None]) -> list[GateResult]:
+    """One ``GateResult`` per set gate, from a report's ``metrics`` dict (see the module docstring)."""
+    return [judge_one(name, threshold, metrics) for name, threshold in gates.items()]
+
+
+def unmeasurable(gates: Gates, available: Mapping[str, bool]) -> list[str]:
+    """Gates whose metric a run cannot produce (``available``: metric -> will it exist)."""
+    return [f"{SPECS[name].flag} needs {SPECS[name].metric}" for name, _ in gates.items()
+            if not available.get(SPECS[name].metric, False)]
+
+
+__all__ = ["GateResult", "GateSpec", "Gates", "SPECS", "TOLERANCE", "gates_from_mapping", "gates_from_recipe",
+           "judge", "judge_one", "load_gates", "unmeasurable"]

@@ -1,0 +1,321 @@
+"""The verify report: data first (a dataclass with a JSON round trip), then JUnit and Markdown writers.
+
+The JSON report (``kind: ciard.verify_report``, ``schema_version: 1``) holds::
+
+    kind, schema_version, status ("passed" | "failed"), created, tool
+    artifact:  {path, name, sha256, size, backend, provider, precision, num_classes, input_spec,
+                active_providers, metadata (the artifact's own), manifest: {path, listed, expected_sha256,
+                sha256_matches, status, source_sha256} | null, metadata_source_sha256, source_sha256,
+                pack_model_sha256, pack_matches_source}
+    pack:      {path, file_sha256, checksum, format, schema_version, n, eps, eps_label, input_shape,
+                num_classes, model: {...}, data: {dataset, split, n, seed, sampling}, attacks: [...],
+                reference: {clean_acc, robust_acc: {label: acc}, worst_case_label, worst_case_acc, ...},
+                versions, created, tool}
+    settings:  {square_queries, square_n, square_p_init, batch_size, seed, provider, threads,
+                parity_thresholds: {clean, adversarial}}
+    results:   {n, clean_acc, reference_clean_acc,
+                attacks: [{name, label, kind: transfer|query, eps, eps_label, n, robust_acc, reference_acc,
+                           drop, seconds, queries, settings}],
+                robust_acc: {label: acc}, worst_case: {label, acc, n, attacks},
+                worst_case_transfer: {label, acc, n, attacks, reference_acc}}
+    parity:    {clean: {n, top1_agreement, flips, flip_indices, max_abs_diff, mean_abs_diff,
+                        max_prob_change, worst_index}, adversarial: {...} | null, per_attack: {label: {...}}}
+    metrics:   {clean_acc, worst_case_acc, clean_drop, robust_drop, agreement_clean, agreement_adversarial,
+                worst_case_transfer_acc, reference_clean_acc, reference_worst_case_acc, square_acc}
+    gates:     {gate: threshold}           the thresholds, so CI can re-judge without re-running
+    gate_results: [{name, metric, op, threshold, measured, passed, description, message}]
+    warnings:  [{code, check, level, title, message, doc}]
+    timings:   {open_s, clean_s, transfer_s, inference_s, inference_images, inference_images_per_s,
+                square_s, square_s_per_100_images, runtime: {images, calls, seconds, images_per_second}, total_s}
+    versions:  {python, numpy, onnxruntime, ...}
+    per_sample: {clean: "1101...", "<label>": "...", square_indices: [...] | null}
+
+``VerifyReport.rejudge(gates)`` re-runs the gates on the stored metrics. numpy-free and torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ciard_deploy.errors import UsageError
+from ciard_deploy.verify.checks import Finding
+from ciard_deploy.verify.gates import GateResult, Gates, judge
+
+REPORT_KIND = "ciard.verify_report"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of one ``ciard verify`` (see the module docstring for every key)."""
+
+    artifact: dict[str, Any]
+    pack: dict[str, Any]
+    settings: dict[str, Any]
+    results: dict[str, Any]
+    parity: dict[str, Any]
+    metrics: dict[str, Any]
+    gates: dict[str, float] = field(default_factory=dict)
+    gate_results: list[GateResult] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    per_sample: dict[str, Any] | None = None
+    created: str = ""
+    tool: str = ""
+    kind: str = REPORT_KIND
+    schema_version: int = SCHEMA_VERSION
+
+    # ---------------------------------------------------------------- verdict
+    @property
+    def passed(self) -> bool:
+        """True when every gate passed (a report without gates passes)."""
+        return all(g.passed for g in self.gate_results)
+
+    @property
+    def status(self) -> str:
+        return "passed" if self.passed else "failed"
+
+    def failures(self) -> list[GateResult]:
+        return [g for g in self.gate_results if not g.passed]
+
+    def failure_summary(self) -> str:
+        """One line for the CLI: ``"2 of 5 gates failed: min_clean (clean_acc 0.91 < required 0.95), ..."``."""
+        bad = self.failures()
+        if not bad:
+            return f"all {len(self.gate_results)} gates passed"
+        parts = ", ".join(f"{g.name} ({g.message})" for g in bad)
+        return f"{len(bad)} of {len(self.gate_results)} gates failed: {parts}"
+
+    def rejudge(self, gates: Gates | None = None) -> "VerifyReport":
+        """A copy judged again on the stored metrics, with ``gates`` (default: the stored thresholds)."""
+        g = gates if gates is not None else Gates.from_dict(self.gates, source="report gates")
+        out = VerifyReport.from_dict(self.to_dict())
+        out.gates, out.gate_results = g.to_dict(), judge(g, self.metrics)
+        return out
+
+    def warning_lines(self, level: str | None = None) -> list[str]:
+        return [f.line() for f in self.warnings if level is None or f.level == level]
+
+    @property
+    def name(self) -> str:
+        return str(self.artifact.get("name") or Path(str(self.artifact.get("path", "artifact"))).name)
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "schema_version": self.schema_version, "status": self.status,
+                "created": self.created, "tool": self.tool, "artifact": self.artifact, "pack": self.pack,
+                "settings": self.settings, "results": self.results, "parity": self.parity, "metrics": self.metrics,
+                "gates": self.gates, "gate_results": [g.to_dict() for g in self.gate_results],
+                "warnings": [f.to_dict() for f in self.warnings], "timings": self.timings,
+                "versions": self.versions, "per_sample": self.per_sample}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VerifyReport":
+        if not isinstance(d, Mapping) or d.get("kind") != REPORT_KIND:
+            raise UsageError(f"not a ciard verify report (kind {d.get('kind') if isinstance(d, Mapping) else None!r})")
+        version = int(d.get("schema_version", SCHEMA_VERSION))
+        if version > SCHEMA_VERSION:
+            raise UsageError(f"verify report schema {version} is newer than this ciard-deploy reads "
+                             f"({SCHEMA_VERSION}); upgrade ciard-deploy")
+        try:
+            return cls(artifact=dict(d["artifact"]), pack=dict(d["pack"]), settings=dict(d["settings"]),
+                       results=dict(d["results"]), parity=dict(d["parity"]), metrics=dict(d["metrics"]),
+                       gates=dict(d.get("gates", {})),
+                       gate_results=[GateResult.from_dict(g) for g in d.get("gate_results", [])],
+                       warnings=[Finding.from_dict(f) for f in d.get("warnings", [])],
+                       timings=dict(d.get("timings", {})), versions=dict(d.get("versions", {})),
+                       per_sample=d.get("per_sample"), created=d.get("created", ""), tool=d.get("tool", ""),
+                       kind=d["kind"], schema_version=version)
+        except KeyError as e:
+            raise UsageError(f"verify report is missing the key {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n"
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> "VerifyReport":
+        """From a JSON string or a file path."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            p = Path(text_or_path)
+            try:
+                text = p.read_text()
+            except OSError as e:
+                raise UsageError(f"cannot read verify report {p}: {e.strerror or e}") from None
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"verify report is not valid JSON: {e}") from None
+
+    # ---------------------------------------------------------------- JUnit
+    def to_junit(self) -> str:
+        """JUnit XML: one testsuite, one testcase per gate; a failed gate carries measured and required values."""
+        total = float(self.timings.get("total_s") or 0.0)
+        bad = self.failures()
+        root = ET.Element("testsuites", name="ciard verify", tests=str(len(self.gate_results)),
+                          failures=str(len(bad)), errors="0", time=f"{total:.3f}")
+        suite = ET.SubElement(root, "testsuite", name=f"ciard verify {self.name}", tests=str(len(self.gate_results)),
+                              failures=str(len(bad)), errors="0", skipped="0", time=f"{total:.3f}",
+                              timestamp=self.created)
+        props = ET.SubElement(suite, "properties")
+        for k, v in self._properties().items():
+            ET.SubElement(props, "property", name=k, value="" if v is None else str(v))
+        classname = "ciard.verify." + "".join(c if c.isalnum() else "_" for c in self.name)
+        for g in self.gate_results:
+            case = ET.SubElement(suite, "testcase", classname=classname,
+                                 name=f"{g.name}: {g.metric} {g.op} {g.threshold:g}", time="0")
+            if not g.passed:
+                measured = "not measured" if g.measured is None else f"{g.measured:.6g}"
+                fail = ET.SubElement(case, "failure", type="GateFailed",
+                                     message=f"{g.name}: {g.message}")
+                fail.text = (f"gate: {g.name} ({g.description})\nmetric: {g.metric}\nmeasured: {measured}\n"
+                             f"required: {g.op} {g.threshold:g}\n")
+            else:
+                out = ET.SubElement(case, "system-out")
+                out.text = g.message
+        lines = [f"{f.level}: {f.line()} (see {f.doc})" for f in self.warnings]
+        if lines:
+            ET.SubElement(suite, "system-err").text = "\n".join(lines)
+        ET.indent(root)
+        return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+    def _properties(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.status, "artifact": self.artifact.get("path"),
+                               "artifact_sha256": self.artifact.get("sha256"),
+                               "precision": self.artifact.get("precision"), "backend": self.artifact.get("backend"),
+                               "provider": self.artifact.get("provider"), "pack": self.pack.get("path"),
+                               "pack_checksum": self.pack.get("checksum"), "n": self.results.get("n"),
+                               "seed": self.settings.get("seed")}
+        out.update({f"metric.{k}": v for k, v in self.metrics.items() if v is not None})
+        return out
+
+    # ---------------------------------------------------------------- Markdown
+    def to_markdown(self) -> str:
+        """A short report a pull-request comment can carry."""
+        a, r, m = self.artifact, self.results, self.metrics
+        icon = "✅" if self.passed else "❌"
+        n_gates = len(self.gate_results)
+        verdict = (f"{icon} **{self.status}**" + (f" ({n_gates - len(self.failures())}/{n_gates} gates)"
+                                                 if n_gates else " (no gates)"))
+        lines = [f"### ciard verify: `{self.name}` {verdict}", "",
+                 f"{a.get('backend')} ({a.get('provider') or 'default'}), {a.get('precision')}, "
+                 f"n={r.get('n')} from `{Path(str(self.pack.get('path') or 'pack')).name}` "
+                 f"({self.pack.get('data', {}).get('dataset')}, seed {self.pack.get('data', {}).get('seed')})", "",
+                 "| evaluation | runtime | PyTorch reference | drop |", "|---|---:|---:|---:|",
+                 f"| clean | {_pct(r.get('clean_acc'))} | {_pct(r.get('reference_clean_acc'))} | "
+                 f"{_pts(m.get('clean_drop'))} |"]
+        for att in r.get("attacks", []):
+            how = "transfer" if att["kind"] == "transfer" else f"live, n={att['n']}"
+            lines.append(f"| {att['label']} ({how}) | {_pct(att['robust_acc'])} | {_pct(att.get('reference_acc'))} | "
+                         f"{_pts(att.get('drop'))} |")
+        wt, wc = r.get("worst_case_transfer"), r.get("worst_case")
+        if wt:
+            lines.append(f"| {wt['label']} (transfer) | {_pct(wt['acc'])} | {_pct(wt.get('reference_acc'))} | "
+                         f"{_pts(m.get('robust_drop'))} |")
+        if wc and (not wt or wc["label"] != wt["label"]):
+            lines.append(f"| **{wc['label']}** (n={wc['n']}) | **{_pct(wc['acc'])}** | | |")
+        pc, pa = self.parity.get("clean") or {}, self.parity.get("adversarial")
+        parity = (f"Parity with PyTorch: top-1 agreement {_pct(pc.get('top1_agreement'))} clean "
+                  f"({pc.get('flips')} flips)")
+        if pa:
+            parity += f", {_pct(pa.get('top1_agreement'))} adversarial ({pa.get('flips')} flips)"
+        parity += f"; max abs logit diff {pc.get('max_abs_diff', 0):.3g}"
+        lines += ["", parity + "."]
+        if self.gate_results:
+            lines += ["", "| gate | measured | required | |", "|---|---:|---:|---|"]
+            for g in self.gate_results:
+                measured = "—" if g.measured is None else f"{g.measured:.4f}"
+                lines.append(f"| {g.name} | {measured} | {g.op} {g.threshold:g} | {'✅' if g.passed else '❌'} |")
+        warn = [f for f in self.warnings if f.level == "warning"]
+        if warn:
+            lines += ["", "**Warnings**", ""] + [f"- ⚠️ `{f.code}` {f.message}" for f in warn]
+        lines += ["", f"<sub>{self.tool}; artifact sha256 `{str(a.get('sha256') or '')[:12]}`, pack checksum "
+                      f"`{str(self.pack.get('checksum') or '')[7:19]}`; {self.timings.get('total_s', 0):.1f} s</sub>"]
+        return "\n".join(lines) + "\n"
+
+    # ---------------------------------------------------------------- files
+    def write_json(self, path: str | os.PathLike) -> Path:
+        from ciard_deploy.io import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+        return Path(path)
+
+    def write_junit(self, path: str | os.PathLike) -> Path:
+        from ciard_deploy.io import atomic_write_text
+
+        atomic_write_text(path, self.to_junit())
+        return Path(path)
+
+    def write_markdown(self, path: str | os.PathLike) -> Path:
+        from ciard_deploy.io import atomic_write_text
+
+        atomic_write_text(path, self.to_markdown())
+        return Path(path)
+
+
+def _pct(v: Any) -> str:
+    return "—" if v is None else f"{100 * float(v):.1f}%"
+
+
+def _pts(v: Any) -> str:
+    return "—" if v is None else f"{100 * float(v):+.1f} pt"
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, (np.floating, np.integer, np.bool_)):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (Path, tuple, set)):
+        return str(o) if isinstance(o, Path) else list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------- output paths
+def check_writable(path: str | os.PathLike, flag: str) -> Path:
+    """Raises UsageError (exit 2) now if ``path`` could not be written later (a folder, a parent that
+    is a file, or a read-only folder)."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"cannot write {flag} {p}: it is a folder")
+    probe = p.parent
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot write {flag} {p}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {flag} {p}: {probe} is not writable")
+    return p
+
+
+def check_report_paths(outputs: Mapping[str, str | os.PathLike | None],
+                       inputs: Mapping[str, str | os.PathLike | None] = {}) -> None:  # noqa: B006
+    """Every report path writable, distinct, and none of them an input file (``--json pack.npz``)."""
+    seen: dict[Path, str] = {}
+    for flag, value in inputs.items():
+        if value is not None:
+            seen[Path(value).resolve()] = flag
+    for flag, value in outputs.items():
+        if value is None:
+            continue
+        p = check_writable(value, flag)
+        key = p.resolve()
+        if key in seen:
+            raise UsageError(f"{flag} {p} is the same file as {seen[key]}: it would be overwritten")
+        seen[key] = flag
+
+
+__all__ = ["REPORT_KIND", "SCHEMA_VERSION", "VerifyReport", "check_report_paths", "check_writable"]
