@@ -237,17 +237,16 @@ class AttackEntry:
 
 ATTACKS: Registry[AttackEntry] = Registry("attack")
 
-_TWO_255 = 2.0 / 255.0
 for _entry in (
     AttackEntry("fgsm", "fgsm", "ciard_deploy.attacks.pgd:FGSM",
                 description="FGSM: one signed-gradient step of size eps (Goodfellow et al. 2015)"),
-    AttackEntry("pgd", "pgd<K>", "ciard_deploy.attacks.pgd:PGD", "steps", 20, {"step_size": _TWO_255},
-                description="PGD on cross-entropy, K steps of 2/255, uniform random start (Madry et al. 2018)"),
+    AttackEntry("pgd", "pgd<K>", "ciard_deploy.attacks.pgd:PGD", "steps", 20,
+                description="PGD on cross-entropy, K steps of max(2/255, eps/4), uniform random start (Madry et al. 2018)"),
     AttackEntry("pgdt", "pgdt<K>", "ciard_deploy.attacks.pgd:PGD", "steps", 20,
                 {"step_size": 0.003, "prefix": "pgdt"},
                 description="PGD-TRADES: PGD on cross-entropy with step 0.003, random start (Zhang et al. 2019)"),
     AttackEntry("cw", "cw<K>", "ciard_deploy.attacks.cw:CWInf", "steps", 30,
-                description="CW-inf: K PGD steps of 2/255 on the CW margin loss, confidence 50, zero start"),
+                description="CW-inf: K PGD steps of max(2/255, eps/4) on the CW margin loss, confidence 50, zero start"),
     AttackEntry("aa", "aa", "ciard_deploy.attacks.autoattack:AutoAttackAdapter", defaults={"version": "standard"},
                 description="AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack, Croce & Hein 2020)"),
     AttackEntry("aa-fast", "aa-fast", "ciard_deploy.attacks.autoattack:AutoAttackAdapter", defaults={"version": "fast"},

@@ -9,7 +9,7 @@ from torch import nn
 
 from ciard_deploy.attacks.base import GRADIENTS, Budget, _check_positive
 from ciard_deploy.attacks.common import TorchAttack, make_generator
-from ciard_deploy.attacks.pgd import pgd_linf, warn_if_short
+from ciard_deploy.attacks.pgd import default_step_size, pgd_linf, warn_if_short
 
 
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, confidence: float = 50.0) -> torch.Tensor:
@@ -35,7 +35,7 @@ class CWInf(TorchAttack):
     Args:
         eps: L-inf radius.
         steps: iterations (the ``K`` of ``cw<K>``); default 30.
-        step_size: step per iteration; default 2/255.
+        step_size: step per iteration; default max(2/255, eps/4) (see ``pgd.default_step_size``).
         confidence: margin kappa; default 50.
         random_start: start from a uniform point of the eps-ball instead; default False.
         seed: seeds the random start, if any.
@@ -47,8 +47,9 @@ class CWInf(TorchAttack):
 
     requires = frozenset({GRADIENTS})
 
-    def __init__(self, eps: float, steps: int = 30, step_size: float = 2.0 / 255.0, confidence: float = 50.0,
+    def __init__(self, eps: float, steps: int = 30, step_size: float | None = None, confidence: float = 50.0,
                  random_start: bool = False, seed: int | None = None) -> None:
+        step_size = default_step_size(eps) if step_size is None else step_size
         _check_positive("steps", steps)
         _check_positive("step_size", step_size)
         _check_positive("confidence", confidence, allow_zero=True)

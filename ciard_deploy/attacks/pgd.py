@@ -22,6 +22,12 @@ def ce_loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
+def default_step_size(eps: float) -> float:
+    """max(2/255, eps/4): the standard 2/255 at eps 8/255, scaled up with larger budgets (digits'
+    0.1-0.3) so that 20 steps still cross the whole ball instead of silently weakening the attack."""
+    return max(2.0 / 255.0, float(eps) / 4.0)
+
+
 def warn_if_short(label: str, eps: float, steps: int, step_size: float) -> None:
     """Logs a warning when the steps cannot reach the eps boundary (e.g. ``pgd10`` at eps 0.1 with step 2/255)."""
     reach = steps * step_size
@@ -79,7 +85,7 @@ class PGD(TorchAttack):
     Args:
         eps: L-inf radius.
         steps: iterations (the ``K`` of ``pgd<K>``); default 20.
-        step_size: step per iteration; default 2/255.
+        step_size: step per iteration; default ``default_step_size(eps)`` = max(2/255, eps/4).
         random_start: start from a uniform point of the eps-ball; default True.
         restarts: independent runs; a sample counts as broken if any run breaks it; default 1.
         seed: seeds the random start (per ``run`` call); default None (global RNG).
@@ -94,8 +100,9 @@ class PGD(TorchAttack):
 
     requires = frozenset({GRADIENTS})
 
-    def __init__(self, eps: float, steps: int = 20, step_size: float = 2.0 / 255.0, random_start: bool = True,
+    def __init__(self, eps: float, steps: int = 20, step_size: float | None = None, random_start: bool = True,
                  restarts: int = 1, seed: int | None = None, prefix: str = "pgd") -> None:
+        step_size = default_step_size(eps) if step_size is None else step_size
         _check_positive("steps", steps)
         _check_positive("step_size", step_size)
         _check_positive("restarts", restarts)

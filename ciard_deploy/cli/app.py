@@ -32,4 +32,4 @@ def root(
 ) -> None:
     State.verbose = verbose
     State.quiet = quiet
-    setup_logging(verbose)
+    setup_logging(verbose, quiet)

@@ -30,14 +30,14 @@ class State:
     quiet: bool = False
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
     from rich.logging import RichHandler
 
     logger = logging.getLogger("ciard_deploy")
     logger.handlers.clear()
     handler = RichHandler(console=err_console, show_path=False, show_time=False, rich_tracebacks=True)
     logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
 
 
