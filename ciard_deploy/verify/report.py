@@ -36,6 +36,7 @@ The JSON report (``kind: ciard.verify_report``, ``schema_version: 1``) holds::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from ciard_deploy.verify.gates import GateResult, Gates, judge
 
 REPORT_KIND = "ciard.verify_report"
 SCHEMA_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -196,8 +199,8 @@ class VerifyReport:
         return out
 
     # ---------------------------------------------------------------- Markdown
-    def to_markdown(self) -> str:
-        """A short report a pull-request comment can carry."""
+    def to_markdown(self, chart: str | None = None) -> str:
+        """A short report a pull-request comment can carry; ``chart`` names a PNG to embed."""
         a, r, m = self.artifact, self.results, self.metrics
         icon = "✅" if self.passed else "❌"
         n_gates = len(self.gate_results)
@@ -227,6 +230,8 @@ class VerifyReport:
             parity += f", {_pct(pa.get('top1_agreement'))} adversarial ({pa.get('flips')} flips)"
         parity += f"; max abs logit diff {pc.get('max_abs_diff', 0):.3g}"
         lines += ["", parity + "."]
+        if chart:
+            lines += ["", f"![clean and robust accuracy: PyTorch vs runtime]({chart})"]
         if self.gate_results:
             lines += ["", "| gate | measured | required | |", "|---|---:|---:|---|"]
             for g in self.gate_results:
@@ -252,11 +257,25 @@ class VerifyReport:
         atomic_write_text(path, self.to_junit())
         return Path(path)
 
-    def write_markdown(self, path: str | os.PathLike) -> Path:
+    def write_markdown(self, path: str | os.PathLike, chart: bool = True) -> Path:
+        """Writes the Markdown report and, where matplotlib is installed, a chart of clean and
+        robust accuracy per attack for PyTorch vs this artifact beside it (``<name>.png``). The
+        torch-free device install has no matplotlib: the report then simply has no picture."""
+        from ciard_deploy.errors import EnvironmentMissing
         from ciard_deploy.io import atomic_write_text
 
-        atomic_write_text(path, self.to_markdown())
-        return Path(path)
+        path = Path(path)
+        png = None
+        if chart:
+            from ciard_deploy.plots import accuracy_chart, rows_from_reports
+
+            try:
+                png = accuracy_chart(rows_from_reports([self.to_dict()]), path.with_suffix(".png"),
+                                     title=f"{self.name}: PyTorch vs runtime")
+            except (EnvironmentMissing, ValueError) as e:
+                log.info("no accuracy chart in the Markdown report: %s", e)
+        atomic_write_text(path, self.to_markdown(chart=png.name if png else None))
+        return path
 
 
 def _pct(v: Any) -> str:

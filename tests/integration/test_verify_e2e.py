@@ -221,6 +221,9 @@ def test_easy_gates_pass_with_every_report(fp32_cli):
     assert root.get("tests") == "5" and root.get("failures") == "0"
     md = (out / "r.md").read_text()
     assert "✅ **passed**" in md and len(md.splitlines()) < 40
+    png = out / "r.png"  # the accuracy chart beside the Markdown report, embedded by relative name
+    assert "![clean and robust accuracy" in md and "(r.png)" in md
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 8000
 
 
 def test_fp32_transfer_equals_pytorch_within_half_a_point(fp32_cli):
