@@ -1,0 +1,169 @@
+"""Verbs that train: ``ciard distill`` (a student from teachers) and ``ciard train`` (a teacher or a
+no-teacher baseline). Both parse, call ``ciard_deploy.distill.trainer.run`` and render."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import typer
+from rich.table import Table
+
+from ciard_deploy.cli.app import app
+from ciard_deploy.cli.common import State, console, err_console, handle_errors
+
+
+class TrainProgress:
+    """Renders trainer events: a rich bar on a terminal (epoch, step, loss, img/s), one plain line
+    per epoch off a terminal (CI logs), nothing with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = err_console.is_terminal
+        self.bar: Any = None
+        self.task: Any = None
+        self.depth: list[Path] = []  # run dirs: the outer run, and a teacher being trained inside it
+
+    def _prefix(self) -> str:
+        return "teacher " if len(self.depth) > 1 else ""
+
+    def __call__(self, ev: Any) -> None:
+        if self.quiet:
+            return
+        if ev.kind == "teacher":
+            err_console.print(f"[bold]{ev.message}[/]", highlight=False)
+        elif ev.kind == "run_start":
+            self.depth.append(ev.run_dir)
+            if ev.epoch:
+                err_console.print(f"{self._prefix()}resuming at epoch {ev.epoch + 1} step {ev.step}", highlight=False)
+        elif ev.kind == "epoch_start" and self.tty:
+            self._close_bar()
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
+                                transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(f"{self._prefix()}epoch {ev.epoch}/{ev.epochs}", total=ev.steps,
+                                          completed=ev.step, info="")
+        elif ev.kind == "step" and self.bar is not None:
+            self.bar.update(self.task, completed=ev.step,
+                            info=f"loss {ev.loss:.4f}  {ev.images_per_s:,.0f} img/s")
+        elif ev.kind == "epoch_end":
+            self._close_bar()
+            m = ev.metrics
+            evals = "".join(f"  {k} {v:.4f}" for k, v in m.get("eval", {}).items() if k != "score")
+            err_console.print(f"{self._prefix()}epoch {ev.epoch}/{ev.epochs}  loss {m['loss']:.4f}  lr {m['lr']:.4g}"
+                              f"{evals}  {m['images_per_s']:,.0f} img/s", highlight=False)
+        elif ev.kind == "run_end":
+            self._close_bar()
+            if self.depth:
+                self.depth.pop()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def render_summary(summary: dict[str, Any]) -> None:
+    """A table of the final numbers (test split), robust ones named by attack and budget."""
+    if summary.get("status") != "complete":
+        console.print(f"stopped after epoch {summary.get('epochs_done')} of {summary.get('epochs')} "
+                      f"(resume with --resume): {summary.get('run_dir')}")
+        return
+    t = Table(title=f"{summary['method']} {summary['arch']} on {summary['dataset']} (test, n={summary['test_n']})")
+    t.add_column("checkpoint")
+    labels = list(dict.fromkeys(k for which in ("best", "last") for k in summary.get(which, {})))
+    for lab in labels:
+        t.add_column(lab, justify="right")
+    sel = summary["selection"]
+    for which in ("best", "last"):
+        row = summary.get(which)
+        if row:
+            name = f"best (epoch {sel['best_epoch']}, by {sel['on']})" if which == "best" else "last"
+            t.add_row(name, *(f"{100 * row[lab]:.2f}%" if lab in row else "-" for lab in labels))
+    console.print(t)
+    console.print(f"{summary['run_dir']}  ({summary['train_time_s']:.0f} s, {summary['images_per_s']:,.0f} img/s)",
+                  highlight=False)
+
+
+@contextlib.contextmanager
+def _console_logs_at(level: int) -> Iterator[None]:
+    """The progress display shows epochs; the console log handler keeps to warnings meanwhile (the run's
+    train.log still gets every INFO line)."""
+    handlers = [h for h in logging.getLogger("ciard_deploy").handlers if not isinstance(h, logging.FileHandler)]
+    old = [h.level for h in handlers]
+    for h in handlers:
+        h.setLevel(level)
+    try:
+        yield
+    finally:
+        for h, lvl in zip(handlers, old):
+            h.setLevel(lvl)
+
+
+def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume: bool, device: Optional[str],
+                quiet: bool) -> None:
+    from ciard_deploy.config import find_recipe, load_recipe
+    from ciard_deploy.distill.trainer import TrainingInterrupted, run
+    from ciard_deploy.errors import UsageError
+
+    path = find_recipe(recipe)
+    rec = load_recipe(path, overrides)
+    if rec.kind != kind:
+        other = "distill" if kind == "train" else "train"
+        raise UsageError(f"{path} is a kind {rec.kind!r} recipe: run it with `ciard {other}`")
+    quiet = quiet or State.quiet
+    start = time.perf_counter()
+    try:
+        with _console_logs_at(logging.DEBUG if State.verbose else logging.WARNING):
+            summary = run(rec, out, resume=resume, device=device, callbacks=[TrainProgress(quiet)])
+    except TrainingInterrupted as e:
+        sets = "".join(f" --set {o}" for o in overrides)
+        err_console.print(f"[yellow]{e}[/]\nresume with: ciard {kind} {recipe} --out {out}{sets} --resume",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 alone reports
+    render_summary(summary)
+    if not quiet:
+        err_console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
+
+
+_SET_HELP = "Override a recipe value, e.g. --set train.epochs=2 (repeatable; values parsed as YAML)."
+
+
+@app.command()
+@handle_errors
+def distill(
+    recipe: str = typer.Argument(..., help="Recipe file, or a shipped recipe name (`ciard recipe ls`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run dir to create (or to continue with --resume)."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved state."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (the final table still prints)."),
+) -> None:
+    """Distill a student from its teachers (teachers given by recipe are trained first and cached).
+
+    Multi-GPU: torchrun --nproc_per_node N -m ciard_deploy distill RECIPE --out DIR
+    """
+    _train_verb("distill", recipe, out, overrides, resume, device, quiet)
+
+
+@app.command()
+@handle_errors
+def train(
+    recipe: str = typer.Argument(..., help="A kind 'train' recipe: a teacher (natural, pgd_at, trades) or a baseline."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run dir to create (or to continue with --resume)."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved state."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (the final table still prints)."),
+) -> None:
+    """Train a teacher or a no-teacher baseline (natural, PGD-AT, TRADES) on its own."""
+    _train_verb("train", recipe, out, overrides, resume, device, quiet)

@@ -1,0 +1,721 @@
+"""Typed recipes: pydantic models, YAML loading with ``extends``, dotted overrides, a recipe hash.
+
+A recipe is one YAML file that says everything a training run needs::
+
+    kind: distill            # or "train" (a teacher or a no-teacher baseline)
+    schema_version: 1
+    extends: _base.yaml      # optional: deep-merged under this file (relative path)
+    data: {dataset: digits, batch_size: 128}
+    student: {arch: small_cnn}          # "model:" in a kind "train" recipe
+    teachers:
+      clean: {recipe: teachers/digits_natural_small_cnn_wide.yaml}
+      robust: {checkpoint: /path/to/robust.pt, arch: wrn-34-10}
+    method: {name: ciard, push_loss: true}   # parameters checked by the method's own Config
+    attack: {eps: 8/255, steps: 10, step_size: 2/255}
+    optim: {lr: 0.1, schedule: ciard}
+    train: {epochs: 300, seed: 0}
+
+Every section rejects unknown keys and suggests the closest valid one; every problem of a
+recipe is reported at once in one ``RecipeError``. Relative paths inside a recipe (teacher
+checkpoints and recipes, ``data.data_root``) are resolved against the recipe file's folder.
+
+    recipe = load_recipe("recipes/quick/digits_ciard_small_cnn_wide_to_small_cnn_linf0.2.yaml",
+                         overrides=["train.epochs=2"])
+    recipe.hash          # sha256 of the canonical JSON of the resolved recipe
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_serializer,
+                      field_validator, model_validator)
+
+from ciard_deploy.errors import CiardError, RecipeError
+
+SCHEMA_VERSION = 1
+RecipeKind = Literal["distill", "train"]
+TEACHER_ROLES = ("clean", "robust")
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _registered(registry: Any, name: str) -> str:
+    """``name`` if the registry has it, else a ValueError listing the valid names."""
+    try:
+        registry.get(name)
+    except CiardError as e:
+        raise ValueError(str(e)) from None
+    return name
+
+
+def _eps_value(v: Any) -> float:
+    from ciard_deploy.attacks.base import parse_eps
+
+    try:
+        return parse_eps(v)
+    except CiardError as e:  # UsageError -> a pydantic error at this key
+        raise ValueError(str(e)) from None
+
+
+def _eps_text(v: float) -> str | float:
+    """``8/255`` stays ``"8/255"`` when written back; other values stay numbers."""
+    from ciard_deploy.attacks.base import format_eps, parse_eps
+
+    text = format_eps(v)
+    try:
+        return text if "/" in text and parse_eps(text) == v else v
+    except CiardError:
+        return v
+
+
+# --------------------------------------------------------------------------- sections
+class DataConfig(Section):
+    dataset: str = Field("digits", description="registered dataset name (`ciard datasets`)")
+    data_root: str | None = Field(None, description="folder of the dataset files (relative to the recipe file); "
+                                                    "default: the dataset's own default location")
+    download: bool = Field(False, description="allow torchvision to download the dataset")
+    train_subset: int | None = Field(None, gt=0, description="train on a seeded class-stratified subset of this "
+                                                             "many training images (before the holdout is taken)")
+    holdout: float = Field(0.1, ge=0, description="part of the training split held out for model selection: a "
+                                                  "fraction if < 1, else a number of images (0 = none)")
+    batch_size: int = Field(128, gt=0, description="global batch size (split across DDP ranks)")
+    eval_batch_size: int = Field(256, gt=0, description="batch size of the evaluations")
+    augment: bool = Field(True, description="the dataset's training augmentation (crop + flip for CIFAR-like "
+                                            "datasets, none for digits)")
+    split_seed: int = Field(0, description="seed of the subset and holdout draws (kept apart from train.seed so "
+                                           "seeds of a study share one split)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from ciard_deploy.data import DATASETS
+
+        return _registered(DATASETS, v)
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout_count(cls, v: float) -> float:
+        if v >= 1 and not float(v).is_integer():
+            raise ValueError("holdout >= 1 is a number of images and must be a whole number")
+        return v
+
+
+class ModelSpec(Section):
+    arch: str = Field(..., description="registered architecture (`ciard models`)")
+    normalize: bool = Field(True, description="normalize inside the model with the dataset's mean/std (inputs "
+                                              "stay in [0, 1] either way)")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from ciard_deploy.models import MODELS
+
+        return _registered(MODELS, v)
+
+
+class TeacherSpec(Section):
+    checkpoint: str | None = Field(None, description="a ciard checkpoint (.safetensors + .json) or a user's "
+                                                     ".pt/.pth/.safetensors state dict (then `arch` is needed)")
+    recipe: str | None = Field(None, description="a kind 'train' recipe that trains this teacher when it is not "
+                                                 "cached yet (cached by recipe hash)")
+    arch: str | None = Field(None, description="architecture of a plain state-dict checkpoint")
+    normalize: bool = Field(False, description="plain state dict only: normalize inside the model with the "
+                                               "dataset's mean/std (false: the network sees [0, 1] pixels, as the "
+                                               "reference TRADES/ResNet-56 checkpoints expect)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        if (self.checkpoint is None) == (self.recipe is None):
+            raise ValueError("give exactly one of 'checkpoint' or 'recipe'")
+        if self.checkpoint and Path(self.checkpoint).suffix in (".pt", ".pth", ".bin") and not self.arch:
+            raise ValueError("a .pt/.pth/.bin state dict needs 'arch' (the architecture it fits)")
+        if self.arch is not None:
+            from ciard_deploy.models import MODELS
+
+            _registered(MODELS, self.arch)
+        return self
+
+
+class TeachersConfig(Section):
+    clean: TeacherSpec | None = Field(None, description="naturally trained teacher (frozen)")
+    robust: TeacherSpec | None = Field(None, description="adversarially trained teacher (CIARD keeps training it)")
+
+
+class MethodSection(BaseModel):
+    """``name`` plus the method's own parameters, checked against its ``Config``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(..., description="distillation/training method (`ciard recipe show` lists them)")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AttackConfig(Section):
+    eps: float = Field(8 / 255, description="L-inf radius in [0, 1] pixels, e.g. 8/255 or 0.1")
+    steps: int = Field(10, gt=0, description="PGD steps of the training attack")
+    step_size: float = Field(2 / 255, gt=0, description="PGD step size of the training attack")
+
+    @field_validator("eps", "step_size", mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> float:
+        return _eps_value(v)
+
+    @field_serializer("eps", "step_size")
+    def _write(self, v: float) -> str | float:
+        return _eps_text(v)
+
+
+class OptimConfig(Section):
+    lr: float = Field(0.1, gt=0, description="SGD learning rate of the trained model")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(2e-4, ge=0, description="SGD weight decay")
+    nesterov: bool = Field(False, description="Nesterov momentum")
+    schedule: Literal["ciard", "step", "cosine", "constant"] = Field(
+        "ciard", description="ciard: constant, then cosine x exp decay to 0 from `decay_start` (the paper); "
+                             "step: x gamma at `milestones`; cosine: to 0 at the end; constant")
+    decay_start: float = Field(0.5, ge=0, lt=1, description="ciard schedule: fraction of the epochs at constant lr")
+    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs at which lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if any(m <= 0 for m in v) or v != sorted(v):
+            raise ValueError("milestones must be positive epochs in increasing order")
+        return v
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, gt=0, description="training epochs")
+    seed: int = Field(0, description="seed of weights, data order, augmentation and attacks")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps; "
+                                            "--device overrides it")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision autocast (fp16 adds a grad "
+                                                                   "scaler and needs CUDA; bf16 works on CPU too)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA (ignored elsewhere)")
+    deterministic: bool = Field(False, description="deterministic kernels (slower on GPU)")
+    eval_every: int = Field(1, gt=0, description="evaluate for model selection every N epochs (and the last)")
+    eval_dense_from: int | None = Field(None, gt=0, description="evaluate every epoch from this epoch on")
+    eval_n: int = Field(500, gt=0, description="images of the fixed model-selection subset")
+    eval_attack: str | None = Field("pgd20", description="attack of the model-selection evaluation (null: clean only)")
+    selection: Literal["holdout", "test"] = Field(
+        "holdout", description="model selection on a held-out part of the training set (honest) or on the test "
+                               "set (the reference code's choice, for reproduction)")
+    select_by: Literal["mean", "clean", "robust"] = Field(
+        "mean", description="best checkpoint by (clean + robust) / 2, clean or robust accuracy")
+    eval_step_size: float | None = Field(
+        None, gt=0, description="step size of the pgd/pgdt/cw evaluation attacks (null: each attack's default, "
+                                "2/255 for pgd and cw); set it for budgets far from 8/255 (e.g. eps/4)")
+    final_attacks: list[str] = Field(default_factory=lambda: ["pgd20"],
+                                     description="attacks of the final test-set evaluation in summary.json")
+    final_eval_n: int | None = Field(None, gt=0, description="test images of the final evaluation (null: all)")
+    sync_bn: bool = Field(False, description="DDP: convert the student's BatchNorm to SyncBatchNorm")
+
+    @field_validator("eval_step_size", mode="before")
+    @classmethod
+    def _step(cls, v: Any) -> float | None:
+        return None if v is None else _eps_value(v)
+
+    @field_serializer("eval_step_size")
+    def _write_step(self, v: float | None) -> str | float | None:
+        return None if v is None else _eps_text(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("eval_attack")
+    @classmethod
+    def _attack(cls, v: str | None) -> str | None:
+        if v is not None:
+            _check_attack_spec(v)
+        return v
+
+    @field_validator("final_attacks")
+    @classmethod
+    def _attacks(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            _check_attack_spec(spec)
+        return v
+
+    @model_validator(mode="after")
+    def _selection_needs_attack(self) -> "TrainConfig":
+        if self.eval_attack is None and self.select_by != "clean":
+            raise ValueError(f"select_by {self.select_by!r} needs an eval_attack (or set select_by: clean)")
+        return self
+
+
+def _check_attack_spec(spec: str) -> None:
+    from ciard_deploy.attacks.base import parse_attack_spec
+
+    try:
+        parse_attack_spec(spec)
+    except CiardError as e:
+        raise ValueError(str(e)) from None
+
+
+class RecipeBase(Section):
+    kind: RecipeKind = Field(..., description="distill (a student from teachers) or train (a teacher or a "
+                                              "no-teacher baseline)")
+    schema_version: int = Field(SCHEMA_VERSION, description="recipe schema version")
+    description: str = Field("", description="one line about this recipe")
+    data: DataConfig = Field(default_factory=DataConfig, description="dataset, split, batches, augmentation")
+    method: MethodSection = Field(..., description="method name and its parameters (see the method section below)")
+    attack: AttackConfig = Field(default_factory=AttackConfig, description="the training attack's L-inf budget")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="SGD of the trained model and its schedule")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="epochs, seed, device, precision, "
+                                                                         "evaluation and model selection")
+
+    _source: Path | None = PrivateAttr(None)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"this ciard-deploy reads schema_version {SCHEMA_VERSION}, not {v}")
+        return v
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The network this recipe trains (``student`` or ``model``)."""
+        raise NotImplementedError
+
+    @property
+    def source(self) -> Path | None:
+        """The file this recipe was loaded from (None if built in code)."""
+        return self._source
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain JSON-able data (eps written as ``8/255``)."""
+        d = self.model_dump(mode="json")
+        d["method"] = {"name": self.method.name, **self.method.params}
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved recipe (every default filled in)."""
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    @property
+    def short_hash(self) -> str:
+        return self.hash[:16]
+
+
+class TrainRecipe(RecipeBase):
+    """A network trained on its own: a teacher (natural, PGD-AT, TRADES) or a no-teacher baseline."""
+
+    kind: Literal["train"] = Field(..., description="train: a network trained without teachers")
+    model: ModelSpec = Field(..., description="the trained network")
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return self.model
+
+
+class DistillRecipe(RecipeBase):
+    """A student distilled from the teachers that its method needs."""
+
+    kind: Literal["distill"] = Field(..., description="distill: a student trained from teachers")
+    student: ModelSpec = Field(..., description="the student network")
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig, description="the teachers the method needs, "
+                                                                                 "each by checkpoint or by recipe")
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return self.student
+
+
+Recipe = Union[TrainRecipe, DistillRecipe]
+RECIPE_CLASSES: dict[str, type[RecipeBase]] = {"train": TrainRecipe, "distill": DistillRecipe}
+
+
+# --------------------------------------------------------------------------- YAML, extends, overrides
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """One YAML mapping from a file; a missing file or bad YAML is a one-line RecipeError."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{p}:{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe must be a YAML mapping (key: value), got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` wins; mappings merge key by key, anything else (lists, scalars, null) replaces."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file with its ``extends`` chain merged in (no validation). ``extends`` is a path,
+    or a list of paths merged in order, relative to the file that names it."""
+    p = Path(path).resolve()
+    if p in _chain:
+        cycle = " -> ".join(str(c.name) for c in (*_chain, p))
+        raise RecipeError(f"recipe extends itself: {cycle}")
+    data = read_yaml(p)
+    parents = data.pop("extends", None)
+    if parents is None:
+        return _absolutize_paths(data, p.parent)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
+        raise RecipeError(f"{p}: 'extends' must be a path or a list of paths")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        pp = (p.parent / parent)
+        if not pp.is_file():
+            raise RecipeError(f"{p}: extends {parent!r}, which is not found at {pp}")
+        merged = deep_merge(merged, load_raw(pp, (*_chain, p)))
+    return deep_merge(merged, _absolutize_paths(data, p.parent))
+
+
+_PATH_KEYS = (("data", "data_root"), ("teachers", "clean", "checkpoint"), ("teachers", "clean", "recipe"),
+              ("teachers", "robust", "checkpoint"), ("teachers", "robust", "recipe"))
+
+
+def _absolutize_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative file paths in a recipe are relative to the file that writes them."""
+    data = copy.deepcopy(data)
+    for keys in _PATH_KEYS:
+        node: Any = data
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = _resolve_path(node[keys[-1]], base)
+    return data
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    expanded = Path(os.path.expandvars(value)).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    return str((base / expanded).resolve())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], value parsed as a YAML scalar/flow value)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=2")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies ``--set a.b=value`` overrides in order (unknown keys are caught by validation)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"--set {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+# --------------------------------------------------------------------------- validation
+def validate_recipe(data: Mapping[str, Any], source: str | Path | None = None) -> Recipe:
+    """Validates a merged recipe mapping; collects every problem into one RecipeError."""
+    where = str(source) if source is not None else "recipe"
+    data = dict(data)
+    data.pop("extends", None)
+    kind = data.get("kind")
+    if kind not in RECIPE_CLASSES:
+        close = difflib.get_close_matches(str(kind), list(RECIPE_CLASSES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        msg = "missing (use 'distill' or 'train')" if kind is None else f"{kind!r} is not a recipe kind{hint}; use 'distill' or 'train'"
+        raise RecipeError(f"{where}: kind: {msg}")
+    cls = RECIPE_CLASSES[kind]
+    problems: list[str] = []
+    method_raw = data.get("method")
+    # the method's own parameters are checked by its Config; fill its defaults in
+    if isinstance(method_raw, dict) and isinstance(method_raw.get("name"), str):
+        method_data, method_problems = _validate_method(method_raw)
+        problems += method_problems
+        data["method"] = method_data
+    try:
+        recipe = cls.model_validate(data)
+    except ValidationError as e:
+        problems = _format_errors(e, cls) + problems
+        recipe = None
+    if recipe is not None and not problems:
+        problems += _cross_checks(recipe)
+    if problems:
+        err = RecipeError(_problem_message(where, problems))
+        err.problems = problems  # type: ignore[attr-defined]
+        raise err
+    assert recipe is not None
+    if source is not None:
+        recipe._source = Path(source)
+    return recipe
+
+
+def _problem_message(where: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{where}: {problems[0]}"
+    return f"{where}: {len(problems)} problems\n" + "\n".join(f"  {p}" for p in problems)
+
+
+def _validate_method(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    from ciard_deploy.distill.methods import METHODS
+
+    name = raw["name"]
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS.names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return raw, [f"method.name: unknown method {name!r}{hint}; valid: {', '.join(METHODS.names())}"]
+    cfg_cls = METHODS.get(name).Config
+    params = {k: v for k, v in raw.items() if k != "name"}
+    try:
+        cfg = cfg_cls.model_validate(params)
+    except ValidationError as e:
+        return raw, _format_errors(e, cfg_cls, prefix=("method",))
+    return {"name": name, **cfg.model_dump(mode="json")}, []
+
+
+def _cross_checks(recipe: Recipe) -> list[str]:
+    """Rules that span sections: the teachers a method needs, the holdout the selection needs."""
+    from ciard_deploy.distill.methods import METHODS
+
+    problems = []
+    needed = tuple(getattr(METHODS.get(recipe.method.name), "teachers", ()))
+    if isinstance(recipe, TrainRecipe):
+        if needed:
+            problems.append(f"method.name: {recipe.method.name!r} distills from teacher(s) "
+                            f"{', '.join(needed)}: use kind: distill with a teachers section")
+    else:
+        for role in TEACHER_ROLES:
+            spec = getattr(recipe.teachers, role)
+            if role in needed and spec is None:
+                problems.append(f"teachers.{role}: required by method {recipe.method.name!r} "
+                                f"(give a checkpoint or a recipe)")
+            elif role not in needed and spec is not None:
+                problems.append(f"teachers.{role}: method {recipe.method.name!r} does not use a {role} teacher "
+                                f"(remove it or set teachers.{role}: null)")
+    if recipe.train.selection == "holdout" and recipe.data.holdout == 0:
+        problems.append("data.holdout: selection 'holdout' needs a held-out part (or set train.selection: test)")
+    if recipe.optim.schedule == "step" and not recipe.optim.milestones:
+        problems.append("optim.milestones: the step schedule needs milestones (epochs)")
+    return problems
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        path = ".".join((*prefix, *loc)) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(model, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else (f" (valid: {', '.join(valid)})" if valid else "")
+            out.append(f"{path}: unknown key{hint}")
+        elif e["type"] == "missing":
+            out.append(f"{path}: required")
+        else:
+            msg = e["msg"]
+            for lead in ("Value error, ", "Assertion failed, "):
+                msg = msg.removeprefix(lead)
+            out.append(f"{path}: {msg}")
+    return out
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """Field names of the (sub)model found by following ``loc`` from ``model``."""
+    import typing
+
+    cur: Any = model
+    for part in loc:
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return []
+        ann = cur.model_fields[part].annotation
+        cur = next((a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return []
+
+
+# --------------------------------------------------------------------------- public entry points
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Reads, merges (``extends``), overrides (``a.b=value``) and validates a recipe file."""
+    p = Path(path)
+    data = apply_overrides(load_raw(p), overrides)
+    return validate_recipe(data, source=p)
+
+
+def recipe_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Recipe:
+    """Validates a recipe given as a mapping (paths are taken as given)."""
+    return validate_recipe(apply_overrides(dict(data), overrides))
+
+
+def teacher_recipe_paths(recipe: Recipe) -> dict[str, Path]:
+    """Teacher role -> recipe file, for the teachers given by recipe."""
+    if not isinstance(recipe, DistillRecipe):
+        return {}
+    out = {}
+    for role in TEACHER_ROLES:
+        spec = getattr(recipe.teachers, role)
+        if spec is not None and spec.recipe is not None:
+            out[role] = Path(spec.recipe)
+    return out
+
+
+def check_recipe_tree(recipe: Recipe) -> list[str]:
+    """Validates the teacher recipes a distill recipe names; returns their problems (empty: fine).
+
+    A teacher recipe must be a kind 'train' recipe on the same dataset as the student.
+    """
+    problems = []
+    for role, path in teacher_recipe_paths(recipe).items():
+        try:
+            t = load_recipe(path)
+        except RecipeError as e:
+            problems.append(f"teachers.{role}.recipe: {e}")
+            continue
+        if not isinstance(t, TrainRecipe):
+            problems.append(f"teachers.{role}.recipe: {path} is a kind {t.kind!r} recipe; a teacher recipe "
+                            f"has kind 'train'")
+            continue
+        if t.data.dataset != recipe.data.dataset:
+            problems.append(f"teachers.{role}.recipe: trains on {t.data.dataset!r}, the student on "
+                            f"{recipe.data.dataset!r}")
+        spec = getattr(recipe.teachers, role)
+        if spec.arch is not None and spec.arch != t.model.arch:
+            problems.append(f"teachers.{role}.arch: {spec.arch!r} but its recipe trains {t.model.arch!r}")
+    return problems
+
+
+# --------------------------------------------------------------------------- shipped recipes
+def recipes_dir() -> Path | None:
+    """The shipped recipes: ``$CIARD_RECIPES``, the package's ``recipes/`` (when installed with its
+    data), or the ``recipes/`` folder of the source checkout next to the package."""
+    import ciard_deploy
+
+    pkg = Path(ciard_deploy.__file__).resolve().parent
+    candidates = [os.environ.get("CIARD_RECIPES"), pkg / "recipes", pkg.parent / "recipes"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+def list_recipes() -> dict[str, Path]:
+    """Shipped recipe name (path under recipes/ without .yaml) -> file. Files starting with ``_``
+    are bases that other recipes extend, not recipes of their own."""
+    root = recipes_dir()
+    if root is None:
+        return {}
+    out = {}
+    for p in sorted(root.rglob("*.yaml")):
+        if p.name.startswith("_") or any(part.startswith((".", "_")) for part in p.relative_to(root).parts[:-1]):
+            continue
+        out[p.relative_to(root).with_suffix("").as_posix()] = p
+    return out
+
+
+def find_recipe(ref: str | Path) -> Path:
+    """A recipe file from a path, or from a shipped recipe's name (``quick/digits_ciard_...`` or its
+    last part alone when that is unique)."""
+    p = Path(ref)
+    if p.is_file():
+        return p
+    name = str(ref).removesuffix(".yaml").removesuffix(".yml")
+    shipped = list_recipes()
+    if name in shipped:
+        return shipped[name]
+    by_stem = [path for key, path in shipped.items() if key.rsplit("/", 1)[-1] == name]
+    if len(by_stem) == 1:
+        return by_stem[0]
+    if p.suffix in (".yaml", ".yml") or "/" in str(ref) and not shipped:
+        raise RecipeError(f"recipe not found: {ref}")
+    close = difflib.get_close_matches(name, list(shipped) + [k.rsplit("/", 1)[-1] for k in shipped], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    where = f"; `ciard recipe ls` lists the {len(shipped)} shipped ones" if shipped else ""
+    raise RecipeError(f"recipe not found: {ref} is neither a file nor a shipped recipe name{hint}{where}")
+
+
+def field_docs(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, description) of every field, for ``ciard recipe show``."""
+    rows: list[tuple[str, str, str]] = []
+    if model is None:
+        seen: set[str] = set()
+        for cls in (DistillRecipe, TrainRecipe):
+            for row in field_docs(cls):
+                if row[0] not in seen:
+                    seen.add(row[0])
+                    rows.append(row)
+        return rows
+    import typing
+
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        sub = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None and sub is not MethodSection:
+            rows.append((key, "section", f.description or ""))
+            rows += field_docs(sub, key + ".")
+        else:
+            rows.append((key, _type_name(ann), f.description or ""))
+    return rows
+
+
+def _type_name(ann: Any) -> str:
+    text = repr(ann) if not isinstance(ann, type) else ann.__name__
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+__all__ = [
+    "AttackConfig", "DataConfig", "DistillRecipe", "MethodSection", "ModelSpec", "OptimConfig", "Recipe",
+    "RecipeBase", "SCHEMA_VERSION", "TeacherSpec", "TeachersConfig", "TrainConfig", "TrainRecipe",
+    "apply_overrides", "check_recipe_tree", "deep_merge", "field_docs", "find_recipe", "list_recipes", "load_raw",
+    "load_recipe", "recipe_from_dict", "recipes_dir", "teacher_recipe_paths", "validate_recipe",
+]

@@ -1,0 +1,180 @@
+"""Load the teachers a distillation recipe names, training and caching the missing ones.
+
+A teacher is given in a recipe by one of:
+
+- ``checkpoint: PATH`` -- a ciard checkpoint (``.safetensors`` + ``.json`` model card, e.g. a
+  ``student_best`` of an earlier run), or a user's own ``.pt``/``.pth``/``.safetensors`` state
+  dict (``module.`` prefixes fine, pickled code refused) together with ``arch``;
+- ``recipe: PATH`` -- a kind ``train`` recipe (natural, pgd_at, trades). If no finished run of
+  it is cached, it is trained first, into ``$CIARD_CACHE/teachers/<recipe hash>/`` (default
+  ``~/.cache/ciard/teachers/``); a second distillation with the same teacher recipe reuses it.
+  An interrupted teacher training resumes where it stopped. A teacher recipe reads its data
+  from the student recipe's ``data.data_root`` when that one is set (``--set data.data_root=DIR``
+  on the distillation reaches its teachers too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ciard_deploy.config import TEACHER_ROLES, DistillRecipe, TeacherSpec, TrainRecipe, load_recipe
+from ciard_deploy.errors import ArtifactError, RecipeError
+from ciard_deploy.io import checkpoint_paths, load_checkpoint, load_weights_into, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def teacher_cache_dir() -> Path:
+    """Where teachers trained from recipes are kept: ``$CIARD_CACHE/teachers`` or ~/.cache/ciard/teachers."""
+    base = os.environ.get("CIARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ciard"))
+    return Path(base) / "teachers"
+
+
+def cached_run_dir(recipe: TrainRecipe) -> Path:
+    """The cache folder of a teacher recipe (keyed by its hash)."""
+    return teacher_cache_dir() / recipe.short_hash
+
+
+def is_trained(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a finished run (summary complete, best checkpoint present)."""
+    summary = run_dir / "summary.json"
+    if not summary.exists() or not (run_dir / "student_best.safetensors").exists():
+        return False
+    try:
+        return json.loads(summary.read_text()).get("status") == "complete"
+    except json.JSONDecodeError:
+        return False
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, enabled: bool) -> Iterator[None]:
+    """An inter-process lock so two runs never train the same teacher at once."""
+    if not enabled:
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is training this teacher (%s); waiting for it", lock_path.stem)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def load_teacher_recipe(path: str | Path, role: str, dataset: str, data_root: str | None = None) -> TrainRecipe:
+    """A teacher recipe, checked: kind train, same dataset as the student. ``data_root`` (the
+    student's, when its recipe sets one) replaces the teacher recipe's: where the data lies is a
+    property of the machine, not of the teacher."""
+    overrides = [f"data.data_root={json.dumps(str(data_root))}"] if data_root else []
+    try:
+        recipe = load_recipe(path, overrides)
+    except RecipeError as e:
+        raise RecipeError(f"teachers.{role}.recipe: {e}") from None
+    if not isinstance(recipe, TrainRecipe):
+        raise RecipeError(f"teachers.{role}.recipe: {path} is a kind {recipe.kind!r} recipe; a teacher recipe "
+                          f"has kind 'train'")
+    if recipe.data.dataset != dataset:
+        raise RecipeError(f"teachers.{role}.recipe: {path} trains on {recipe.data.dataset!r}, the student on "
+                          f"{dataset!r}")
+    return recipe
+
+
+def train_teacher(recipe: TrainRecipe, role: str, device: torch.device | str, *, callbacks: Sequence[Any] = (),
+                  ctx: Any = None) -> tuple[Path, bool]:
+    """Trains (or reuses) a teacher recipe in the cache; returns (run dir, trained now?)."""
+    from ciard_deploy.distill import ddp
+    from ciard_deploy.distill.trainer import TrainEvent, run
+
+    ctx = ctx or ddp.DistContext()
+    run_dir = cached_run_dir(recipe)
+    done = ddp.broadcast_object(is_trained(run_dir), ctx)
+    if done:
+        log.info("%s teacher: cached run %s", role, run_dir)
+        return run_dir, False
+    with _exclusive(run_dir.with_suffix(".lock"), enabled=ctx.is_main and not ctx.enabled):
+        if is_trained(run_dir):  # trained by another process while we waited
+            return run_dir, False
+        what = f"{role} teacher: {recipe.method.name} {recipe.model.arch} ({recipe.train.epochs} epochs) -> {run_dir}"
+        log.info("training the %s", what)
+        for cb in callbacks:
+            cb(TrainEvent("teacher", run_dir, message=f"training the {what}"))
+        run(recipe, run_dir, resume=True, device=str(device), callbacks=callbacks)
+    ctx.barrier()
+    return run_dir, True
+
+
+def load_teacher(spec: TeacherSpec, role: str, info: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """A teacher from a checkpoint (ciard checkpoint or plain state dict); returns (model, reference)."""
+    from ciard_deploy.models import create_model
+
+    path = Path(spec.checkpoint or "")
+    weights, meta_path = checkpoint_paths(path)
+    if path.suffix in ("", ".safetensors", ".json") and meta_path.exists() and weights.exists():
+        model, meta = load_checkpoint(weights, device="cpu")
+        if spec.arch is not None and spec.arch != meta.arch:
+            raise ArtifactError(f"teachers.{role}: {weights} is a {meta.arch}, the recipe says arch {spec.arch}")
+        if meta.num_classes != info.num_classes or tuple(meta.input_shape) != tuple(info.input_shape):
+            raise ArtifactError(f"teachers.{role}: {weights} was made for {meta.num_classes} classes of "
+                                f"{tuple(meta.input_shape)} inputs ({meta.dataset or 'unknown dataset'}); "
+                                f"this run has {info.num_classes} classes of {tuple(info.input_shape)}")
+        ref = {"role": role, "source": "checkpoint", "path": str(weights), "sha256": sha256_file(weights),
+               "arch": meta.arch, "recipe": None, "recipe_hash": meta.recipe_hash or None,
+               "dataset": meta.dataset, "metrics": meta.metrics}
+        return model.to(device), ref
+    if not path.exists():
+        raise ArtifactError(f"teachers.{role}.checkpoint: not found: {path}")
+    if spec.arch is None:
+        raise ArtifactError(f"teachers.{role}: {path} is a plain state dict (no .json model card next to it): "
+                            f"give teachers.{role}.arch")
+    mean, std = (info.mean, info.std) if spec.normalize else (None, None)
+    model = create_model(spec.arch, info.num_classes, info.in_chans, mean, std)
+    load_weights_into(model, path)
+    ref = {"role": role, "source": "checkpoint", "path": str(path.resolve()), "sha256": sha256_file(path),
+           "arch": spec.arch, "recipe": None, "recipe_hash": None, "dataset": info.name, "metrics": {}}
+    return model.to(device), ref
+
+
+def resolve_teachers(recipe: DistillRecipe, info: Any, device: torch.device, *, callbacks: Sequence[Any] = (),
+                     ctx: Any = None) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+    """Every teacher the recipe names, on ``device``, with its reference for ``teachers.json``.
+
+    Teachers given by recipe are trained first when not cached (see module docstring).
+    """
+    models: dict[str, nn.Module] = {}
+    refs: dict[str, dict[str, Any]] = {}
+    for role in TEACHER_ROLES:
+        spec = getattr(recipe.teachers, role)
+        if spec is None:
+            continue
+        if spec.recipe is not None:
+            t_recipe = load_teacher_recipe(spec.recipe, role, recipe.data.dataset, recipe.data.data_root)
+            if spec.arch is not None and spec.arch != t_recipe.model.arch:
+                raise RecipeError(f"teachers.{role}.arch: {spec.arch!r} but its recipe trains {t_recipe.model.arch!r}")
+            run_dir, trained_now = train_teacher(t_recipe, role, device, callbacks=callbacks, ctx=ctx)
+            model, ref = load_teacher(TeacherSpec(checkpoint=str(run_dir / "student_best.safetensors")), role,
+                                      info, device)
+            ref.update(source="recipe", recipe=str(spec.recipe), recipe_hash=t_recipe.hash, trained_now=trained_now,
+                       run_dir=str(run_dir))
+        else:
+            model, ref = load_teacher(spec, role, info, device)
+        models[role] = model
+        refs[role] = ref
+        log.info("%s teacher: %s %s (sha256 %s)", role, ref["arch"], ref["path"], ref["sha256"][:12])
+    return models, refs
+
+
+__all__ = ["cached_run_dir", "is_trained", "load_teacher", "load_teacher_recipe", "resolve_teachers",
+           "teacher_cache_dir", "train_teacher"]
