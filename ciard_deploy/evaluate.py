@@ -23,7 +23,7 @@ def run(source: str | Path, attacks: list[str], eps: float, n: int = 1000, datas
     """
     from ciard_deploy.attacks import create_attack
     from ciard_deploy.attacks import evaluate as cascade
-    from ciard_deploy.data import create_dataset
+    from ciard_deploy.data import load_test_set_for
     from ciard_deploy.devices import resolve_device
     from ciard_deploy.io import library_versions, load_model, resolve_checkpoint, sha256_file
 
@@ -34,16 +34,8 @@ def run(source: str | Path, attacks: list[str], eps: float, n: int = 1000, datas
     dev = resolve_device(device)
     atks = [create_attack(a, eps) for a in attacks]  # validates names before loading anything
     model, meta = load_model(source, arch=arch, dataset=dataset, data_root=data_root)
-    ds_name = dataset or meta.dataset
-    if not ds_name:
-        raise UsageError("the checkpoint names no dataset: pass --dataset")
-    ds = create_dataset(ds_name, "test", root=data_root, download=download, n=n, seed=seed)
+    ds_name, ds = load_test_set_for(meta, dataset, data_root, download, n, seed)
     x, y = ds.tensors()
-    if tuple(x.shape[1:]) != tuple(meta.input_shape):
-        raise UsageError(f"dataset {ds_name} has images of shape {tuple(x.shape[1:])} but the model expects "
-                         f"{tuple(meta.input_shape)}")
-    if int(y.max()) >= meta.num_classes:
-        raise UsageError(f"dataset {ds_name} has {int(y.max()) + 1}+ classes but the model has {meta.num_classes}")
     model = model.to(dev)
     t0 = time.perf_counter()
     res = cascade(model, x, y, atks, batch_size=batch_size, device=str(dev), progress=progress)

@@ -42,5 +42,26 @@ def load_tensors(name: str, split: str = "test", root: str | None = None, downlo
     return create_dataset(name, split, root, download, n, seed).tensors()
 
 
+def load_test_set_for(meta, dataset: str | None = None, data_root: str | None = None, download: bool = False,
+                      n: int | None = None, seed: int = 0) -> tuple[str, ArrayDataset]:
+    """The seeded, class-stratified test subset a model (its ``CheckpointMeta``) is evaluated on.
+
+    Returns (dataset name, the subset: ``.tensors()`` gives float32 [0, 1] images and labels,
+    ``.indices`` their positions in the split); the dataset defaults to the one in the metadata,
+    and its image shape and class count must fit the model.
+    """
+    name = dataset or meta.dataset
+    if not name:
+        raise UsageError("the checkpoint names no dataset: pass --dataset")
+    ds = create_dataset(name, "test", root=data_root, download=download, n=n, seed=seed)
+    x, y = ds.tensors()
+    if tuple(x.shape[1:]) != tuple(meta.input_shape):
+        raise UsageError(f"dataset {name} has images of shape {tuple(x.shape[1:])} but the model takes "
+                         f"{tuple(meta.input_shape)}")
+    if len(y) and int(y.max()) >= int(meta.num_classes):
+        raise UsageError(f"dataset {name} has {int(y.max()) + 1}+ classes but the model has {meta.num_classes}")
+    return name, ds
+
+
 __all__ = ["DATASETS", "ArrayDataset", "DatasetInfo", "create_dataset", "get_dataset_info", "iterate_batches",
-           "list_datasets", "load_tensors", "stratified_indices"]
+           "list_datasets", "load_tensors", "load_test_set_for", "stratified_indices"]

@@ -371,7 +371,7 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     from ciard_deploy import __version__
     from ciard_deploy.attacks.base import parse_eps
     from ciard_deploy.attacks.evaluate import check_budget
-    from ciard_deploy.data import create_dataset
+    from ciard_deploy.data import load_test_set_for
     from ciard_deploy.devices import resolve_device
     from ciard_deploy.io import checkpoint_paths, load_model, resolve_checkpoint, sha256_file
 
@@ -394,16 +394,8 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     dev = resolve_device(device)
     model, meta = load_model(source, arch=arch, dataset=dataset, data_root=data_root)
     model = model.to(dev).eval()
-    ds_name = dataset or meta.dataset
-    if not ds_name:
-        raise UsageError("the checkpoint names no dataset: pass --dataset")
-    ds = create_dataset(ds_name, "test", root=data_root, download=download, n=n, seed=seed)
+    ds_name, ds = load_test_set_for(meta, dataset, data_root, download, n, seed)
     x, y = ds.tensors()
-    if tuple(x.shape[1:]) != tuple(meta.input_shape):
-        raise UsageError(f"dataset {ds_name} has images of shape {tuple(x.shape[1:])} but the model takes "
-                         f"{tuple(meta.input_shape)}")
-    if len(y) and int(y.max()) >= int(meta.num_classes):
-        raise UsageError(f"dataset {ds_name} has {int(y.max()) + 1}+ classes but the model has {meta.num_classes}")
     ckpt = resolve_checkpoint(source)
     meta_file = checkpoint_paths(ckpt)[1]
     total = len(y)

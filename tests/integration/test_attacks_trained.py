@@ -7,7 +7,6 @@ and that the query-only Square breaks the exported ONNX model through a plain nu
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -46,16 +45,6 @@ class Recorder(Attack):
         x_adv = self.inner.run(model, x, y)
         self.pairs.append((x.clone(), x_adv.clone()))
         return x_adv
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """torch on one thread for this module, then back: on a shared 2-core machine two OpenMP threads
-    competing with other processes make these small models up to 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,6 @@ from ciard_deploy.config import load_recipe
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 runner = CliRunner()
 CIARD_QUICK = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
 

@@ -16,16 +16,6 @@ from ciard_deploy.distill.trainer import run
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 CIARD = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
 UNDEFENDED = "quick/digits_natural_none_to_tiny_cnn"
 

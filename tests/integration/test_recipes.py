@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -14,16 +13,6 @@ from ciard_deploy.distill.trainer import run
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 SHIPPED = list_recipes()
 QUICK = [n for n in SHIPPED if n.startswith("quick/") or n.startswith("teachers/digits_")]
