@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from ciard_deploy.export.onnx import export_fp32, save_onnx, topological_sort
-from ciard_deploy.export.parity import accuracy, compare_logits
+from ciard_deploy.export.parity import compare_logits
 from ciard_deploy.export.quantize import build_calibration_set, quantize_qdq
 from ciard_deploy.models import create_model
 from ciard_deploy.runtime.ort_backend import OrtBackend
+from ciard_deploy.runtime.parity import accuracy
 
 
 # --------------------------------------------------------------------------- helpers

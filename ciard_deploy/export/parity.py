@@ -1,39 +1,28 @@
-"""Parity between an artifact's logits and the PyTorch reference, at two levels.
+"""The export's parity check: ``runtime.parity.compare`` plus the precision's agreement threshold.
 
-Decision level (top-1 agreement, flips, largest change of the reference class's
-probability) gates; element level (max/mean absolute logit difference) is reported only: a
-correct FP16 or INT8 model fails any tight element-wise tolerance (Polygraphy's 1e-5 default
-fails FP16 engines that predict correctly; NVIDIA/TensorRT#2709). numpy only.
+What is measured, and why agreement gates while logit differences are only reported, is in
+``ciard_deploy.runtime.parity``. This adds the gate and the shape of the manifest's
+``parity.clean`` / ``parity.adversarial`` entries. numpy only.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+from ciard_deploy.runtime.parity import Parity, compare
 
 
 @dataclass(frozen=True)
-class ParityResult:
-    """How far an artifact's logits are from the reference's on the same images.
+class ParityResult(Parity):
+    """A Parity judged against a minimum top-1 agreement.
 
     Truthy when ``top1_agreement >= threshold`` (or when no threshold was set).
     """
 
-    n: int
-    top1_agreement: float
-    flips: int
-    max_abs_diff: float
-    mean_abs_diff: float
-    max_prob_change: float
-    worst_index: int
-    threshold: float | None = None
+    threshold: float | None = field(default=None, kw_only=True)
 
     @property
     def passed(self) -> bool:
@@ -45,10 +34,12 @@ class ParityResult:
     def summary(self) -> str:
         gate = "" if self.threshold is None else f" (needs >= {self.threshold:.2%})"
         return (f"top-1 agreement {self.top1_agreement:.2%}{gate}, {self.flips}/{self.n} flipped, "
-                f"max |dlogit| {self.max_abs_diff:.3g} (image {self.worst_index}), mean {self.mean_abs_diff:.3g}")
+                f"{self._logit_summary()}")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's fields: the Parity's without ``flip_indices``, then ``threshold`` and ``passed``."""
+        d = super().to_dict()
+        del d["flip_indices"]
         d["passed"] = self.passed
         return d
 
@@ -60,25 +51,12 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray, threshold: floa
         reference: logits of the reference (PyTorch FP32).
         candidate: logits of the artifact on the same images, same order.
         threshold: minimum top-1 agreement for ``passed`` (None: report only).
+
+    Raises:
+        ValueError: the shapes differ.
     """
-    ref = np.asarray(reference, dtype=np.float32)
-    cand = np.asarray(candidate, dtype=np.float32)
-    if ref.shape != cand.shape or ref.ndim != 2:
-        raise ValueError(f"logits shapes differ: reference {ref.shape}, candidate {cand.shape}")
-    n = len(ref)
-    if n == 0:
-        return ParityResult(0, 1.0, 0, 0.0, 0.0, 0.0, -1, threshold)
-    diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
-    top_ref, top_cand = ref.argmax(1), cand.argmax(1)
-    flips = int((top_ref != top_cand).sum())
-    p_ref, p_cand = softmax(ref), softmax(cand)
-    rows = np.arange(n)
-    prob_change = np.abs(p_ref[rows, top_ref] - p_cand[rows, top_ref])
-    per_image = diff.max(axis=1)
-    return ParityResult(n=n, top1_agreement=float(1.0 - flips / n), flips=flips, max_abs_diff=float(diff.max()),
-                        mean_abs_diff=float(diff.mean()), max_prob_change=float(prob_change.max()),
-                        worst_index=int(per_image.argmax()), threshold=threshold)
+    p = compare(reference, candidate)
+    return ParityResult(**{f.name: getattr(p, f.name) for f in fields(p)}, threshold=threshold)
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean()) if len(labels) else 0.0
+__all__ = ["ParityResult", "compare_logits"]

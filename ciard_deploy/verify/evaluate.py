@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import numpy as np
 
 from ciard_deploy.errors import UsageError
+from ciard_deploy.runtime.parity import Parity, compare
 from ciard_deploy.verify.pack import EPS_TOLERANCE, RobustnessPack, worst_case_label
-from ciard_deploy.verify.parity import Parity, ParityReport, compare
+from ciard_deploy.verify.parity import ParityReport
 
 if TYPE_CHECKING:  # pragma: no cover
     from ciard_deploy.verify.gates import Gates

@@ -1,122 +1,15 @@
-"""Parity of a runtime's logits with the PyTorch reference stored in the pack, at two levels.
+"""Parity of a runtime's logits with the PyTorch reference stored in the pack: clean and per attack.
 
-Decision level (top-1 agreement, the number of flipped predictions, the largest change of
-the reference class's probability) is what gates: a correct FP16 or INT8 model fails any
-tight element-wise tolerance (Polygraphy's 1e-5 default fails FP16 engines that predict
-correctly; NVIDIA/TensorRT#2709). Element level (max and mean absolute logit difference,
-and which image diverged most) is reported so a reader can see how far apart they are.
-
-numpy only.
+The comparison itself (``Parity``, ``compare``, ``pooled``) is ``ciard_deploy.runtime.parity``;
+this is the report's ``parity`` section built from it. numpy only.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import numpy as np
-
-#: flipped images listed by index in a report (the count is always exact)
-MAX_LISTED_FLIPS = 20
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (stable for large logits)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-@dataclass(frozen=True)
-class Parity:
-    """How far a runtime's logits are from the reference's on the same images.
-
-    Attributes:
-        n: images compared.
-        top1_agreement: fraction of images whose top-1 class is the same.
-        flips: images whose top-1 class differs.
-        flip_indices: the first ``MAX_LISTED_FLIPS`` of them (positions in the compared set).
-        max_abs_diff: largest absolute logit difference over all images and classes.
-        mean_abs_diff: mean absolute logit difference.
-        max_prob_change: largest change of the reference top-1 class's softmax probability.
-        worst_index: image with the largest logit difference (-1 if ``n == 0``).
-    """
-
-    n: int
-    top1_agreement: float
-    flips: int
-    max_abs_diff: float
-    mean_abs_diff: float
-    max_prob_change: float
-    worst_index: int
-    flip_indices: tuple[int, ...] = field(default=())
-
-    def summary(self) -> str:
-        """One line: ``"top-1 agreement 99.50% (1/200 flipped), max |dlogit| 0.0123 (image 17), mean 0.0011"``."""
-        return (f"top-1 agreement {self.top1_agreement:.2%} ({self.flips}/{self.n} flipped), "
-                f"max |dlogit| {self.max_abs_diff:.3g} (image {self.worst_index}), mean {self.mean_abs_diff:.3g}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["flip_indices"] = list(self.flip_indices)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Parity":
-        return cls(n=int(d["n"]), top1_agreement=float(d["top1_agreement"]), flips=int(d["flips"]),
-                   max_abs_diff=float(d["max_abs_diff"]), mean_abs_diff=float(d["mean_abs_diff"]),
-                   max_prob_change=float(d["max_prob_change"]), worst_index=int(d["worst_index"]),
-                   flip_indices=tuple(int(i) for i in d.get("flip_indices", ())))
-
-
-def compare(reference: np.ndarray, candidate: np.ndarray) -> Parity:
-    """Compares (N, classes) logits of a runtime with the reference's on the same images.
-
-    Args:
-        reference: the PyTorch reference logits (from the pack).
-        candidate: the runtime's logits on the same images, in the same order.
-
-    Raises:
-        ValueError: the shapes differ (an internal bug: the caller checks class counts first).
-    """
-    ref = np.asarray(reference, dtype=np.float32)
-    cand = np.asarray(candidate, dtype=np.float32)
-    if ref.shape != cand.shape or ref.ndim != 2:
-        raise ValueError(f"logits shapes differ: reference {ref.shape}, candidate {cand.shape}")
-    n = len(ref)
-    if n == 0:
-        return Parity(0, 1.0, 0, 0.0, 0.0, 0.0, -1)
-    diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
-    top_ref, top_cand = ref.argmax(1), cand.argmax(1)
-    flipped = np.flatnonzero(top_ref != top_cand)
-    rows = np.arange(n)
-    prob_change = np.abs(softmax(ref)[rows, top_ref] - softmax(cand)[rows, top_ref])
-    return Parity(n=n, top1_agreement=float(1.0 - len(flipped) / n), flips=int(len(flipped)),
-                  max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
-                  max_prob_change=float(prob_change.max()), worst_index=int(diff.max(axis=1).argmax()),
-                  flip_indices=tuple(int(i) for i in flipped[:MAX_LISTED_FLIPS]))
-
-
-def pooled(parts: Mapping[str, Parity]) -> Parity | None:
-    """One Parity over several compared sets (the adversarial images of every attack together).
-
-    Agreement and the mean are weighted by images; maxima are maxima; ``worst_index`` and
-    ``flip_indices`` are those of the part with the largest difference / the first flips.
-    """
-    items = [p for p in parts.values() if p.n > 0]
-    if not items:
-        return None
-    n = sum(p.n for p in items)
-    flips = sum(p.flips for p in items)
-    worst = max(items, key=lambda p: p.max_abs_diff)
-    listed: list[int] = []
-    for p in items:
-        listed.extend(p.flip_indices)
-    return Parity(n=n, top1_agreement=1.0 - flips / n, flips=flips, max_abs_diff=worst.max_abs_diff,
-                  mean_abs_diff=sum(p.mean_abs_diff * p.n for p in items) / n,
-                  max_prob_change=max(p.max_prob_change for p in items), worst_index=worst.worst_index,
-                  flip_indices=tuple(listed[:MAX_LISTED_FLIPS]))
+from ciard_deploy.runtime.parity import Parity, pooled
 
 
 @dataclass
@@ -147,4 +40,4 @@ class ParityReport:
                    per_attack={k: Parity.from_dict(v) for k, v in d.get("per_attack", {}).items()})
 
 
-__all__ = ["MAX_LISTED_FLIPS", "Parity", "ParityReport", "compare", "pooled", "softmax"]
+__all__ = ["ParityReport"]

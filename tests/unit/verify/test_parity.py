@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ciard_deploy.verify.parity import MAX_LISTED_FLIPS, Parity, ParityReport, compare, pooled
+from ciard_deploy.runtime.parity import MAX_LISTED_FLIPS, Parity, compare, pooled
+from ciard_deploy.verify.parity import ParityReport
 
 pytestmark = pytest.mark.unit
 
