@@ -273,6 +273,135 @@ def _check_attack_spec(spec: str) -> None:
         raise ValueError(str(e)) from None
 
 
+# --------------------------------------------------------------------------- deploy (ciard run)
+def _gate_threshold(name: str, value: Any) -> float | None:
+    """One gate threshold checked by verify's own rules (``0.9`` or ``"90%"``, fractions in [0, 1])."""
+    from ciard_deploy.verify.gates import Gates
+
+    if value is None:
+        return None
+    source = "deploy.gates"
+    try:
+        return getattr(Gates.create(source=source, **{name: value}), name)
+    except CiardError as e:
+        # verify words it "<source>: <gate> <problem>"; pydantic already names the key
+        raise ValueError(str(e).removeprefix(f"{source}: {name} ").removeprefix(f"{source}: ")) from None
+
+
+def _make_gates_section() -> type[BaseModel]:
+    """``deploy.gates``: one optional field per gate of ``verify.gates.SPECS`` (names, metrics and
+    descriptions come from there, so the recipe and ``ciard verify`` always know the same gates)."""
+    from pydantic import create_model
+
+    from ciard_deploy.verify.gates import SPECS
+
+    fields: dict[str, Any] = {
+        name: (float | None, Field(None, description=f"{spec.description}: {spec.metric} {spec.op} this "
+                                                     f"(a fraction, or \"90%\"; same as verify's {spec.flag})"))
+        for name, spec in SPECS.items()}
+
+    def _check(cls: type, v: Any, info: Any) -> float | None:
+        return _gate_threshold(info.field_name, v)
+
+    validators = {"_thresholds": field_validator(*SPECS, mode="before")(classmethod(_check))}
+    model = create_model("DeployGates", __base__=Section, __validators__=validators,  # type: ignore[call-overload]
+                         **fields)
+    model.__doc__ = "Release gates judged on every exported artifact by ``ciard verify`` (unset: no gate)."
+    return model
+
+
+DeployGates = _make_gates_section()
+
+
+class DeployPack(Section):
+    attacks: list[str] = Field(default_factory=lambda: ["pgd20", "fgsm"],
+                               description="white-box attacks crafted on the PyTorch student and stored in the "
+                                           "robustness pack (transferred to every artifact)")
+    n: int = Field(1000, gt=0, description="test images in the pack (seeded, class-stratified; all of the test "
+                                           "split if it has fewer)")
+    eps: float | None = Field(None, description="L-inf budget of the pack's attacks and of Square (null: the "
+                                                "recipe's attack.eps)")
+    step_size: float | None = Field(None, gt=0, description="step of the iterative pack attacks (null: each "
+                                                            "attack's default, max(2/255, eps/4))")
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one attack (e.g. [pgd20, fgsm])")
+        for spec in v:
+            _check_attack_spec(spec)
+        if len(set(v)) != len(v):
+            raise ValueError(f"attack listed twice in {v}")
+        return v
+
+    @field_validator("eps", "step_size", mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> float | None:
+        return None if v is None else _eps_value(v)
+
+    @field_serializer("eps", "step_size")
+    def _write(self, v: float | None) -> str | float | None:
+        return None if v is None else _eps_text(v)
+
+
+class DeployConfig(Section):
+    """What ``ciard run`` does after training: export, robustness pack, verification and its gates."""
+
+    formats: list[str] = Field(default_factory=lambda: ["onnx", "onnx-int8"],
+                               description="export formats (`ciard export --list`): onnx, onnx-fp16, onnx-int8, "
+                                           "tensorrt-fp32, tensorrt-fp16, tensorrt-int8; each one is verified")
+    opset: int = Field(18, description="ONNX opset of the exported files")
+    calib: Literal["clean", "adversarial", "mixed"] = Field(
+        "clean", description="INT8 calibration images: clean, adversarial (PGD on the FP32 student) or mixed")
+    calib_n: int = Field(512, gt=0, description="INT8 calibration images from the training split")
+    calib_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="onnxruntime INT8 calibration method")
+    parity_n: int = Field(512, gt=0, description="test images of the export's parity check against PyTorch")
+    pack: DeployPack = Field(default_factory=DeployPack, description="the robustness pack built on the PyTorch "
+                                                                      "student")
+    square_queries: int = Field(1000, ge=0, description="queries per image of the live Square attack on each "
+                                                        "runtime (0: off)")
+    square_n: int | None = Field(None, gt=0, description="images Square attacks (seeded class-stratified subset "
+                                                         "of the pack; null: all)")
+    provider: Literal["cpu", "cuda", "tensorrt"] = Field(
+        "cpu", description="onnxruntime execution provider of the export check and of verify")
+    seed: int = Field(0, description="seed of the parity/pack samples, calibration, attacks and Square")
+    gates: DeployGates = Field(default_factory=DeployGates,  # type: ignore[valid-type]
+                               description="release gates, judged on every artifact (verify's --min-clean, ...)")
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        from ciard_deploy.export.base import FORMATS
+
+        if not v:
+            raise ValueError("give at least one format (e.g. [onnx, onnx-int8])")
+        for name in v:
+            _registered(FORMATS, name)
+        return list(dict.fromkeys(v))
+
+    @field_validator("opset")
+    @classmethod
+    def _opset(cls, v: int) -> int:
+        from ciard_deploy.export.base import MAX_OPSET, MIN_OPSET
+
+        if not MIN_OPSET <= v <= MAX_OPSET:
+            raise ValueError(f"opset must lie in {MIN_OPSET}..{MAX_OPSET}")
+        return v
+
+    @field_validator("square_queries")
+    @classmethod
+    def _queries(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("Square needs at least 2 queries per image (0 turns it off)")
+        return v
+
+    def gates_mapping(self) -> dict[str, float]:
+        """The set gates as ``{name: threshold}`` (for ``verify.gates_from_mapping``)."""
+        return {k: v for k, v in self.gates.model_dump().items() if v is not None}
+
+
 class RecipeBase(Section):
     kind: RecipeKind = Field(..., description="distill (a student from teachers) or train (a teacher or a "
                                               "no-teacher baseline)")
@@ -284,6 +413,9 @@ class RecipeBase(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="SGD of the trained model and its schedule")
     train: TrainConfig = Field(default_factory=TrainConfig, description="epochs, seed, device, precision, "
                                                                          "evaluation and model selection")
+    deploy: DeployConfig | None = Field(None, description="export, robustness pack, verify and gates for "
+                                                          "`ciard run` (not part of the training: the recipe "
+                                                          "hash leaves it out)")
 
     _source: Path | None = PrivateAttr(None)
 
@@ -309,6 +441,8 @@ class RecipeBase(Section):
         """The resolved recipe as plain JSON-able data (eps written as ``8/255``)."""
         d = self.model_dump(mode="json")
         d["method"] = {"name": self.method.name, **self.method.params}
+        if d.get("deploy") is None:
+            d.pop("deploy", None)
         return d
 
     def to_yaml(self) -> str:
@@ -316,8 +450,12 @@ class RecipeBase(Section):
 
     @property
     def hash(self) -> str:
-        """sha256 of the canonical JSON of the resolved recipe (every default filled in)."""
-        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        """sha256 of the canonical JSON of the resolved recipe (every default filled in), without its
+        ``deploy`` section: the hash names what the model was trained with, so models (and teacher
+        caches, and ``--resume``) do not change when only the release gates or export formats do."""
+        d = self.to_dict()
+        d.pop("deploy", None)
+        canon = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canon.encode()).hexdigest()
 
     @property
@@ -714,7 +852,8 @@ def _type_name(ann: Any) -> str:
 
 
 __all__ = [
-    "AttackConfig", "DataConfig", "DistillRecipe", "MethodSection", "ModelSpec", "OptimConfig", "Recipe",
+    "AttackConfig", "DataConfig", "DeployConfig", "DeployGates", "DeployPack", "DistillRecipe", "MethodSection",
+    "ModelSpec", "OptimConfig", "Recipe",
     "RecipeBase", "SCHEMA_VERSION", "TeacherSpec", "TeachersConfig", "TrainConfig", "TrainRecipe",
     "apply_overrides", "check_recipe_tree", "deep_merge", "field_docs", "find_recipe", "list_recipes", "load_raw",
     "load_recipe", "recipe_from_dict", "recipes_dir", "teacher_recipe_paths", "validate_recipe",

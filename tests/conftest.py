@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ requires_shared_cifar = pytest.mark.skipif(
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    # Module- and session-scoped fixtures run before the per-test cache below: give the whole
+    # session a private cache too, so no test ever writes to (or reads from) the user's ~/.cache.
+    os.environ["CIARD_CACHE"] = tempfile.mkdtemp(prefix="ciard-test-cache-")
 
 
 @pytest.fixture(autouse=True)

@@ -82,7 +82,7 @@ def test_message_is_one_line_for_one_problem():
     ({"train": {"eval_attack": None}}, "select_by 'mean' needs an eval_attack"),
     ({"train": {"amp": "fp8"}}, "train.amp"),
     ({"schema_version": 2}, "schema_version"),
-    ({"deploy": {"onnx": True}}, "deploy: unknown key"),
+    ({"deploy": {"onnx": True}}, "deploy.onnx: unknown key"),
 ])
 def test_specific_problems(patch, needle):
     text = "\n".join(problems_of(deep_merge(DISTILL, patch)))

@@ -1,0 +1,207 @@
+"""`ciard run` (one recipe: distill -> export -> pack -> verify) and `ciard quickstart` (the same on the
+bundled digits data). Both parse, call ``ciard_deploy.workflow.run`` and render its result."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from ciard_deploy.cli.app import app
+from ciard_deploy.cli.common import State, console, err_console, handle_errors, write_json
+from ciard_deploy.errors import GateFailed
+
+_ACTION_STYLE = {"ran": "green", "resumed": "green", "rejudged": "cyan", "skipped": "dim"}
+
+
+class StageLines:
+    """Stage events as one line each on stderr (the table and the verdict go to stdout)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __call__(self, ev: Any) -> None:
+        if self.quiet:
+            return
+        if ev.kind == "skip":
+            err_console.print(f"[dim]{ev.stage}: skipped ({escape(ev.reason)})[/]", highlight=False, soft_wrap=True)
+        elif ev.kind == "start":
+            verb = {"run": "running", "resume": "resuming", "rejudge": "re-judging"}.get(ev.action, ev.action)
+            err_console.print(f"[bold]{ev.stage}[/]: {verb} ({escape(ev.reason)})", highlight=False, soft_wrap=True)
+        elif ev.kind == "end":
+            err_console.print(f"{ev.stage}: [{_ACTION_STYLE.get(ev.action, 'green')}]{ev.action}[/] in "
+                              f"{ev.seconds:.1f} s", highlight=False)
+
+
+# --------------------------------------------------------------------------- rendering (no logic)
+def _pct(v: Any) -> str:
+    return "—" if v is None else f"{100 * float(v):.1f}%"
+
+
+def _size(n: Any) -> str:
+    if not n:
+        return "—"
+    return f"{n / 1024:,.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):,.2f} MiB"
+
+
+def render_result(result: Any) -> None:
+    """The artifact table (PyTorch reference first), failing gates, the report paths and the verdict."""
+    from ciard_deploy.verify.render import gates_table
+    from ciard_deploy.verify.report import VerifyReport
+
+    rows, ref = result.rows, result.reference
+    recipe = result.state.get("recipe", {})
+    labels = sorted({str(r["worst_case"]["label"]) for r in rows})
+    t = Table(title=f"{recipe.get('method')} {recipe.get('arch')} on {recipe.get('dataset')} (n={ref.get('n')}, "
+                    f"eps {ref.get('eps_label')}), verified on each runtime", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("artifact", no_wrap=True)
+    t.add_column("precision")
+    t.add_column("size", justify="right")
+    t.add_column("clean", justify="right")
+    t.add_column("worst\ncase*", justify="right")
+    t.add_column("agree", justify="right")
+    t.add_column("gates", overflow="fold")
+    t.add_row("PyTorch student", ref["precision"], _size(ref["size"]), _pct(ref["clean"]),
+              f"{_pct(ref['worst_case']['acc'])}†", "—", "—", style="dim")
+    for r in rows:
+        g = r["gates"]
+        if r["export_status"] != "passed":
+            verdict = "[bold red]export check failed[/]"
+        elif g["total"] == 0:
+            verdict = "no gates"
+        elif g["failed"]:
+            verdict = f"[bold red]FAIL {g['passed']}/{g['total']}[/] {', '.join(g['failed'])}"
+        else:
+            verdict = f"[green]pass {g['passed']}/{g['total']}[/]"
+        mark = "" if len(labels) == 1 else f" ({labels.index(str(r['worst_case']['label'])) + 1})"
+        t.add_row(Path(r["file"]).name, r["precision"], _size(r["size"]), _pct(r["clean"]),
+                  _pct(r["worst_case"]["acc"]) + mark, _pct(r["agreement"]), verdict)
+    console.print(t)
+    n_sq = ", ".join(str(n) for n in sorted({r["worst_case"]["n"] for r in rows}))
+    named = labels[0] if len(labels) == 1 else "; ".join(f"({i + 1}) {lab}" for i, lab in enumerate(labels))
+    console.print(Text(f"* worst case on the runtime, per sample: {named} (the pack's attacks transferred from "
+                       f"PyTorch, Square live on the runtime; n={n_sq})\n"
+                       f"† PyTorch on the pack: {ref['worst_case']['label']} (white-box, n={ref.get('n')}); "
+                       f"agree: top-1 agreement with PyTorch on clean images", style="dim"), soft_wrap=True)
+    for r in rows:
+        if r["gates"]["failed"]:
+            rep = VerifyReport.from_json(result.out_dir / r["reports"]["json"])
+            table = gates_table(rep)
+            if table is not None:
+                table.title = f"gates of {r['file']}"
+                console.print(table)
+    root = result.out_dir
+    console.print("reports:", highlight=False)
+    for r in rows:
+        files = ", ".join(str(root / p) for p in r["reports"].values())
+        console.print(f"  {r['name']}: {files}", highlight=False, soft_wrap=True, markup=False)
+    paths = result.to_dict()["paths"]
+    console.print(f"  manifest {paths['manifest']}, pack {paths['pack']}, training curves {paths['plots']}, "
+                  f"state {paths['state']}", highlight=False, soft_wrap=True, markup=False)
+    n = len(rows)
+    if result.passed:
+        console.print(f"[bold green]PASSED[/]: every gate of {n} artifact{'s' if n != 1 else ''} passed",
+                      highlight=False)
+
+
+def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Optional[str], device: Optional[str],
+             threads: Optional[int], quiet: bool, json_out: Optional[Path], entry: str, resume_hint: str) -> None:
+    from ciard_deploy import workflow
+    from ciard_deploy.cli.distill import TrainProgress, _console_logs_at
+    from ciard_deploy.cli.verify import StagedProgress
+    from ciard_deploy.distill.trainer import TrainingInterrupted
+
+    if quiet:
+        State.quiet = True
+    quiet = State.quiet
+    if json_out is not None:
+        from ciard_deploy.verify.report import check_writable
+
+        check_writable(json_out, "--json")
+    start = time.perf_counter()
+    try:
+        with _console_logs_at(logging.DEBUG if State.verbose else logging.WARNING), StagedProgress("run") as update:
+            result = workflow.run(recipe_path, out, overrides=overrides, from_stage=from_stage, device=device,
+                                  threads=threads, entry=entry, on_event=StageLines(quiet),
+                                  train_callbacks=[TrainProgress(quiet)], progress=update)
+    except TrainingInterrupted as e:
+        err_console.print(f"[yellow]{escape(str(e))}[/]\nresume with: {resume_hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    render_result(result)
+    write_json(json_out, result.to_dict())
+    if not quiet:
+        err_console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
+    if not result.passed:
+        raise GateFailed("; ".join(result.failures))
+
+
+def _threads(value: Optional[int]) -> Optional[int]:
+    from ciard_deploy.errors import UsageError
+
+    if value is not None and value < 1:
+        raise UsageError(f"--threads must be >= 1, got {value}")
+    return value
+
+
+_SET_HELP = "Override a recipe value, e.g. --set train.epochs=2 or --set deploy.gates.min_clean=0.9 (repeatable)."
+
+
+@app.command("run")
+@handle_errors
+def run_cmd(
+    recipe: str = typer.Argument(..., help="Recipe file with a deploy: section, or a shipped recipe name (`ciard recipe ls`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Workflow dir: new, empty, or one `ciard run` made (then finished stages are skipped)."),
+    overrides: List[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Force this stage and every later one: distill, export, pack or verify."),
+    device: Optional[str] = typer.Option(None, "--device", help="Training and pack device: auto, cpu, cuda, cuda:N, mps (default: the recipe's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch and onnxruntime threads (default: their own; 1 is fastest for tiny models)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (the table and errors still print)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result (stages, artifacts, failures) as JSON."),
+) -> None:
+    """Run a recipe end to end: distill -> export -> pack -> verify, skipping stages whose inputs did not change.
+
+    Writes DIR/run (training), DIR/export (artifacts + manifest.json), DIR/pack.npz, DIR/verify/<format>.{json,xml,md}
+    and DIR/workflow.json (each stage's input and output hashes). An interrupted training resumes on the next call.
+
+    Exit codes: 0 every gate passed, 1 a gate or export check failed, 2 bad input, 3 environment missing.
+    """
+    from ciard_deploy.config import find_recipe
+
+    path = find_recipe(recipe)
+    sets = "".join(f" --set {o}" for o in overrides)
+    _execute(path, out, overrides, from_stage, device, _threads(threads), quiet, json_out, "run",
+             f"ciard run {recipe} --out {out}{sets}")
+
+
+@app.command("quickstart")
+@handle_errors
+def quickstart_cmd(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Workflow dir (re-running on it skips finished stages)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: cpu)."),
+    threads: int = typer.Option(1, "--threads", help="torch and onnxruntime threads (1: fastest for these tiny models)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (the table and errors still print)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
+) -> None:
+    """The whole chain on the bundled digits data, on CPU in a few minutes: two teachers, a CIARD student,
+    ONNX FP32 and INT8, a robustness pack, verification of each artifact with gates, and the reports.
+
+    Runs the shipped recipe quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15 (see `ciard recipe show`).
+    Exit codes as `ciard run`.
+    """
+    from ciard_deploy.workflow import QUICKSTART_RECIPE, check_out_dir, quickstart_recipe
+
+    path = quickstart_recipe()
+    check_out_dir(out, entry="quickstart")  # refused before anything is printed
+    if not (quiet or State.quiet):
+        err_console.print(f"quickstart: {QUICKSTART_RECIPE} -> {out} (digits: teachers, CIARD student, ONNX FP32 + "
+                          f"INT8, pack, verify)", highlight=False, soft_wrap=True)
+    _execute(path, out, [], None, device, _threads(threads), quiet, json_out, "quickstart",
+             f"ciard quickstart --out {out}")

@@ -1,0 +1,256 @@
+"""`ciard run` end to end on the quick CIARD digits recipe: distill -> export (ONNX FP32 + INT8) -> pack ->
+verify, then the re-runs: skip, --from verify, a changed gate (re-judged, exit 1), and an interrupted
+training resumed.
+
+One workflow dir is made per module, for real: the shipped quickstart recipe with its teachers and
+student shortened by ``--set`` (same code path, fewer epochs; a smaller pack and Square budget) so the
+module stays near a minute on 2 CPU cores. Its training is first stopped after epoch 3 through the
+library's callbacks, so the first CLI call also proves that an interrupted distill stage resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ciard_deploy.cli import app
+from ciard_deploy.io import sha256_file
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
+TEACHERS = REPO / "recipes" / "teachers"
+EPOCHS = 8
+STOP_AFTER = 3
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(res, code, *needles):
+    assert res.exit_code == code, (res.stdout, res.stderr)
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], res.stderr
+    assert "Traceback" not in res.stdout + res.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """(mtime_ns, sha256) of every file, except the two the workflow rewrites on each call."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, sha256_file(p)) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in ("workflow.json", "recipe.yaml")}
+
+
+def stage_actions(summary: Path) -> dict[str, str]:
+    return {k: v["action"] for k, v in json.loads(summary.read_text())["stages"].items()}
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> list[str]:
+    """--set overrides: short teachers (own recipes extending the shipped ones), a short student, smaller
+    pack / parity / Square budgets, and a robustness gate fitting 8 epochs."""
+    d = tmp_path_factory.mktemp("teachers")
+    (d / "robust.yaml").write_text(f"extends: {TEACHERS / 'digits_trades_small_cnn_linf0.15.yaml'}\n"
+                                   "train: {epochs: 8, eval_every: 4, final_attacks: []}\n")
+    (d / "clean.yaml").write_text(f"extends: {TEACHERS / 'digits_natural_small_cnn.yaml'}\n"
+                                  "train: {epochs: 3, final_attacks: []}\n")
+    return [f"teachers.robust.recipe={d / 'robust.yaml'}", f"teachers.clean.recipe={d / 'clean.yaml'}",
+            f"train.epochs={EPOCHS}", "train.eval_every=4", "deploy.pack.n=200", "deploy.parity_n=200",
+            "deploy.calib_n=256", "deploy.square_queries=300", "deploy.square_n=100", "deploy.gates.min_robust=0.3"]
+
+
+def run_cli(out: Path, sets: list[str], *extra) -> tuple:
+    summary = out.parent / f"summary-{time.monotonic_ns()}.json"
+    t0 = time.perf_counter()
+    flags = [a for s in sets for a in ("--set", s)]
+    res = invoke("run", RECIPE, "--out", out, "--threads", 1, "--json", summary, *flags, *extra)
+    return res, summary, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, sets) -> dict:
+    """The library run stopped after epoch 3 of the student, then `ciard run` finishing it."""
+    from ciard_deploy import workflow
+    from ciard_deploy.config import find_recipe
+    from ciard_deploy.distill.trainer import TrainingInterrupted
+
+    out = tmp_path_factory.mktemp("wf") / "digits"
+    seen: list[int] = []
+
+    def stop_student(ev):
+        if ev.kind == "epoch_end" and ev.run_dir == out / "run":
+            seen.append(ev.epoch)
+            if ev.epoch == STOP_AFTER:
+                ev.control.request_stop("test")
+
+    # module fixtures start before conftest's per-test cache isolation: point the teacher cache there now
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CIARD_CACHE", str(tmp_path_factory.getbasetemp() / "ciard-cache"))
+        with pytest.raises(TrainingInterrupted):
+            workflow.run(find_recipe(RECIPE), out, overrides=sets, threads=1, train_callbacks=[stop_student])
+        interrupted = json.loads((out / "workflow.json").read_text())
+        res, summary, seconds = run_cli(out, sets)
+    return {"out": out, "res": res, "summary": summary, "seconds": seconds, "interrupted": interrupted, "seen": seen}
+
+
+# --------------------------------------------------------------------------- the first run
+def test_interrupted_training_resumes_and_the_run_passes(first):
+    out, res = first["out"], first["res"]
+    st = first["interrupted"]
+    assert first["seen"] == list(range(1, STOP_AFTER + 1))
+    assert st["status"] == "interrupted" and st["stages"]["distill"]["status"] == "interrupted"
+    assert all(st["stages"][s]["status"] == "pending" for s in ("export", "pack", "verify"))
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    assert "distill: resuming" in res.stderr and f"resuming at epoch {STOP_AFTER + 1}" in res.stderr
+    assert stage_actions(first["summary"]) == {"distill": "resumed", "export": "ran", "pack": "ran", "verify": "ran"}
+    epochs = [json.loads(ln)["epoch"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, EPOCHS + 1))  # each epoch once: resumed, not restarted
+    assert "PASSED" in res.stdout and "model.int8.onnx" in res.stdout
+    assert "worst(pgd20+fgsm+square300)@0.15" in res.stdout and "worst(pgd20+fgsm)@0.15" in res.stdout
+
+
+def test_numbers_a_robust_student_keeps_on_each_runtime(first):
+    result = json.loads(first["summary"].read_text())
+    assert result["status"] == "passed" and result["failures"] == []
+    ref = result["reference"]
+    assert ref["clean"] >= 0.9 and ref["worst_case"]["label"] == "worst(pgd20+fgsm)@0.15"
+    assert 0.35 <= ref["worst_case"]["acc"] < ref["clean"]  # robust, and the attacks do bite
+    rows = {r["name"]: r for r in result["artifacts"]}
+    assert set(rows) == {"onnx", "onnx-int8"}
+    assert rows["onnx"]["precision"] == "fp32" and rows["onnx-int8"]["precision"] == "int8"
+    for r in rows.values():
+        assert r["clean"] >= 0.9 and r["worst_case"]["acc"] >= 0.35 and r["worst_case"]["n"] == 100
+        assert r["worst_case"]["label"] == "worst(pgd20+fgsm+square300)@0.15"
+        assert r["gates"] == {"passed": 6, "total": 6, "failed": []} and r["export_status"] == "passed"
+    assert rows["onnx"]["agreement"] >= 0.995 and rows["onnx-int8"]["agreement"] >= 0.97
+    assert rows["onnx-int8"]["size"] < rows["onnx"]["size"]  # really quantized
+
+
+def test_reports_exist_and_parse(first):
+    out = first["out"]
+    for name in ("onnx", "onnx-int8"):
+        rep = json.loads((out / "verify" / f"{name}.json").read_text())
+        assert rep["kind"] == "ciard.verify_report" and rep["status"] == "passed"
+        assert rep["gates"]["min_robust"] == 0.3 and rep["gates"]["min_clean"] == 0.9  # recipe + --set
+        assert rep["artifact"]["manifest"]["sha256_matches"] is True and rep["artifact"]["pack_matches_source"] is True
+        assert rep["settings"]["square_queries"] == 300 and rep["pack"]["n"] == 200
+        root = ET.parse(out / "verify" / f"{name}.xml").getroot()
+        assert root.get("tests") == "6" and root.get("failures") == "0"
+        md = (out / "verify" / f"{name}.md").read_text()
+        assert md.startswith(f"### ciard verify: `model.{'int8.' if name == 'onnx-int8' else ''}onnx` ✅ **passed**")
+        assert (out / "verify" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "verify" / "accuracy.png").stat().st_size > 8000
+    plots = sorted(p.name for p in (out / "run" / "plots").glob("*.png"))
+    assert {"accuracy.png", "losses.png", "temperatures_weights.png"} <= set(plots)
+
+
+def test_artifacts_match_their_manifest_and_the_pack_matches_the_student(first):
+    from ciard_deploy.export.manifest import check_files, load_manifest
+    from ciard_deploy.verify import load_pack
+
+    out = first["out"]
+    m = load_manifest(out / "export")
+    assert [a.name for a in m.artifacts] == ["onnx", "onnx-int8"] and m.passed
+    assert check_files(m, out / "export") == []
+    for a in m.artifacts:
+        assert a.sha256 == sha256_file(out / "export" / a.file) and a.size == (out / "export" / a.file).stat().st_size
+    student = sha256_file(out / "run" / "student_best.safetensors")
+    assert m.source["sha256"] == student
+    pack = load_pack(out / "pack.npz")
+    assert pack.model_sha256 == student and pack.n == 200 and pack.attack_labels == ["pgd20@0.15", "fgsm@0.15"]
+
+
+def test_workflow_state_records_inputs_and_outputs(first):
+    out = first["out"]
+    st = json.loads((out / "workflow.json").read_text())
+    assert st["format"] == "ciard-workflow/1" and st["entry"] == "run" and st["status"] == "passed"
+    for name in ("distill", "export", "pack", "verify"):
+        stage = st["stages"][name]
+        assert stage["status"] == "done" and stage["seconds"] > 0 and len(stage["inputs_hash"]) == 64
+        for rel, digest in stage["outputs"].items():
+            assert sha256_file(out / rel) == digest, rel
+    stages = st["stages"]
+    assert set(stages["distill"]["inputs"]["teachers"]) == {"clean", "robust"}
+    assert stages["export"]["inputs"]["checkpoint"]["run/student_best.safetensors"] == \
+        stages["distill"]["outputs"]["run/student_best.safetensors"]
+    assert stages["verify"]["inputs"]["artifacts"] == {k: v for k, v in stages["export"]["outputs"].items()
+                                                       if k != "export/manifest.json"}
+    assert stages["verify"]["inputs"]["pack"] == stages["pack"]["outputs"]
+    assert (out / "recipe.yaml").read_text().count("deploy:") == 1
+
+
+# --------------------------------------------------------------------------- re-runs
+def test_second_run_skips_every_stage_and_touches_no_output(first, sets):
+    out = first["out"]
+    before = snapshot(out)
+    res, summary, seconds = run_cli(out, sets)
+    assert res.exit_code == 0, res.stderr
+    assert stage_actions(summary) == dict.fromkeys(("distill", "export", "pack", "verify"), "skipped")
+    assert res.stderr.count("skipped (up to date)") == 4 and "PASSED" in res.stdout
+    assert snapshot(out) == before
+    assert seconds < first["seconds"] / 3, (seconds, first["seconds"])
+
+
+def test_from_verify_reruns_only_verify(first, sets):
+    out = first["out"]
+    before = snapshot(out)
+    res, summary, _ = run_cli(out, sets, "--from", "verify")
+    assert res.exit_code == 0, res.stderr
+    assert stage_actions(summary) == {"distill": "skipped", "export": "skipped", "pack": "skipped", "verify": "ran"}
+    after = snapshot(out)
+    upstream = [k for k in before if not k.startswith("verify/")]
+    assert upstream and all(after[k] == before[k] for k in upstream)
+    assert after["verify/onnx.json"][0] > before["verify/onnx.json"][0]  # written again
+    # seeded Square on the same files: the same numbers
+    again = json.loads((out / "verify" / "onnx-int8.json").read_text())["metrics"]["worst_case_acc"]
+    assert again == json.loads(first["summary"].read_text())["artifacts"][1]["worst_case"]["acc"]
+
+
+def test_a_stricter_gate_rejudges_only_verify_and_exits_1(first, sets):
+    out = first["out"]
+    before = snapshot(out)
+    measured = json.loads((out / "verify" / "onnx.json").read_text())["metrics"]
+    res, summary, _ = run_cli(out, sets + ["deploy.gates.min_clean=0.9999"])
+    assert_one_line_error(res, 1, "onnx: 1 of 6 gates failed: min_clean", "required 0.9999")
+    assert stage_actions(summary) == {"distill": "skipped", "export": "skipped", "pack": "skipped",
+                                      "verify": "rejudged"}
+    assert "FAIL 5/6" in res.stdout and "gates of export/model.onnx" in res.stdout
+    after = snapshot(out)
+    assert all(after[k] == before[k] for k in before if not k.startswith("verify/"))
+    rep = json.loads((out / "verify" / "onnx.json").read_text())
+    assert rep["status"] == "failed" and rep["gates"]["min_clean"] == 0.9999
+    assert rep["metrics"] == measured  # judged again, not measured again
+    assert ET.parse(out / "verify" / "onnx-int8.xml").getroot().get("failures") == "1"
+    st = json.loads((out / "workflow.json").read_text())
+    assert st["status"] == "failed" and st["stages"]["verify"]["action"] == "rejudge"
+    # the old gates again: re-judged back, passing
+    res, summary, _ = run_cli(out, sets)
+    assert res.exit_code == 0 and stage_actions(summary)["verify"] == "rejudged"
+    assert json.loads((out / "verify" / "onnx.json").read_text())["status"] == "passed"
+
+
+def test_bad_inputs_exit_2_and_leave_the_workflow_alone(first, sets, tmp_path):
+    out = first["out"]
+    before = snapshot(out)
+    res = invoke("run", RECIPE, "--out", out, "--from", "deploy")
+    assert_one_line_error(res, 2, "--from 'deploy' is not a stage", "distill, export, pack, verify")
+    res = invoke("run", "quick/digits_pgd_at_none_to_tiny_cnn_linf0.15", "--out", tmp_path / "x")
+    assert_one_line_error(res, 2, "has no deploy: section")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("%")
+    res = invoke("run", RECIPE, "--out", tmp_path / "mine")
+    assert_one_line_error(res, 2, "is not a ciard workflow dir")
+    res = invoke("quickstart", "--out", out)  # made by `ciard run`, not by the quickstart
+    assert_one_line_error(res, 2, "not a quickstart one")
+    assert snapshot(out) == before and not (tmp_path / "x").exists()
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
