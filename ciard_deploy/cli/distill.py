@@ -131,7 +131,12 @@ def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume:
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 alone reports
     render_summary(summary)
+    from ciard_deploy.plots import safe_training_curves
+
+    plots = safe_training_curves(out)  # logs instead of failing: a finished run never breaks on a plot
     if not quiet:
+        if plots:
+            err_console.print(f"training curves: {plots[0].parent}", highlight=False)
         err_console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
 
 

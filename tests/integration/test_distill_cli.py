@@ -59,6 +59,8 @@ def test_train_end_to_end_then_refuses_to_overwrite(tiny_recipe, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "complete" and s["seed"] == 3 and set(s["last"]) == {"clean", "fgsm@0.1"}
     assert "fgsm@0.1" in res.output and "epoch 1/2" not in res.output  # the table prints; --quiet hid progress
+    curves = sorted(p.name for p in (out / "plots").glob("*.png"))  # drawn at the end of every run
+    assert "losses.png" in curves and "accuracy.png" in curves, curves
     res = invoke("train", tiny_recipe, "--out", out, "--set", "train.seed=3")
     assert_user_error(res, 2, "run dir exists", "--resume")
     res = invoke("train", tiny_recipe, "--out", out, "--set", "train.seed=4", "--resume")
