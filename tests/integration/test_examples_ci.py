@@ -562,3 +562,28 @@ def test_the_guide_lists_every_package_ciard_verify_imports(tmp_path):
     listed = guide_install_packages()
     missing = sorted(imported - listed)
     assert missing == [], f"ciard verify imports {missing} (modules {res['modules']}); add them to {GUIDE.name}"
+
+
+# --------------------------------------------------------------------------- README's own commands
+README = REPO / "README.md"
+
+
+def readme_blocks() -> list[str]:
+    return re.findall(r"```(?:bash|sh|shell)\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
+    first, second = readme_blocks()[:2]
+    assert "pip install -e ." in first and ciard_invocations(first) == [["quickstart"]]
+    test_cmd = re.search(r"python -m pytest[^\n`]*", second).group(0).strip()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test_cmd in ci.splitlines(), f"README's test command {test_cmd!r} is not a line of .ci/run"
+    assert "pip install" in ci and "'.[dev]'" in ci and "'.[dev]'" in second
+
+
+def test_every_ciard_command_in_the_readme_is_real():
+    found = [args for block in readme_blocks() for args in ciard_invocations(block)]
+    verbs = {args[0] for args in found if args}
+    assert {"quickstart", "train", "distill", "eval", "export", "inspect", "pack", "verify"} <= verbs, verbs
+    problems = [p for args in found for p in check_invocation(args, {})]
+    assert problems == []
