@@ -429,8 +429,11 @@ class RecipeBase(Section):
     # ------------------------------------------------------------------ derived
     @property
     def model_spec(self) -> ModelSpec:
-        """The network this recipe trains (``student`` or ``model``)."""
-        raise NotImplementedError
+        """The network this recipe trains: ``student`` (distill) or ``model`` (train)."""
+        spec = getattr(self, "student", None) or getattr(self, "model", None)
+        if spec is None:
+            raise TypeError(f"{type(self).__name__} names no network")
+        return spec
 
     @property
     def source(self) -> Path | None:
@@ -469,10 +472,6 @@ class TrainRecipe(RecipeBase):
     kind: Literal["train"] = Field(..., description="train: a network trained without teachers")
     model: ModelSpec = Field(..., description="the trained network")
 
-    @property
-    def model_spec(self) -> ModelSpec:
-        return self.model
-
 
 class DistillRecipe(RecipeBase):
     """A student distilled from the teachers that its method needs."""
@@ -481,10 +480,6 @@ class DistillRecipe(RecipeBase):
     student: ModelSpec = Field(..., description="the student network")
     teachers: TeachersConfig = Field(default_factory=TeachersConfig, description="the teachers the method needs, "
                                                                                  "each by checkpoint or by recipe")
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        return self.student
 
 
 Recipe = Union[TrainRecipe, DistillRecipe]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 from typing import Iterator
 
@@ -74,5 +76,6 @@ class TorchAttack(Attack):
             x_adv = self._perturb(model, x, y)
         return project_linf(x_adv.detach(), x, self.budget.eps)
 
+    @abc.abstractmethod
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The attack's own search, called in frozen eval mode; the result is projected after."""

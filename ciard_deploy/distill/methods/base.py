@@ -17,6 +17,8 @@ The trainer owns the loop, the student optimizer, AMP and checkpoints; a method 
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -52,7 +54,7 @@ class StepResult:
     x_adv: torch.Tensor | None = None
 
 
-class Method:
+class Method(abc.ABC):
     """One distillation / adversarial-training method on the common step interface.
 
     Subclasses set ``name``, ``Config`` and ``teachers`` and implement ``train_step``; the ones
@@ -106,12 +108,12 @@ class Method:
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the trainer before the first batch of ``epoch`` (0-based)."""
 
+    @abc.abstractmethod
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> StepResult:
         """Sets the models' modes, crafts ``x_adv`` and computes the student loss.
 
         Does not call ``backward`` on the student loss nor step the student optimizer.
         """
-        raise NotImplementedError
 
     def after_student_step(self) -> dict[str, float]:
         """Called after the student optimizer step; returns extra metrics."""

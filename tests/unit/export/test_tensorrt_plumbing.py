@@ -25,7 +25,7 @@ def recording_tensorrt(calls: list, parse_ok: bool = True) -> types.ModuleType:
         WARNING = 2
 
         def __init__(self, level):
-            pass
+            self.level = level
 
     class Cache:
         def serialize(self):
@@ -63,7 +63,7 @@ def recording_tensorrt(calls: list, parse_ok: bool = True) -> types.ModuleType:
         platform_has_fast_fp16 = platform_has_fast_int8 = True
 
         def __init__(self, logger):
-            pass
+            self.logger = logger
 
         def create_network(self, flags):
             calls.append(("network_flags", flags))
@@ -83,7 +83,7 @@ def recording_tensorrt(calls: list, parse_ok: bool = True) -> types.ModuleType:
         num_errors = 0 if parse_ok else 1
 
         def __init__(self, network, logger):
-            pass
+            self.network, self.logger = network, logger
 
         def parse_from_file(self, path):
             calls.append(("parse", path))

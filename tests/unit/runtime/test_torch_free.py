@@ -28,8 +28,8 @@ SCRIPT = textwrap.dedent("""
     try:
         import torch  # noqa: F401
         raise SystemExit("the import hook did not block torch")
-    except ImportError:
-        pass
+    except ImportError as blocked:
+        assert "torch" in str(blocked)
 
     import numpy as np
     import ciard_deploy.runtime as rt
