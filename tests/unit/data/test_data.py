@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -71,3 +72,37 @@ def test_imagefolder_reads_real_cifar(cifar_folder):
     assert x.dtype == torch.float32 and 0.2 < float(x.mean()) < 0.7
     # second load hits the decoded cache and gives identical pixels
     assert torch.equal(create_dataset("imagefolder", "test", root=str(cifar_folder)).images, te.images)
+
+
+def _tiny_imagenet_layout(root, wnids=("n01443537", "n01629819"), per_class=3):
+    """A miniature Tiny-ImageNet-200 folder in the standard layout, with real JPEG files."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rows = []
+    for ci, w in enumerate(wnids):
+        d = root / "train" / w / "images"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{w}_{i}.JPEG")
+        (root / "val" / "images").mkdir(parents=True, exist_ok=True)
+        name = f"val_{ci}.JPEG"
+        Image.fromarray(np.full((64, 64, 3), 40 * (ci + 1), dtype=np.uint8)).save(root / "val" / "images" / name)
+        rows.append(f"{name}\t{w}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_tinyimagenet_standard_layout(tmp_path):
+    _tiny_imagenet_layout(tmp_path)
+    info = get_dataset_info("tinyimagenet", str(tmp_path))
+    assert info.classes == ("n01443537", "n01629819") and info.input_shape == (3, 64, 64)
+    tr = create_dataset("tinyimagenet", "train", root=str(tmp_path))
+    assert len(tr) == 6 and tr.labels.bincount().tolist() == [3, 3]
+    te = create_dataset("tinyimagenet", "test", root=str(tmp_path))
+    x, y = te.tensors()
+    assert y.tolist() == [0, 1] and x.shape == (2, 3, 64, 64)
+    assert abs(float(x[1].mean()) - 80 / 255) < 0.02  # the val image of class 1 is uniform grey 80
+    (tmp_path / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(DataError, match="val_annotations.txt"):
+        create_dataset("tinyimagenet", "test", root=str(tmp_path))
