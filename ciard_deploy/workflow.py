@@ -704,7 +704,7 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
                 raise
             seconds = round(time.perf_counter() - t0, 3)
             record.update(status="done", outputs=_file_hashes(layout, files), seconds=seconds,
-                          finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), runs=int(record.get("runs", 0)) + 1)
+                          finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), runs=int(previous.get("runs", 0)) + 1)
             sf.save()
             done = {"run": "ran", "resume": "resumed", "rejudge": "rejudged"}[action]
             outcomes[stage] = StageOutcome(stage, done, reason, seconds)

@@ -1,6 +1,7 @@
 """`ciard run` end to end on the quick CIARD digits recipe: distill -> export (ONNX FP32 + INT8) -> pack ->
-verify, then the re-runs: skip, --from verify, a changed gate (re-judged, exit 1), and an interrupted
-training resumed.
+verify, then the re-runs: skip, --from verify, --from export, a changed gate (re-judged, exit 1), and an
+interrupted training resumed; and a kind-train recipe (PGD-AT, no teachers) through the same chain, with
+--from distill training it again from scratch.
 
 One workflow dir is made per module, for real: the shipped quickstart recipe with its teachers and
 student shortened by ``--set`` (same code path, fewer epochs; a smaller pack and Square budget) so the
@@ -69,11 +70,11 @@ def sets(tmp_path_factory) -> list[str]:
             "deploy.calib_n=256", "deploy.square_queries=300", "deploy.square_n=100", "deploy.gates.min_robust=0.3"]
 
 
-def run_cli(out: Path, sets: list[str], *extra) -> tuple:
+def run_cli(out: Path, sets: list[str], *extra, recipe: str = RECIPE) -> tuple:
     summary = out.parent / f"summary-{time.monotonic_ns()}.json"
     t0 = time.perf_counter()
     flags = [a for s in sets for a in ("--set", s)]
-    res = invoke("run", RECIPE, "--out", out, "--threads", 1, "--json", summary, *flags, *extra)
+    res = invoke("run", recipe, "--out", out, "--threads", 1, "--json", summary, *flags, *extra)
     return res, summary, time.perf_counter() - t0
 
 
@@ -216,6 +217,32 @@ def test_from_verify_reruns_only_verify(first, sets):
     assert again == json.loads(first["summary"].read_text())["artifacts"][1]["worst_case"]["acc"]
 
 
+def test_from_export_reruns_export_pack_and_verify_but_not_training(first, sets):
+    import numpy as np
+
+    from ciard_deploy.verify import load_pack
+
+    out = first["out"]
+    before = snapshot(out)
+    old_pack = load_pack(out / "pack.npz")
+    res, summary, _ = run_cli(out, sets, "--from", "export")
+    assert res.exit_code == 0, res.stderr
+    assert stage_actions(summary) == {"distill": "skipped", "export": "ran", "pack": "ran", "verify": "ran"}
+    assert "export: running (forced (--from export))" in res.stderr
+    after = snapshot(out)
+    training = [k for k in before if k.startswith("run/")]
+    assert training and all(after[k] == before[k] for k in training)  # the student was not touched
+    for rel in ("export/manifest.json", "export/model.int8.onnx", "pack.npz", "verify/onnx-int8.json"):
+        assert after[rel][0] > before[rel][0], rel  # each written again
+    # same student, same seeds: the same images, labels and logits (only the meta times differ)
+    new_pack = load_pack(out / "pack.npz")
+    assert new_pack.meta["created"] >= old_pack.meta["created"]
+    for key, arr in old_pack.arrays().items():
+        assert key == "meta" or np.array_equal(new_pack.arrays()[key], arr), key
+    st = json.loads((out / "workflow.json").read_text())
+    assert st["status"] == "passed" and st["stages"]["export"]["runs"] == 2 and st["stages"]["distill"]["runs"] == 1
+
+
 def test_a_stricter_gate_rejudges_only_verify_and_exits_1(first, sets):
     out = first["out"]
     before = snapshot(out)
@@ -237,6 +264,39 @@ def test_a_stricter_gate_rejudges_only_verify_and_exits_1(first, sets):
     res, summary, _ = run_cli(out, sets)
     assert res.exit_code == 0 and stage_actions(summary)["verify"] == "rejudged"
     assert json.loads((out / "verify" / "onnx.json").read_text())["status"] == "passed"
+
+
+TRAIN_RECIPE = "quick/digits_pgd_at_none_to_tiny_cnn_linf0.15"  # kind: train, no deploy: section of its own
+TRAIN_SETS = ["deploy.formats=[onnx]", "train.epochs=2", "train.eval_every=2", "train.final_attacks=[]",
+              "deploy.pack.attacks=[fgsm]", "deploy.pack.n=100", "deploy.parity_n=100", "deploy.square_queries=50",
+              "deploy.square_n=20", "deploy.gates.min_clean=0.5", "deploy.gates.min_agreement=0.99"]
+
+
+def test_a_train_recipe_runs_the_chain_and_from_distill_trains_again_from_scratch(tmp_path):
+    out = tmp_path / "pgd-at"
+    res, summary, _ = run_cli(out, TRAIN_SETS, recipe=TRAIN_RECIPE)
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    assert stage_actions(summary) == dict.fromkeys(("distill", "export", "pack", "verify"), "ran")
+    result = json.loads(summary.read_text())
+    assert result["state"]["recipe"]["kind"] == "train" and result["state"]["recipe"]["method"] == "pgd_at"
+    assert result["state"]["stages"]["distill"]["inputs"]["teachers"] == {}  # nothing to cache or hash
+    (row,) = result["artifacts"]
+    assert row["name"] == "onnx" and row["clean"] >= 0.5 and row["agreement"] >= 0.99
+    assert row["worst_case"]["label"] == "worst(fgsm+square50)@0.15" and row["gates"]["failed"] == []
+    assert json.loads((out / "run" / "teachers.json").read_text()) == {}
+    before = snapshot(out)
+
+    res, summary, _ = run_cli(out, TRAIN_SETS, "--from", "distill", recipe=TRAIN_RECIPE)
+    assert res.exit_code == 0, res.stderr
+    assert stage_actions(summary) == dict.fromkeys(("distill", "export", "pack", "verify"), "ran")
+    assert "distill: running (forced (--from distill))" in res.stderr and "resuming" not in res.stderr
+    epochs = [json.loads(ln)["epoch"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]  # trained again from epoch 1, not appended to the old run
+    after = snapshot(out)
+    student = "run/student_best.safetensors"
+    assert after[student][0] > before[student][0]
+    # one thread, same seed: training is reproducible, so the retrained student is the same bytes
+    assert after[student][1] == before[student][1]
 
 
 def test_bad_inputs_exit_2_and_leave_the_workflow_alone(first, sets, tmp_path):
