@@ -5,7 +5,8 @@ Part 1 (random weights, 3x32x32 inputs): images/s at batch 1 and 64 for torch ea
 onnxruntime FP32 / FP16 / INT8 (the project's own exporters, the checked Backend API), and
 the file sizes, for small_cnn, resnet18 and mobilenetv2.
 
-Part 2 (a small_cnn student PGD-trained on digits here, eps 0.1, all 360 test images): for
+Part 2 (a small_cnn PGD-trained on digits here by the trainer from the shipped quick PGD-AT
+recipe, eps 0.1, all 360 test images): for
 INT8 calibrated on clean, adversarial (PGD-20 against the FP32 student) or mixed training
 images, with each onnxruntime calibration method: clean accuracy, pgd20 accuracy (the
 adversarial images crafted on the PyTorch FP32 student, i.e. transferred to the INT8
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ciard_deploy.export.onnx import export_fp32, save_onnx, topological_sort
 from ciard_deploy.export.parity import compare_logits
@@ -109,29 +109,18 @@ def bench_speed(models: list[str], seconds: float, threads: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- part 2
-def train_digits_student(eps: float, clean_epochs: int = 4, adv_epochs: int = 8, seed: int = 0) -> torch.nn.Module:
-    """small_cnn on digits: Adam, then PGD-7 adversarial training (Madry) at ``eps``."""
-    from ciard_deploy.attacks.pgd import pgd_linf
-    from ciard_deploy.data import create_dataset, get_dataset_info
+def train_digits_student(eps: float, epochs: int = 12, seed: int = 0) -> torch.nn.Module:
+    """small_cnn PGD-AT (Madry) on digits at ``eps``: the shipped quick PGD-AT recipe, run by the trainer."""
+    from ciard_deploy.config import find_recipe
+    from ciard_deploy.distill.trainer import run
+    from ciard_deploy.io import load_model
 
-    info = get_dataset_info("digits")
-    torch.manual_seed(seed)
-    model = create_model("small_cnn", 10, 1, info.mean, info.std)
-    x, y = create_dataset("digits", "train").tensors()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for epoch in range(clean_epochs + adv_epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            xb, yb = x[perm[i:i + 64]], y[perm[i:i + 64]]
-            if epoch >= clean_epochs:
-                model.eval()
-                xb = pgd_linf(model, xb, yb, eps, eps / 4, 7)
-            model.train()
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    with tempfile.TemporaryDirectory() as tmp:
+        run(find_recipe("quick/digits_pgd_at_none_to_tiny_cnn_linf0.15"), Path(tmp) / "run", handle_signals=False,
+            overrides=["model.arch=small_cnn", f"attack.eps={eps}", f"attack.step_size={eps / 4}", "attack.steps=7",
+                       f"train.epochs={epochs}", f"train.eval_every={epochs}", "train.final_attacks=[]",
+                       f"train.seed={seed}"])
+        model, _ = load_model(Path(tmp) / "run")
     return model.eval()
 
 

@@ -9,7 +9,6 @@ visible:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -26,18 +25,10 @@ requires_tensorrt = pytest.mark.skipif(
                             " (with a GPU, run CUDA_VISIBLE_DEVICES=0 python -m pytest -m tensorrt tests/gpu)")
 
 
-def _train_digits_student():
-    """The integration tests' trainer, loaded by path (tests are not a package)."""
-    path = Path(__file__).resolve().parents[1] / "integration" / "test_export.py"
-    spec = importlib.util.spec_from_file_location("_ciard_test_export", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module.train_digits_student
-
-
 @pytest.fixture(scope="module")
-def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _train_digits_student()(tmp_path_factory.mktemp("run") / "digits_small_cnn")
+def student(digits_robust_run: Path) -> Path:
+    """The session's robust small_cnn on digits (tests/conftest.py), trained only when a test here runs."""
+    return digits_robust_run
 
 
 @requires_tensorrt

@@ -1,15 +1,14 @@
 """`export.run` and `ciard export` on a small_cnn student really trained on digits.
 
-One session-scoped student (3 clean + 2 PGD epochs, a few seconds), one FP32+FP16+INT8 export
-shared by most tests (120 parity images, mixed calibration on 128 training images), one FP32
-export at opset 17. Each artifact is re-opened here in a fresh onnxruntime session, independent
-of the exporter's own check. Torch and onnxruntime run on one thread here: on a shared 2-core
-machine a 2-thread OpenMP pool stalls whenever another process takes a core (10-50x slower).
+The session's robust small_cnn (``digits_robust_run`` in tests/conftest.py, trained by the real
+trainer), one FP32+FP16+INT8 export shared by most tests (120 parity images, mixed calibration on
+128 training images), one FP32 export at opset 17. Each artifact is re-opened here in a fresh
+onnxruntime session, independent of the exporter's own check. onnxruntime runs on one thread, as
+torch does for the whole session (conftest): a 2-thread pool stalls on a shared 2-core machine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,7 +18,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from ciard_deploy import export
@@ -27,74 +25,21 @@ from ciard_deploy.errors import GateFailed
 from ciard_deploy.io import sha256_file
 
 pytestmark = pytest.mark.integration
-EPS = 0.1
+EPS = 0.15  # the eps the session student was trained at (its checkpoint metadata)
 N = 120
 runner = CliRunner()
 
 
-@contextlib.contextmanager
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    with one_thread():
-        yield
-
-
-def train_digits_student(out_dir: Path, arch: str = "small_cnn", clean_epochs: int = 3, adv_epochs: int = 2,
-                         eps: float = EPS, seed: int = 0) -> Path:
-    """Trains ``arch`` on digits (Adam; the last epochs on PGD-5 examples) and saves a run dir."""
-    from ciard_deploy.attacks.pgd import pgd_linf
-    from ciard_deploy.data import create_dataset, get_dataset_info
-    from ciard_deploy.io import CheckpointMeta, save_checkpoint
-    from ciard_deploy.models import create_model
-
-    info = get_dataset_info("digits")
-    torch.manual_seed(seed)
-    model = create_model(arch, info.num_classes, info.in_chans, info.mean, info.std)
-    x, y = create_dataset("digits", "train").tensors()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for epoch in range(clean_epochs + adv_epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            xb, yb = x[perm[i:i + 64]], y[perm[i:i + 64]]
-            if epoch >= clean_epochs:
-                model.eval()
-                xb = pgd_linf(model, xb, yb, eps, eps / 4, 5)
-            model.train()
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.yaml").write_text(f"# test fixture: {arch} on digits, PGD eps {eps}\nkind: distill\n")
-    meta = CheckpointMeta(arch, info.num_classes, info.input_shape, info.mean, info.std, "digits", info.classes,
-                          eps=eps, role="student", recipe_hash="test-fixture")
-    save_checkpoint(out_dir / "student_best", model, meta)
-    return out_dir
-
-
 @pytest.fixture(scope="session")
-def student(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with one_thread():
-        return train_digits_student(tmp_path_factory.mktemp("run") / "digits_small_cnn")
+def student(digits_robust_run: Path) -> Path:
+    """The session's robust small_cnn (tests/conftest.py: the real trainer, PGD-AT at eps 0.15)."""
+    return digits_robust_run
 
 
 @pytest.fixture(scope="session")
 def exported(student: Path, tmp_path_factory: pytest.TempPathFactory) -> export.ExportResult:
     out = tmp_path_factory.mktemp("exports") / "digits"
-    with one_thread():
-        return export.run(student, out, ["onnx", "onnx-fp16", "onnx-int8"], n=N, calib="mixed", calib_n=128,
-                          threads=1)
+    return export.run(student, out, ["onnx", "onnx-fp16", "onnx-int8"], n=N, calib="mixed", calib_n=128, threads=1)
 
 
 def fresh_session(path: Path) -> ort.InferenceSession:
@@ -134,7 +79,7 @@ def test_agreement_meets_each_precision_threshold(exported, student):
         # independently of the exporter's own check:
         out = fresh_session(exported.out_dir / a.file).run(None, {"input": x.numpy()})[0]
         assert (out.argmax(1) == ref.argmax(1)).mean() >= thresholds[a.precision]
-        assert "adversarial" in a.parity and a.parity["adversarial"]["attack"] == "pgd20@0.1"
+        assert "adversarial" in a.parity and a.parity["adversarial"]["attack"] == f"pgd20@{EPS:g}"
     fp32 = m.artifact("onnx").parity["clean"]
     assert fp32["max_abs_diff"] < 1e-3
 
@@ -162,7 +107,8 @@ def test_manifest_hashes_match_files_and_metadata_travels(exported, student):
         assert props["ciard.normalization"]["mean"] == [0.305]
     src = on_disk["source"]
     assert src["sha256"] == sha256_file(student / "student_best.safetensors")
-    assert src["recipe_file_sha256"] == sha256_file(student / "recipe.yaml") and src["recipe_hash"] == "test-fixture"
+    assert src["recipe_file_sha256"] == sha256_file(student / "recipe.yaml")
+    assert src["recipe_hash"] == json.loads((student / "summary.json").read_text())["recipe_hash"]
     assert on_disk["versions"]["onnxruntime"] == ort.__version__ and "torch" in on_disk["versions"]
     assert sorted(os.listdir(folder)) == ["manifest.json", "model.fp16.onnx", "model.int8.onnx", "model.onnx"]
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # staging cleaned up
@@ -175,12 +121,12 @@ def test_reference_metrics_and_calibration_are_recorded(exported, student):
     m = exported.manifest
     ref = m.reference
     assert ref["n"] == N and ref["backend"] == "torch" and 0.9 <= ref["clean_acc"] <= 1.0
-    assert 0.0 <= ref["attacks"]["pgd20@0.1"]["robust_acc"] < ref["clean_acc"]
+    assert 0.0 <= ref["attacks"][f"pgd20@{EPS:g}"]["robust_acc"] < ref["clean_acc"]
     assert "measured by ciard export" in ref["origin"]
     calib = m.artifact("onnx-int8").calibration
     assert calib == m.calibration
     assert calib["source"] == "mixed" and calib["n"] == 128 and calib["adversarial_fraction"] == 0.5
-    assert calib["attack"] == "pgd20@0.1" and calib["method"] == "minmax" and calib["split"] == "train"
+    assert calib["attack"] == f"pgd20@{EPS:g}" and calib["method"] == "minmax" and calib["split"] == "train"
     model, _ = load_model(student)
     _, again = build_calibration_set(model, "digits", "mixed", 128, 0, EPS, "pgd20")
     assert again["sha256"] == calib["sha256"]  # the recorded hash identifies the set

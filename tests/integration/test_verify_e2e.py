@@ -1,8 +1,8 @@
 """End to end on digits: train -> export FP32 + INT8 -> pack -> verify on onnxruntime, plus every bad input.
 
 Two students are trained for real, once per session, with ``ciard_deploy.distill.trainer.run``
-from the quick recipes (recipes/quick/digits_pgd_at_*.yaml and digits_natural_*.yaml, fewer
-epochs): a robust one (PGD adversarial training) and an undefended one. The robust one is exported to FP32 and INT8 ONNX with ``export.run``; packs hold
+from the quick recipes, fewer epochs: a robust small_cnn (PGD adversarial training; the session's
+``digits_robust_run`` of tests/conftest.py, shared with the export tests) and an undefended one. The robust one is exported to FP32 and INT8 ONNX with ``export.run``; packs hold
 200 test images with pgd20 and fgsm at eps 0.15. Square runs live on the runtime with a few
 hundred queries on a subset.
 """
@@ -26,33 +26,14 @@ from ciard_deploy.verify.pack import checksum_arrays, pack_from_arrays
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 EPS = 0.15
 STEP = 0.04  # about eps/4: the default 2/255 is made for 8/255 and cannot reach 0.15 in 20 steps
 N = 200
 ATTACKS = "pgd20,fgsm"
 runner = CliRunner()
 
-QUICK = REPO / "recipes" / "quick"
 #: the quick recipes are shortened for tests (same code path, fewer epochs)
-ROBUST_OVERRIDES = ["train.epochs=6", "train.eval_every=6", "train.final_attacks=[]", "attack.steps=5",
-                    "attack.step_size=0.06"]
 NATURAL_OVERRIDES = ["train.epochs=4", "train.eval_every=4", "train.final_attacks=[]"]
-FALLBACK_ROBUST_RECIPE = f"""\
-# PGD-AT on digits for the verify tests, used only if recipes/quick has no pgd_at recipe
-extends: {QUICK / '_digits_base.yaml'}
-kind: train
-description: PGD adversarial training on digits (verify tests)
-model:
-  arch: small_cnn
-method:
-  name: pgd_at
-"""
-
-
-def quick_recipe(pattern: str) -> Path | None:
-    found = sorted(QUICK.glob(pattern))
-    return found[0] if found else None
 
 
 def invoke(*args):
@@ -89,24 +70,18 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def robust_run(work) -> Path:
-    from ciard_deploy.distill.trainer import run as train
-
-    recipe = quick_recipe("digits_pgd_at_*.yaml")
-    if recipe is None:
-        recipe = work / "digits_pgd_at.yaml"
-        recipe.write_text(FALLBACK_ROBUST_RECIPE)
-    with one_thread():
-        train(recipe, work / "robust", handle_signals=False, overrides=ROBUST_OVERRIDES)
-    return work / "robust"
+def robust_run(digits_robust_run) -> Path:
+    """The session's robust small_cnn (tests/conftest.py: the quick PGD-AT recipe, shortened)."""
+    return digits_robust_run
 
 
 @pytest.fixture(scope="session")
 def natural_run(work) -> Path:
+    from ciard_deploy.config import find_recipe
     from ciard_deploy.distill.trainer import run as train
 
     with one_thread():
-        train(quick_recipe("digits_natural_*.yaml"), work / "natural", handle_signals=False,
+        train(find_recipe("quick/digits_natural_none_to_tiny_cnn"), work / "natural", handle_signals=False,
               overrides=NATURAL_OVERRIDES)
     return work / "natural"
 
