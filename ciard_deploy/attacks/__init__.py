@@ -12,8 +12,8 @@ attacks and ``evaluate`` are loaded on first use (PEP 562), together with torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from ciard_deploy._lazy import lazy_attributes
+from typing import TYPE_CHECKING
 
 from ciard_deploy.attacks.base import (
     ATTACKS,
@@ -56,18 +56,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 __all__ = [
     "ATTACKS", "Attack", "AttackEntry", "AttackResult", "AutoAttackAdapter", "Budget", "CAPABILITIES", "CWInf",

@@ -13,7 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -111,3 +111,16 @@ def progress(description: str, total: int | None = None, unit: str = "img") -> I
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- options shared by verbs
+#: ``--set a.b=value`` of every verb that reads a recipe (distill, train, run)
+SetOption = Annotated[List[str], typer.Option(
+    "--set", "-s", help="Override a recipe value, e.g. --set train.epochs=2 or --set deploy.gates.min_clean=0.9 "
+                        "(repeatable; values parsed as YAML).")]
+#: ``--device`` of the verbs that train or attack on a torch device
+DeviceOption = Annotated[Optional[str], typer.Option(
+    "--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's).")]
+#: ``--quiet`` of the long-running verbs
+QuietOption = Annotated[bool, typer.Option(
+    "--quiet", "-q", help="No progress output (the final table and errors still print).")]

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import State, console, err_console, handle_errors
+from ciard_deploy.cli.common import DeviceOption, QuietOption, SetOption, State, console, err_console, handle_errors
 
 
 class TrainProgress:
@@ -140,18 +140,19 @@ def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume:
         err_console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
 
 
-_SET_HELP = "Override a recipe value, e.g. --set train.epochs=2 (repeatable; values parsed as YAML)."
+_RUN_DIR_HELP = "Run dir to create (or to continue with --resume)."
+_RESUME_HELP = "Continue the run in --out from its last saved state."
 
 
 @app.command()
 @handle_errors
 def distill(
     recipe: str = typer.Argument(..., help="Recipe file, or a shipped recipe name (`ciard recipe ls`)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run dir to create (or to continue with --resume)."),
-    overrides: List[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved state."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (the final table still prints)."),
+    out: Path = typer.Option(..., "--out", "-o", help=_RUN_DIR_HELP),
+    overrides: SetOption = [],
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Distill a student from its teachers (teachers given by recipe are trained first and cached).
 
@@ -164,11 +165,11 @@ def distill(
 @handle_errors
 def train(
     recipe: str = typer.Argument(..., help="A kind 'train' recipe: a teacher (natural, pgd_at, trades) or a baseline."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run dir to create (or to continue with --resume)."),
-    overrides: List[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved state."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: the recipe's)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (the final table still prints)."),
+    out: Path = typer.Option(..., "--out", "-o", help=_RUN_DIR_HELP),
+    overrides: SetOption = [],
+    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
+    device: DeviceOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Train a teacher or a no-teacher baseline (natural, PGD-AT, TRADES) on its own."""
     _train_verb("train", recipe, out, overrides, resume, device, quiet)

@@ -15,7 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import State, console, err_console, handle_errors, write_json
+from ciard_deploy.cli.common import (DeviceOption, QuietOption, SetOption, State, console, err_console, handle_errors,
+                                     write_json)
 from ciard_deploy.errors import GateFailed
 
 _ACTION_STYLE = {"ran": "green", "resumed": "green", "rejudged": "cyan", "skipped": "dim"}
@@ -151,19 +152,16 @@ def _threads(value: Optional[int]) -> Optional[int]:
     return value
 
 
-_SET_HELP = "Override a recipe value, e.g. --set train.epochs=2 or --set deploy.gates.min_clean=0.9 (repeatable)."
-
-
 @app.command("run")
 @handle_errors
 def run_cmd(
     recipe: str = typer.Argument(..., help="Recipe file with a deploy: section, or a shipped recipe name (`ciard recipe ls`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Workflow dir: new, empty, or one `ciard run` made (then finished stages are skipped)."),
-    overrides: List[str] = typer.Option([], "--set", "-s", help=_SET_HELP),
+    overrides: SetOption = [],
     from_stage: Optional[str] = typer.Option(None, "--from", help="Force this stage and every later one: distill, export, pack or verify."),
-    device: Optional[str] = typer.Option(None, "--device", help="Training and pack device: auto, cpu, cuda, cuda:N, mps (default: the recipe's)."),
+    device: DeviceOption = None,
     threads: Optional[int] = typer.Option(None, "--threads", help="torch and onnxruntime threads (default: their own; 1 is fastest for tiny models)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (the table and errors still print)."),
+    quiet: QuietOption = False,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result (stages, artifacts, failures) as JSON."),
 ) -> None:
     """Run a recipe end to end: distill -> export -> pack -> verify, skipping stages whose inputs did not change.
@@ -187,7 +185,7 @@ def quickstart_cmd(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Workflow dir (re-running on it skips finished stages)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: cpu)."),
     threads: int = typer.Option(1, "--threads", help="torch and onnxruntime threads (1: fastest for these tiny models)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output (the table and errors still print)."),
+    quiet: QuietOption = False,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
 ) -> None:
     """The whole chain on the bundled digits data, on CPU in a few minutes: two teachers, a CIARD student,
