@@ -151,3 +151,57 @@ def load_state(out: Path) -> dict:
     import torch
 
     return torch.load(out / "train_state.pt", weights_only=True)
+
+
+def test_sigterm_while_a_teacher_trains_keeps_its_cache_and_the_next_call_resumes_it(tmp_path, monkeypatch):
+    """`ciard distill` trains a recipe teacher into the cache first; a SIGTERM there (a preempted job)
+    exits 130 with the teacher's state saved in the cache, and the next call resumes the teacher at
+    the epoch after the saved one instead of training it again from scratch."""
+    import fcntl
+
+    from ciard_deploy.distill.teachers import train_teacher
+    from ciard_deploy.distill.trainer import TrainingInterrupted
+
+    teacher = tmp_path / "teacher.yaml"
+    teacher.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 200, "final_attacks": []}}))
+    student = tmp_path / "student.yaml"
+    student.write_text(yaml.safe_dump({
+        "kind": "distill", "student": {"arch": "tiny_cnn"}, "method": {"name": "rslad"},
+        "teachers": {"robust": {"recipe": str(teacher)}}, "data": TINY["data"], "attack": TINY["attack"],
+        "train": {**TINY["train"], "epochs": 1, "final_attacks": []}}))
+    cache = tmp_path / "cache"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "CIARD_CACHE": str(cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "ciard_deploy", "distill", str(student), "--out", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    while not list(cache.glob("teachers/*/train_state.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted (SIGTERM)" in output and "Traceback" not in output, output
+
+    (run_dir,) = [d for d in (cache / "teachers").iterdir() if d.is_dir()]
+    files = set(os.listdir(run_dir))
+    assert {"train_state.pt", "metrics.jsonl", "recipe.yaml", "student_last.safetensors"} <= files
+    assert "summary.json" not in files  # not mistaken for a finished teacher
+    saved = load_state(run_dir)["epoch"]
+    assert 1 <= saved < 200
+    with open(run_dir.with_suffix(".lock"), "w") as f:  # the lock was released with the process
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+    seen: list[int] = []
+
+    def stop_after_one_epoch(ev):
+        if ev.kind == "epoch_end":
+            seen.append(ev.epoch)
+            ev.control.request_stop("test")
+
+    monkeypatch.setenv("CIARD_CACHE", str(cache))
+    with pytest.raises(TrainingInterrupted):
+        train_teacher(load_recipe(teacher), "robust", "cpu", callbacks=[stop_after_one_epoch])
+    assert seen == [saved + 1]  # resumed from the cache, not restarted
+    epochs = [json.loads(ln)["epoch"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, saved + 2))
