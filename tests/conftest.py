@@ -59,13 +59,23 @@ def cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> None:
     """Tiny models run faster on one thread, and a 2-thread pool stalls when another process
-    takes a core (CI runners are shared): pin torch to one thread for the whole session."""
+    takes a core (CI runners are shared): pin torch to one thread for the whole session, before any
+    module or session fixture trains. No test file needs its own pin."""
     try:
         import torch
     except ImportError:
         return
     torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def _still_one_torch_thread(_one_torch_thread: None) -> None:
+    """...and again before each test, whatever an earlier one left behind."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 #: The quick PGD-AT digits recipe as the shared robust model: a small_cnn, fewer epochs, PGD-5 steps
 #: (the same trainer code path as `ciard train`; the recipe's own eps 0.15).

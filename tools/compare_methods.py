@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from ciard_deploy.attacks import format_eps
-    from ciard_deploy.config import find_recipe, load_raw, load_recipe, validate_recipe
+    from ciard_deploy.config import find_recipe, load_raw, validate_recipe
     from ciard_deploy.distill.trainer import run
 
     setting = "cifar10-smoke" if args.cifar_smoke else "digits"

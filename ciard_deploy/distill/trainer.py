@@ -691,7 +691,7 @@ class _Trainer:
                                       f"state saved in {self.run_dir}", self.run_dir, epoch + 1, 0)
 
     def _end_epoch(self, epoch: int, meters: dict[str, float], extra: dict[str, float], lr: float) -> None:
-        r, t = self.recipe, self.recipe.train
+        t = self.recipe.train
         e1 = epoch + 1
         meters = ddp.all_reduce_sums(meters, self.ctx, self.device)
         if self.ctx.enabled:  # every rank ends the epoch with rank 0's student buffers and one teacher
@@ -762,7 +762,7 @@ class _Trainer:
         return summary
 
     def _finish(self) -> dict[str, Any]:
-        r, t = self.recipe, self.recipe.train
+        t = self.recipe.train
         digests = ddp.gather_objects(
             {"student": ddp.state_digest(self.model),
              **{f"teacher.{k}": ddp.state_digest(m) for k, m in self.trainable.items()}}, self.ctx)

@@ -533,18 +533,13 @@ def test_the_guide_lists_every_package_ciard_verify_imports(tmp_path):
     from ciard_deploy.verify import build_pack, save_pack
 
     info = get_dataset_info("digits")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = create_model("tiny_cnn", 10, 1, info.mean, info.std)
-        save_checkpoint(tmp_path / "run" / "student_best", model, CheckpointMeta(
-            "tiny_cnn", 10, info.input_shape, info.mean, info.std, "digits", info.classes, eps=0.1))
-        export.run(tmp_path / "run", tmp_path / "export", ["onnx"], n=32, reference_attack=None, check=False)
-        pack = save_pack(build_pack(tmp_path / "run", n=32, attacks=["fgsm"], eps=0.1, device="cpu"),
-                         tmp_path / "pack.npz")
-    finally:
-        torch.set_num_threads(before)
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", 10, 1, info.mean, info.std)
+    save_checkpoint(tmp_path / "run" / "student_best", model, CheckpointMeta(
+        "tiny_cnn", 10, info.input_shape, info.mean, info.std, "digits", info.classes, eps=0.1))
+    export.run(tmp_path / "run", tmp_path / "export", ["onnx"], n=32, reference_attack=None, check=False)
+    pack = save_pack(build_pack(tmp_path / "run", n=32, attacks=["fgsm"], eps=0.1, device="cpu"),
+                     tmp_path / "pack.npz")
     (tmp_path / "gates.yaml").write_text("gates:\n  min_clean: 0.0\n")
     script = tmp_path / "record.py"
     script.write_text(RECORD_IMPORTS)

@@ -97,18 +97,13 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 
     d = tmp_path_factory.mktemp("torch_free")
     info = get_dataset_info("digits")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = create_model("small_cnn", 10, 1, info.mean, info.std)
-        ckpt = save_checkpoint(d / "run" / "student_best", model,
-                               CheckpointMeta("small_cnn", 10, info.input_shape, info.mean, info.std, "digits",
-                                              info.classes, eps=0.1))
-        export.run(d / "run", d / "export", ["onnx"], n=64, reference_attack=None, check=False)
-        pack = save_pack(build_pack(d / "run", n=64, attacks=["fgsm"], eps=0.1, device="cpu"), d / "pack.npz")
-    finally:
-        torch.set_num_threads(before)
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10, 1, info.mean, info.std)
+    ckpt = save_checkpoint(d / "run" / "student_best", model,
+                           CheckpointMeta("small_cnn", 10, info.input_shape, info.mean, info.std, "digits",
+                                          info.classes, eps=0.1))
+    export.run(d / "run", d / "export", ["onnx"], n=64, reference_attack=None, check=False)
+    pack = save_pack(build_pack(d / "run", n=64, attacks=["fgsm"], eps=0.1, device="cpu"), d / "pack.npz")
     return {"onnx": d / "export" / "model.onnx", "pack": pack, "checkpoint": ckpt, "dir": d}
 
 

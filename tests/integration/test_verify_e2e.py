@@ -9,12 +9,10 @@ hundred queries on a subset.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -38,20 +36,6 @@ NATURAL_OVERRIDES = ["train.epochs=4", "train.eval_every=4", "train.final_attack
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one thread while a fixture trains/exports/attacks: on a shared 2-core machine two
-    OpenMP threads competing with other processes make these small models ~4x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def assert_one_line_error(res, code, *needles):
@@ -80,9 +64,8 @@ def natural_run(work) -> Path:
     from ciard_deploy.config import find_recipe
     from ciard_deploy.distill.trainer import run as train
 
-    with one_thread():
-        train(find_recipe("quick/digits_natural_none_to_tiny_cnn"), work / "natural", handle_signals=False,
-              overrides=NATURAL_OVERRIDES)
+    train(find_recipe("quick/digits_natural_none_to_tiny_cnn"), work / "natural", handle_signals=False,
+          overrides=NATURAL_OVERRIDES)
     return work / "natural"
 
 
@@ -91,8 +74,7 @@ def robust_export(robust_run, work) -> Path:
     from ciard_deploy import export
 
     out = work / "export_robust"
-    with one_thread():
-        export.run(robust_run, out, ["onnx", "onnx-int8"], n=N, calib_n=256, reference_attack=None, check=False)
+    export.run(robust_run, out, ["onnx", "onnx-int8"], n=N, calib_n=256, reference_attack=None, check=False)
     return out
 
 
@@ -101,8 +83,7 @@ def natural_export(natural_run, work) -> Path:
     from ciard_deploy import export
 
     out = work / "export_natural"
-    with one_thread():
-        export.run(natural_run, out, ["onnx"], n=N, reference_attack=None, check=False)
+    export.run(natural_run, out, ["onnx"], n=N, reference_attack=None, check=False)
     return out
 
 
@@ -110,18 +91,16 @@ def natural_export(natural_run, work) -> Path:
 def robust_pack(robust_run, work) -> Path:
     """Built through the CLI verb (``ciard pack``)."""
     out = work / "robust_pack.npz"
-    with one_thread():
-        res = invoke("-q", "pack", robust_run, "--n", N, "--attacks", ATTACKS, "--eps", EPS, "--out", out,
-                     "--step-size", STEP, "--device", "cpu", "--json", work / "robust_pack.json")
+    res = invoke("-q", "pack", robust_run, "--n", N, "--attacks", ATTACKS, "--eps", EPS, "--out", out,
+                 "--step-size", STEP, "--device", "cpu", "--json", work / "robust_pack.json")
     assert res.exit_code == 0, res.stderr
     return out
 
 
 @pytest.fixture(scope="session")
 def natural_pack(natural_run, work) -> Path:
-    with one_thread():
-        return save_pack(build_pack(natural_run, n=N, attacks=ATTACKS.split(","), eps=EPS, step_size=STEP, device="cpu"),
-                         work / "natural_pack.npz")
+    return save_pack(build_pack(natural_run, n=N, attacks=ATTACKS.split(","), eps=EPS, step_size=STEP, device="cpu"),
+                     work / "natural_pack.npz")
 
 
 @pytest.fixture(scope="session")

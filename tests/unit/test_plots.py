@@ -56,24 +56,19 @@ def ciard_run(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("plots")
     info = get_dataset_info("digits")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        teachers = {}
-        for role in ("clean", "robust"):
-            net = create_model("small_cnn", info.num_classes, info.in_chans, info.mean, info.std)
-            teachers[role] = save_checkpoint(d / f"teacher_{role}", net, CheckpointMeta(
-                "small_cnn", info.num_classes, tuple(info.input_shape), tuple(info.mean), tuple(info.std), "digits",
-                tuple(info.classes)))
-        recipe = load_recipe(find_recipe("quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"), [
-            f"teachers.clean.checkpoint={teachers['clean']}", "teachers.clean.recipe=null",
-            f"teachers.robust.checkpoint={teachers['robust']}", "teachers.robust.recipe=null",
-            "train.epochs=3", "data.train_subset=300", "train.eval_n=50", "train.eval_every=1",
-            "train.final_eval_n=50", "attack.steps=2", "method.teacher_start_fraction=0.3"])
-        run(recipe, d / "run")
-    finally:
-        torch.set_num_threads(before)
+    torch.manual_seed(0)
+    teachers = {}
+    for role in ("clean", "robust"):
+        net = create_model("small_cnn", info.num_classes, info.in_chans, info.mean, info.std)
+        teachers[role] = save_checkpoint(d / f"teacher_{role}", net, CheckpointMeta(
+            "small_cnn", info.num_classes, tuple(info.input_shape), tuple(info.mean), tuple(info.std), "digits",
+            tuple(info.classes)))
+    recipe = load_recipe(find_recipe("quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"), [
+        f"teachers.clean.checkpoint={teachers['clean']}", "teachers.clean.recipe=null",
+        f"teachers.robust.checkpoint={teachers['robust']}", "teachers.robust.recipe=null",
+        "train.epochs=3", "data.train_subset=300", "train.eval_n=50", "train.eval_every=1",
+        "train.final_eval_n=50", "attack.steps=2", "method.teacher_start_fraction=0.3"])
+    run(recipe, d / "run")
     return d / "run"
 
 

@@ -16,14 +16,6 @@ from ciard_deploy.models import create_model
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, especially on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def hand_kl_terms(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """p_k (log p_k - log q_k) from the definitions, in float64."""

@@ -16,14 +16,6 @@ from ciard_deploy.models import create_model
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, especially on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 EPS = 8 / 255
 ALL = ["ard", "ciard", "mtard", "natural", "pgd_at", "rslad", "trades"]
 

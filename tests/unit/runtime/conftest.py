@@ -18,8 +18,6 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from ciard_deploy.models import create_model
 
     d = tmp_path_factory.mktemp("tiny_runtime")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 2-thread pool stalls on a shared 2-core machine
     info = get_dataset_info("digits")
     torch.manual_seed(0)
     model = create_model("tiny_cnn", 10, 1, info.mean, info.std).eval()
@@ -32,7 +30,6 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict:
         save_onnx(proto, paths[name], meta, 18)
     ckpt = save_checkpoint(d / "tiny", model, CheckpointMeta("tiny_cnn", 10, info.input_shape, info.mean, info.std,
                                                              "digits", info.classes, eps=0.1))
-    torch.set_num_threads(threads)
     return {"model": model, "onnx": paths["dynamic"], "onnx_static4": paths["static4"], "checkpoint": ckpt, "dir": d}
 
 
