@@ -140,36 +140,30 @@ def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume:
         err_console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
 
 
-_RUN_DIR_HELP = "Run dir to create (or to continue with --resume)."
-_RESUME_HELP = "Continue the run in --out from its last saved state."
+def _register_training_verb(kind: str, recipe_help: str, doc: str) -> None:
+    """`ciard distill` and `ciard train`: the same options, one definition; each checks its recipe's kind."""
+
+    def verb(
+        recipe: str = typer.Argument(..., help=recipe_help),
+        out: Path = typer.Option(..., "--out", "-o", help="Run dir to create (or to continue with --resume)."),
+        overrides: SetOption = [],
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved state."),
+        device: DeviceOption = None,
+        quiet: QuietOption = False,
+    ) -> None:
+        _train_verb(kind, recipe, out, overrides, resume, device, quiet)
+
+    verb.__name__ = verb.__qualname__ = kind
+    verb.__doc__ = doc
+    app.command(kind)(handle_errors(verb))
 
 
-@app.command()
-@handle_errors
-def distill(
-    recipe: str = typer.Argument(..., help="Recipe file, or a shipped recipe name (`ciard recipe ls`)."),
-    out: Path = typer.Option(..., "--out", "-o", help=_RUN_DIR_HELP),
-    overrides: SetOption = [],
-    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
-    device: DeviceOption = None,
-    quiet: QuietOption = False,
-) -> None:
+_register_training_verb(
+    "distill", "Recipe file, or a shipped recipe name (`ciard recipe ls`).",
     """Distill a student from its teachers (teachers given by recipe are trained first and cached).
 
     Multi-GPU: torchrun --nproc_per_node N -m ciard_deploy distill RECIPE --out DIR
-    """
-    _train_verb("distill", recipe, out, overrides, resume, device, quiet)
-
-
-@app.command()
-@handle_errors
-def train(
-    recipe: str = typer.Argument(..., help="A kind 'train' recipe: a teacher (natural, pgd_at, trades) or a baseline."),
-    out: Path = typer.Option(..., "--out", "-o", help=_RUN_DIR_HELP),
-    overrides: SetOption = [],
-    resume: bool = typer.Option(False, "--resume", help=_RESUME_HELP),
-    device: DeviceOption = None,
-    quiet: QuietOption = False,
-) -> None:
-    """Train a teacher or a no-teacher baseline (natural, PGD-AT, TRADES) on its own."""
-    _train_verb("train", recipe, out, overrides, resume, device, quiet)
+    """)
+_register_training_verb(
+    "train", "A kind 'train' recipe: a teacher (natural, pgd_at, trades) or a baseline.",
+    """Train a teacher or a no-teacher baseline (natural, PGD-AT, TRADES) on its own.""")
