@@ -73,19 +73,24 @@ def doctor(json_out: Optional[Path] = typer.Option(None, "--json", help="Also wr
     write_json(json_out, rep)
 
 
+def _listing(title: str, columns: list[str], rows: list[tuple[str, ...]], right: tuple[str, ...] = ()) -> None:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right" if c in right else "left")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+
+
 @app.command()
 @handle_errors
 def models() -> None:
     """List the registered model architectures."""
     from ciard_deploy.models import MODELS
 
-    t = Table(title="models (all take float32 NCHW in [0, 1])")
-    t.add_column("name")
-    t.add_column("params (10 classes, RGB)", justify="right")
-    t.add_column("role")
-    for name, entry in MODELS.items():
-        t.add_row(name, f"{entry.num_params() / 1e6:.2f}M", entry.role)
-    console.print(t)
+    params = "params (10 classes, RGB)"
+    _listing("models (all take float32 NCHW in [0, 1])", ["name", params, "role"],
+             [(name, f"{e.num_params() / 1e6:.2f}M", e.role) for name, e in MODELS.items()], right=(params,))
 
 
 @app.command()
@@ -94,13 +99,8 @@ def datasets() -> None:
     """List the registered datasets."""
     from ciard_deploy.data import DATASETS
 
-    t = Table(title="datasets")
-    t.add_column("name")
-    t.add_column("needs --data-root")
-    t.add_column("description")
-    for name, entry in DATASETS.items():
-        t.add_row(name, "yes" if entry.needs_root else "no", entry.description)
-    console.print(t)
+    _listing("datasets", ["name", "needs --data-root", "description"],
+             [(name, "yes" if e.needs_root else "no", e.description) for name, e in DATASETS.items()])
 
 
 @app.command()
@@ -109,10 +109,5 @@ def attacks() -> None:
     """List the attacks (names like pgd20, cw30, aa, square1000)."""
     from ciard_deploy.attacks import ATTACKS
 
-    t = Table(title="attacks (L-inf; eps given with --eps)")
-    t.add_column("name")
-    t.add_column("needs")
-    t.add_column("description")
-    for _, entry in ATTACKS.items():
-        t.add_row(entry.pattern, ", ".join(sorted(entry.requires)), entry.description)
-    console.print(t)
+    _listing("attacks (L-inf; eps given with --eps)", ["name", "needs", "description"],
+             [(e.pattern, ", ".join(sorted(e.requires)), e.description) for _, e in ATTACKS.items()])
