@@ -50,10 +50,11 @@ def test_version_and_help():
 
 
 def test_listings():
-    assert "wrn-34-10" in invoke("models").output
-    assert "digits" in invoke("datasets").output
-    out = invoke("attacks").output
-    assert "pgd<K>" in out and "square<Q>" in out
+    res = {verb: invoke(verb) for verb in ("models", "datasets", "attacks")}
+    assert all(r.exit_code == 0 and r.exception is None for r in res.values()), {k: r.output for k, r in res.items()}
+    assert "wrn-34-10" in res["models"].output and "11.17M" in res["models"].output  # preactresnet18's parameters
+    assert "digits" in res["datasets"].output and "imagefolder" in res["datasets"].output
+    assert "pgd<K>" in res["attacks"].output and "square<Q>" in res["attacks"].output
 
 
 def test_doctor_json(tmp_path):
