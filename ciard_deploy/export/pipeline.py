@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ciard_deploy.io import write_blocker
 from ciard_deploy.errors import BackendUnavailable, GateFailed, UsageError
 from ciard_deploy.export.base import FORMATS, ExportOptions, FormatSpec, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, load_manifest
@@ -134,15 +135,9 @@ def check_output(out_dir: Path, files: Sequence[str], force: bool) -> None:
         clash = [f for f in files if (out_dir / f).exists()]
         if clash:
             raise UsageError(f"{out_dir} already holds {', '.join(clash)}; pass --force to overwrite")
-    probe = out_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"cannot write to --out {out_dir}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to --out {out_dir}: {probe} is not writable")
+    blocker = write_blocker(out_dir)
+    if blocker:
+        raise UsageError(f"cannot write to --out {out_dir}: {blocker}")
 
 
 def _planned_files(names: Sequence[str]) -> list[str]:

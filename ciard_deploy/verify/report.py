@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ciard_deploy.io import write_blocker
 from ciard_deploy.errors import UsageError
 from ciard_deploy.verify.checks import Finding
 from ciard_deploy.verify.gates import GateResult, Gates, judge
@@ -308,15 +309,9 @@ def check_writable(path: str | os.PathLike, flag: str) -> Path:
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"cannot write {flag} {p}: it is a folder")
-    probe = p.parent
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"cannot write {flag} {p}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {flag} {p}: {probe} is not writable")
+    blocker = write_blocker(p.parent)
+    if blocker:
+        raise UsageError(f"cannot write {flag} {p}: {blocker}")
     return p
 
 
