@@ -1,4 +1,8 @@
-"""AutoAttack-style evaluation of a torch model: clean, each attack, per-sample worst case."""
+"""AutoAttack-style evaluation of a torch model: clean, each attack, per-sample worst case.
+
+Resumable through an ``EvaluationState`` (``attacks.state``): finished attacks are reused, a
+partial one continues, and the state is saved as the evaluation goes.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch import nn
 from ciard_deploy.attacks.base import TORCH_CAPABILITIES, Attack, ensure_capabilities
 from ciard_deploy.attacks.common import check_inputs, frozen_eval
 from ciard_deploy.attacks.results import AttackResult, EvalResult
+from ciard_deploy.attacks.state import SAVE_EVERY_S, AttackRecord, EvaluationState, StateEvent, data_hash
 from ciard_deploy.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -48,13 +53,23 @@ def check_budget(x_adv: torch.Tensor, x: torch.Tensor, eps: float, label: str) -
 
 def evaluate(model: nn.Module, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
              attacks: Sequence[Attack], batch_size: int = 256, device: str | torch.device = "cpu",
-             progress: ProgressFn | None = None) -> EvalResult:
+             progress: ProgressFn | None = None, state: EvaluationState | None = None,
+             on_state: Callable[[StateEvent], None] | None = None,
+             save_every: float = SAVE_EVERY_S) -> EvalResult:
     """Clean accuracy, each attack's robust accuracy and the worst case, with per-sample flags.
 
     As in AutoAttack/RobustBench: every attack is run on all samples the model classifies
     correctly without attack (so each attack's number stands on its own), each result is
     re-checked by a fresh forward pass, and a sample counts as robust in the worst case only
     if it is correct on clean *and* under every attack.
+
+    With a ``state`` (see ``attacks.state``) the evaluation is resumable: its clean flags and
+    finished attacks are reused instead of recomputed, an attack it holds partway continues
+    with the samples not yet attacked, and the rest run and are recorded. When the state has a
+    ``path`` it is saved there (atomically) after the clean pass, after every finished attack,
+    every ``save_every`` seconds inside an attack, and when an attack is interrupted (Ctrl-C or
+    an error), so at most the batch in flight is lost. Attacks the state holds but ``attacks``
+    does not name are kept in it and left out of the result.
 
     Args:
         model: torch classifier taking float32 NCHW in [0, 1]; moved to ``device``, used in eval
@@ -65,12 +80,20 @@ def evaluate(model: nn.Module, x: torch.Tensor | np.ndarray, y: torch.Tensor | n
         batch_size: images per attack call.
         device: where the model and attacks run (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         progress: optional ``callback(done, total, stage)``; the CLI turns it into a progress bar.
+        state: optional ``EvaluationState`` for exactly these ``x``/``y`` (its key's ``n`` and data
+            hash are checked) and these attacks' eps; updated in place.
+        on_state: optional ``callback(StateEvent)`` for each stage taken from ``state``
+            (``"reused"``, ``"resumed"``); the CLI prints one line each.
+        save_every: seconds between saves of a running attack's finished batches (0: every batch).
 
     Returns:
-        the ``EvalResult`` (per-sample flags kept).
+        the ``EvalResult`` (per-sample flags kept); ``AttackResult.origin`` says which attacks ran,
+        were reused or resumed.
 
     Raises:
-        UsageError: an attack listed twice, no samples, or a bad batch size.
+        UsageError: an attack listed twice, no samples, a bad batch size, or a state made for other
+            data or another eps.
+        StateMismatch: the state holds one of ``attacks`` with other settings.
     """
     attacks = list(attacks)
     ensure_capabilities(attacks, TORCH_CAPABILITIES)
@@ -86,6 +109,8 @@ def evaluate(model: nn.Module, x: torch.Tensor | np.ndarray, y: torch.Tensor | n
     n = len(x)
     if n == 0:
         raise UsageError("no samples to evaluate")
+    if state is not None:
+        _check_state(state, x, y, attacks)
     dev = torch.device(device)
     model.to(dev)
 
@@ -93,31 +118,103 @@ def evaluate(model: nn.Module, x: torch.Tensor | np.ndarray, y: torch.Tensor | n
         if progress is not None:
             progress(done, total, stage)
 
+    def announce(kind: str, stage: str, done: int, total: int, seconds: float) -> None:
+        if on_state is not None:
+            on_state(StateEvent(kind, stage, done, total, seconds, state.path if state is not None else None))
+
+    def save() -> None:
+        if state is not None and state.path is not None:
+            state.save()
+            log.debug("saved evaluation state to %s", state.path)
+
     with frozen_eval(model):
-        clean_correct = torch.zeros(n, dtype=torch.bool)
-        for start in range(0, n, batch_size):
-            xb, yb = x[start:start + batch_size].to(dev), y[start:start + batch_size].to(dev)
-            clean_correct[start:start + batch_size] = (_predict(model, xb) == yb).cpu()
-            report(min(start + batch_size, n), n, "clean")
+        if state is not None and state.clean_correct is not None:
+            clean_correct = torch.from_numpy(state.clean_correct.copy())
+            announce("reused", "clean", n, n, 0.0)
+        else:
+            clean_correct = torch.zeros(n, dtype=torch.bool)
+            for start in range(0, n, batch_size):
+                xb, yb = x[start:start + batch_size].to(dev), y[start:start + batch_size].to(dev)
+                clean_correct[start:start + batch_size] = (_predict(model, xb) == yb).cpu()
+                report(min(start + batch_size, n), n, "clean")
+            if state is not None:
+                state.clean_correct = clean_correct.numpy().copy()
+                save()
         idx = clean_correct.nonzero().flatten()
         results: list[AttackResult] = []
         for attack in attacks:
-            flags = torch.zeros(n, dtype=torch.bool)
-            t0 = time.perf_counter()
-            report(0, len(idx), attack.label)
-            for start in range(0, len(idx), batch_size):
-                b = idx[start:start + batch_size]
-                xb, yb = x[b].to(dev), y[b].to(dev)
-                x_adv = attack.run(model, xb, yb)
-                check_budget(x_adv, xb, attack.eps, attack.label)
-                flags[b] = (_predict(model, x_adv) == yb).cpu()
-                report(min(start + len(b), len(idx)), len(idx), attack.label)
-            seconds = time.perf_counter() - t0
-            acc = float(flags.sum()) / n
-            log.info("%s: %.2f%% (%.1f s)", attack.label, 100 * acc, seconds)
-            results.append(AttackResult(attack.name, attack.label, attack.eps, acc, seconds, flags.numpy()))
+            rec = state.record(attack.label) if state is not None else None
+            if rec is not None and rec.finished:
+                announce("reused", attack.label, rec.done, rec.total, rec.seconds)
+                log.debug("%s: %.2f%% (reused, %.1f s when it ran)", attack.label,
+                          100 * rec.per_sample.mean(), rec.seconds)
+                results.append(rec.to_result("reused"))
+                continue
+            results.append(_run_attack(model, x, y, idx, attack, batch_size, dev, report, announce, save, state,
+                                       rec, save_every))
     worst = clean_correct.clone()
     for r in results:
         worst &= torch.from_numpy(r.per_sample)
     return EvalResult(n=n, clean_acc=float(clean_correct.sum()) / n, attacks=results,
                       worst_case_acc=float(worst.sum()) / n, clean_correct=clean_correct.numpy())
+
+
+def _check_state(state: EvaluationState, x: torch.Tensor, y: torch.Tensor, attacks: list[Attack]) -> None:
+    """The state must be for these very samples and this eps, and hold these attacks (if any) with equal settings."""
+    if state.key.n != len(x):
+        raise UsageError(f"the evaluation state is for {state.key.n} samples, not {len(x)}")
+    if state.key.data_sha256 != data_hash(x, y):
+        raise UsageError("the evaluation state is for other images or labels (data_sha256 differs)")
+    other_eps = sorted({a.label for a in attacks if a.eps != state.key.eps})
+    if other_eps:
+        raise UsageError(f"the evaluation state is for eps {state.key.eps:g}; {', '.join(other_eps)} "
+                         "has another budget")
+    state.check(state.key, attacks)
+
+
+def _run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, attack: Attack,
+                batch_size: int, dev: torch.device, report: ProgressFn, announce: Callable[..., None],
+                save: Callable[[], None], state: EvaluationState | None, rec: AttackRecord | None,
+                save_every: float) -> AttackResult:
+    """Runs one attack on the clean-correct samples ``idx``, continuing ``rec`` if it is a partial record."""
+    n, total = len(x), len(idx)
+    if rec is not None:  # partway in the state (settings checked equal): continue after its last batch
+        flags, first, seconds_before, origin = torch.from_numpy(rec.per_sample.copy()), rec.done, rec.seconds, "resumed"
+        announce("resumed", attack.label, rec.done, total, rec.seconds)
+        log.info("%s: resuming at %d/%d", attack.label, rec.done, total)
+    else:
+        flags, first, seconds_before, origin = torch.zeros(n, dtype=torch.bool), 0, 0.0, "ran"
+    if state is not None:
+        rec = AttackRecord(attack.label, attack.name, attack.eps, attack.describe(), total, first, seconds_before,
+                           flags.numpy().copy(), device=str(dev), batch_size=batch_size)
+        state.put(rec)
+    t0 = last_save = time.perf_counter()
+    unsaved = False
+    report(first, total, attack.label)
+    try:
+        for start in range(first, total, batch_size):
+            b = idx[start:start + batch_size]
+            xb, yb = x[b].to(dev), y[b].to(dev)
+            x_adv = attack.run(model, xb, yb)
+            check_budget(x_adv, xb, attack.eps, attack.label)
+            flags[b] = (_predict(model, x_adv) == yb).cpu()
+            done = start + len(b)
+            report(done, total, attack.label)
+            if rec is not None:
+                rec.per_sample[b.numpy()] = flags[b].numpy()
+                rec.done, rec.seconds = done, seconds_before + time.perf_counter() - t0
+                unsaved = True
+                if done < total and time.perf_counter() - last_save >= save_every:
+                    save()
+                    last_save, unsaved = time.perf_counter(), False
+    except BaseException:
+        if unsaved:  # Ctrl-C or a failure: keep the batches that finished
+            save()
+        raise
+    seconds = seconds_before + time.perf_counter() - t0
+    if rec is not None:
+        rec.done, rec.seconds = total, seconds
+        save()
+    acc = float(flags.sum()) / n
+    log.info("%s: %.2f%% (%.1f s)", attack.label, 100 * acc, seconds)
+    return AttackResult(attack.name, attack.label, attack.eps, acc, seconds, flags.numpy(), origin=origin)

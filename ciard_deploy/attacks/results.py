@@ -29,8 +29,11 @@ class AttackResult:
         label: name and budget, e.g. ``"pgd20@8/255"``.
         eps: L-inf radius.
         robust_acc: fraction of all samples correct on clean and still correct under this attack.
-        seconds: wall time of the attack.
+        seconds: wall time of the attack (for a result taken from an evaluation state, the time
+            recorded there: the work was not redone).
         per_sample: bool per sample (same meaning as ``robust_acc``), if kept.
+        origin: ``"ran"`` (computed by this evaluation), ``"reused"`` (finished earlier, taken from
+            an ``EvaluationState``) or ``"resumed"`` (a partial run in the state, continued).
     """
 
     name: str
@@ -39,11 +42,12 @@ class AttackResult:
     robust_acc: float
     seconds: float
     per_sample: np.ndarray | None = field(default=None, repr=False)
+    origin: str = "ran"
 
     def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "label": self.label, "eps": self.eps,
                              "eps_label": format_eps(self.eps), "robust_acc": self.robust_acc,
-                             "seconds": round(self.seconds, 4)}
+                             "seconds": round(self.seconds, 4), "origin": self.origin}
         if per_sample and self.per_sample is not None:
             d["per_sample"] = [bool(v) for v in self.per_sample]
         return d
@@ -52,7 +56,7 @@ class AttackResult:
     def from_dict(cls, d: dict[str, Any]) -> "AttackResult":
         return cls(name=str(d["name"]), label=str(d["label"]), eps=float(d["eps"]),
                    robust_acc=float(d["robust_acc"]), seconds=float(d.get("seconds", 0.0)),
-                   per_sample=_flags(d.get("per_sample")))
+                   per_sample=_flags(d.get("per_sample")), origin=str(d.get("origin", "ran")))
 
 
 @dataclass

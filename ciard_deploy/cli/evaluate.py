@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import console, handle_errors, progress, write_json
+from ciard_deploy.cli.common import State, console, err_console, handle_errors, progress, write_json
 
 
 @app.command("eval")
@@ -27,19 +28,55 @@ def eval_cmd(
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset files are."),
     download: bool = typer.Option(False, "--download", help="Download the dataset if absent (torchvision datasets)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    state: Optional[Path] = typer.Option(
+        None, "--state",
+        help="Resumable evaluation state (JSON; none unless given). Created if absent and saved after the clean "
+             "pass, after each finished attack and every ~10 s inside one (also on Ctrl-C). If it exists it must "
+             "hold the same evaluation (model sha256, arch, dataset, samples, seed, eps, attack settings): its "
+             "finished attacks are reused, not re-run (a line on stderr says so), a partial one continues, new "
+             "ones run and are added. A different evaluation is an error (exit 2) and the file is left as it is."),
+    fresh: bool = typer.Option(False, "--fresh",
+                               help="With --state: discard what the state file holds and start over."),
 ) -> None:
-    """Clean and per-attack robust accuracy of a checkpoint, plus the per-sample worst case."""
+    """Clean and per-attack robust accuracy of a checkpoint, plus the per-sample worst case.
+
+    Rerunning with --state FILE and more attacks runs only the new ones; after Ctrl-C, the same
+    command continues where it stopped.
+    """
     from ciard_deploy import evaluate
     from ciard_deploy.attacks import parse_eps
+    from ciard_deploy.errors import UsageError
 
     eps_value = parse_eps(eps)
     names = [a.strip() for a in attacks.split(",") if a.strip()]
-    with progress("eval", unit="img") as update:
-        rep = evaluate.run(checkpoint, names, eps_value, n=n, dataset=dataset, data_root=data_root,
-                           download=download, arch=arch, device=device, batch_size=batch_size, seed=seed,
-                           progress=update)
+    if state is not None and json_out is not None and state.resolve() == json_out.resolve():
+        raise UsageError(f"--state and --json name the same file ({state}): give them different paths")
+    try:
+        with progress("eval", unit="img") as update:
+            rep = evaluate.run(checkpoint, names, eps_value, n=n, dataset=dataset, data_root=data_root,
+                               download=download, arch=arch, device=device, batch_size=batch_size, seed=seed,
+                               progress=update, state_path=state, fresh=fresh, on_state=_state_line)
+    except KeyboardInterrupt:
+        if state is not None and state.exists():
+            err_console.print(f"[yellow]interrupted[/]: finished work is in {escape(str(state))}; run the same "
+                              "command again to continue", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        raise
     render_eval(rep)
     write_json(json_out, rep)
+
+
+def _state_line(ev: Any) -> None:
+    """One stderr line per stage taken from the state file (not with --quiet)."""
+    if State.quiet:
+        return
+    if ev.kind == "reused" and ev.stage == "clean":
+        msg = f"state: reusing the clean pass from {ev.path}"
+    elif ev.kind == "reused":
+        msg = f"state: reusing {ev.stage} from {ev.path} (finished earlier in {ev.seconds:.1f} s; not re-run)"
+    else:
+        msg = f"state: resuming {ev.stage} at {ev.done}/{ev.total} from {ev.path}"
+    err_console.print(escape(msg), highlight=False, soft_wrap=True)
 
 
 def render_eval(rep: dict) -> None:
@@ -49,7 +86,9 @@ def render_eval(rep: dict) -> None:
     t.add_column("seconds", justify="right")
     t.add_row("clean", f"{rep['clean_acc']:.4f}", "")
     for a in rep["attacks"]:
-        t.add_row(a["label"], f"{a['robust_acc']:.4f}", f"{a.get('seconds', 0):.1f}")
+        origin = a.get("origin", "ran")
+        note = "" if origin == "ran" else f" ({origin})"
+        t.add_row(a["label"], f"{a['robust_acc']:.4f}", f"{a.get('seconds', 0):.1f}{note}")
     if rep["attacks"]:
         t.add_row("[bold]worst case[/]", f"[bold]{rep['worst_case_acc']:.4f}[/]", "")
     console.print(t)

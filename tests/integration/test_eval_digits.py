@@ -46,3 +46,55 @@ def test_eval_ranks_the_pgd_trained_model_above_the_undefended_one(runs, tmp_pat
     # the worst case is never above any single attack
     for rep in (rep_nat, rep_pgd):
         assert rep["worst_case_acc"] <= min(a["robust_acc"] for a in rep["attacks"]) <= rep["clean_acc"]
+
+
+def test_eval_state_runs_only_new_attacks_and_refuses_another_evaluation(runs, tmp_path):
+    """`--state`: a second call with one more attack reuses the two finished ones (stderr says so, their
+    recorded seconds and flags are untouched) and runs only the new one; another eps, seed or model is
+    exit 2 naming the difference, with the file left byte-identical."""
+    state = tmp_path / "eval.state.json"
+
+    def run(model, attacks, *extra):
+        return CliRunner().invoke(app, ["eval", str(runs / model), "--attacks", attacks, "--eps", EPS,
+                                        "--n", "120", "--state", str(state), *extra])
+
+    res = run("pgd_at", "fgsm,pgd10", "--json", str(tmp_path / "first.json"))
+    assert res.exit_code == 0, res.output
+    assert "reusing" not in res.stderr
+    first_state = json.loads(state.read_text())
+    first = json.loads((tmp_path / "first.json").read_text())
+    assert [a["origin"] for a in first["attacks"]] == ["ran", "ran"]
+
+    res = run("pgd_at", "fgsm,pgd10,cw10", "--json", str(tmp_path / "second.json"))
+    assert res.exit_code == 0, res.output
+    err = res.stderr.replace("\n", " ")
+    assert f"state: reusing fgsm@0.15 from {state}" in err and f"state: reusing pgd10@0.15 from {state}" in err
+    assert "reusing cw10" not in err and "eval cw10@0.15" in err  # cw10 alone shows progress: it alone ran
+    assert "eval pgd10@0.15" not in err and "eval clean" not in err
+    second_state = json.loads(state.read_text())
+    assert second_state["clean_correct"] == first_state["clean_correct"]
+    assert second_state["attacks"][:2] == first_state["attacks"]  # seconds, flags, settings: byte for byte
+    assert [a["label"] for a in second_state["attacks"]] == ["fgsm@0.15", "pgd10@0.15", "cw10@0.15"]
+    second = json.loads((tmp_path / "second.json").read_text())
+    assert [(a["label"], a["origin"]) for a in second["attacks"]] == [
+        ("fgsm@0.15", "reused"), ("pgd10@0.15", "reused"), ("cw10@0.15", "ran")]
+    for old, new in zip(first["attacks"], second["attacks"]):
+        assert (new["robust_acc"], new["seconds"]) == (old["robust_acc"], old["seconds"])
+    assert second["clean_acc"] == first["clean_acc"] and second["worst_case_acc"] <= first["worst_case_acc"]
+    assert second["worst_case_label"] == "worst(fgsm+pgd10+cw10)@0.15"
+
+    before = state.read_bytes()
+    for extra, model, needles in [
+        (["--eps", "0.1"], "pgd_at", ["eps 0.15 (file) vs 0.1 (now)"]),
+        (["--seed", "1"], "pgd_at", ["seed 0 (file) vs 1 (now)", "sample indices"]),
+        ([], "natural", ["model sha256"]),
+    ]:
+        res = CliRunner().invoke(app, ["-q", "eval", str(runs / model), "--attacks", "fgsm", "--n", "120",
+                                       "--state", str(state), *(extra if "--eps" in extra else ["--eps", EPS, *extra])])
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        msg = " ".join(lines)
+        assert msg.startswith("error: state file") and "holds a different evaluation" in msg and "--fresh" in msg
+        for needle in needles:
+            assert needle in msg, msg
+        assert state.read_bytes() == before
