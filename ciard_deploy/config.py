@@ -19,9 +19,12 @@ Every section rejects unknown keys and suggests the closest valid one; every pro
 recipe is reported at once in one ``RecipeError``. Relative paths inside a recipe (teacher
 checkpoints and recipes, ``data.data_root``) are resolved against the recipe file's folder.
 
-    recipe = load_recipe("recipes/quick/digits_ciard_small_cnn_wide_to_small_cnn_linf0.2.yaml",
+    recipe = load_recipe(find_recipe("quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"),
                          overrides=["train.epochs=2"])
-    recipe.hash          # sha256 of the canonical JSON of the resolved recipe
+    recipe.hash          # sha256 of the canonical JSON of the resolved recipe (teachers by content)
+
+Shipped recipes are found by name (``find_recipe``, ``list_recipes``) in ``$CIARD_RECIPES``, else in
+the installed package's copy, else in the source checkout's ``recipes/`` (see ``recipes_dir``).
 """
 
 from __future__ import annotations
@@ -130,6 +133,10 @@ class TeacherSpec(Section):
                                                      ".pt/.pth/.safetensors state dict (then `arch` is needed)")
     recipe: str | None = Field(None, description="a kind 'train' recipe that trains this teacher when it is not "
                                                  "cached yet (cached by recipe hash)")
+    recipe_hash: str | None = Field(None, description="the teacher recipe's hash, filled in by ciard when a recipe is "
+                                                      "resolved (run dirs' recipe.yaml): a run refuses a teacher "
+                                                      "recipe whose content changed since; remove it to accept the "
+                                                      "edit")
     arch: str | None = Field(None, description="architecture of a plain state-dict checkpoint")
     normalize: bool = Field(False, description="plain state dict only: normalize inside the model with the "
                                                "dataset's mean/std (false: the network sees [0, 1] pixels, as the "
@@ -139,6 +146,12 @@ class TeacherSpec(Section):
     def _one_source(self) -> "TeacherSpec":
         if (self.checkpoint is None) == (self.recipe is None):
             raise ValueError("give exactly one of 'checkpoint' or 'recipe'")
+        if self.recipe_hash is not None:
+            if self.recipe is None:
+                raise ValueError("'recipe_hash' pins a teacher recipe; a checkpoint teacher has none (its sha256 "
+                                 "is recorded in the run's teachers.json)")
+            if len(self.recipe_hash) != 64 or any(c not in "0123456789abcdef" for c in self.recipe_hash):
+                raise ValueError(f"recipe_hash {self.recipe_hash!r} is not a sha256 (64 lowercase hex digits)")
         if self.checkpoint and Path(self.checkpoint).suffix in (".pt", ".pth", ".bin") and not self.arch:
             raise ValueError("a .pt/.pth/.bin state dict needs 'arch' (the architecture it fits)")
         if self.arch is not None:
@@ -451,14 +464,29 @@ class RecipeBase(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
 
+    def hash_payload(self) -> dict[str, Any]:
+        """What :attr:`hash` covers: the resolved recipe without its ``deploy`` section."""
+        d = self.to_dict()
+        d.pop("deploy", None)
+        return d
+
     @property
     def hash(self) -> str:
         """sha256 of the canonical JSON of the resolved recipe (every default filled in), without its
         ``deploy`` section: the hash names what the model was trained with, so models (and teacher
-        caches, and ``--resume``) do not change when only the release gates or export formats do."""
-        d = self.to_dict()
-        d.pop("deploy", None)
-        canon = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        caches, and ``--resume``) do not change when only the release gates or export formats do.
+
+        A distill recipe's teachers enter by content, not by path: a teacher recipe by its own hash
+        (after its ``extends`` and the student's ``data_root``; see
+        :meth:`DistillRecipe.teacher_hashes`), so editing it changes the student's hash and moving or
+        renaming it does not. A checkpoint teacher enters by its resolved path only: hashing is
+        never allowed to read (or need) a weights file of hundreds of MB; its sha256 is pinned at
+        run time instead (``teachers.json`` of the run, the inputs of ``ciard run``'s distill stage).
+
+        Raises:
+            RecipeError: a teacher recipe cannot be read or does not validate.
+        """
+        canon = json.dumps(self.hash_payload(), sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canon.encode()).hexdigest()
 
     @property
@@ -480,6 +508,55 @@ class DistillRecipe(RecipeBase):
     student: ModelSpec = Field(..., description="the student network")
     teachers: TeachersConfig = Field(default_factory=TeachersConfig, description="the teachers the method needs, "
                                                                                  "each by checkpoint or by recipe")
+
+    # teacher recipe hashes computed so far, keyed by everything they depend on: a recipe object
+    # is a snapshot, so a teacher file edited after its first use cannot change this recipe's hash
+    _teacher_hash_cache: dict[tuple[str, str, str, str | None], str] = PrivateAttr(default_factory=dict)
+
+    def teacher_hash(self, role: str) -> str:
+        """The hash of the ``role`` teacher's recipe: its pinned ``recipe_hash`` when the recipe gives
+        one (no file read), else that of :func:`load_teacher_recipe` on the file (the same hash
+        that keys the teacher cache).
+
+        Raises:
+            RecipeError: no teacher recipe for ``role``, or it cannot be read or does not validate.
+        """
+        spec = getattr(self.teachers, role)
+        if spec is None or spec.recipe is None:
+            raise RecipeError(f"teachers.{role}: not given by a recipe")
+        if spec.recipe_hash is not None:
+            return spec.recipe_hash
+        key = (role, spec.recipe, self.data.dataset, self.data.data_root)
+        if key not in self._teacher_hash_cache:
+            self._teacher_hash_cache[key] = load_teacher_recipe(spec.recipe, role, self.data.dataset,
+                                                                self.data.data_root).hash
+        return self._teacher_hash_cache[key]
+
+    def teacher_hashes(self) -> dict[str, str]:
+        """Teacher role -> recipe hash, for the teachers given by recipe (see :meth:`teacher_hash`)."""
+        return {role: self.teacher_hash(role) for role in TEACHER_ROLES
+                if getattr(self.teachers, role) is not None and getattr(self.teachers, role).recipe is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe; each teacher recipe's hash is filled in as ``recipe_hash`` (where its
+        file validates), so a run dir's ``recipe.yaml`` pins the teachers it was trained from."""
+        d = super().to_dict()
+        for role in TEACHER_ROLES:
+            spec = getattr(self.teachers, role)
+            if spec is not None and spec.recipe is not None and spec.recipe_hash is None:
+                try:
+                    d["teachers"][role]["recipe_hash"] = self.teacher_hash(role)
+                except RecipeError:
+                    pass  # shown as is; hash (and running it) report the problem
+        return d
+
+    def hash_payload(self) -> dict[str, Any]:
+        """The resolved recipe with each teacher recipe's path replaced by its content hash."""
+        d = super().hash_payload()
+        for role, h in self.teacher_hashes().items():
+            d["teachers"][role].pop("recipe", None)
+            d["teachers"][role]["recipe_hash"] = h
+        return d
 
 
 Recipe = Union[TrainRecipe, DistillRecipe]
@@ -560,9 +637,9 @@ def _absolutize_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 def _resolve_path(value: str, base: Path) -> str:
+    """``value`` with ``$VARS`` and ``~`` expanded, made absolute against ``base`` and normalized
+    (``..``, symlinks): one file has one spelling, whichever way the recipe wrote it."""
     expanded = Path(os.path.expandvars(value)).expanduser()
-    if expanded.is_absolute():
-        return str(expanded)
     return str((base / expanded).resolve())
 
 
@@ -742,25 +819,59 @@ def teacher_recipe_paths(recipe: Recipe) -> dict[str, Path]:
     return out
 
 
+def load_teacher_recipe(path: str | Path, role: str, dataset: str, data_root: str | None = None) -> TrainRecipe:
+    """A teacher recipe, checked: kind train, same dataset as the student. ``data_root`` (the
+    student's, when its recipe sets one) replaces the teacher recipe's: where the data lies is a
+    property of the machine, not of the teacher.
+
+    Its ``hash`` is the one place a teacher recipe's identity comes from: it keys the teacher cache
+    (``distill.teachers``) and enters the student's hash (:meth:`DistillRecipe.teacher_hash`).
+    """
+    overrides = [f"data.data_root={json.dumps(str(data_root))}"] if data_root else []
+    try:
+        recipe = load_recipe(path, overrides)
+    except RecipeError as e:
+        raise RecipeError(f"teachers.{role}.recipe: {e}") from None
+    if not isinstance(recipe, TrainRecipe):
+        raise RecipeError(f"teachers.{role}.recipe: {path} is a kind {recipe.kind!r} recipe; a teacher recipe "
+                          f"has kind 'train'")
+    if recipe.data.dataset != dataset:
+        raise RecipeError(f"teachers.{role}.recipe: {path} trains on {recipe.data.dataset!r}, the student on "
+                          f"{dataset!r}")
+    return recipe
+
+
+def check_teacher_pin(recipe: DistillRecipe, role: str, teacher: TrainRecipe) -> None:
+    """Raises a RecipeError when ``teacher`` (the role's recipe as read now) is not the content
+    ``recipe`` was hashed with: a pinned ``recipe_hash`` that no longer matches, or a file edited
+    since ``recipe.hash`` was first taken."""
+    expected = recipe.teacher_hash(role)
+    if teacher.hash == expected:
+        return
+    spec = getattr(recipe.teachers, role)
+    if spec.recipe_hash is not None:
+        fix = (f"this recipe pins teachers.{role}.recipe_hash {expected[:16]} (a run dir's recipe.yaml does): "
+               f"resume with the same teacher recipe, or remove the pin to train with the edited one (a new run)")
+    else:
+        fix = f"it was {expected[:16]} when this recipe was loaded; load the recipe again"
+    raise RecipeError(f"teachers.{role}.recipe: {spec.recipe} changed: its hash is {teacher.short_hash}, but {fix}")
+
+
 def check_recipe_tree(recipe: Recipe) -> list[str]:
     """Validates the teacher recipes a distill recipe names; returns their problems (empty: fine).
 
-    A teacher recipe must be a kind 'train' recipe on the same dataset as the student.
+    A teacher recipe must be a kind 'train' recipe on the same dataset as the student (read with the
+    student's ``data_root``, as a run reads it), and match the ``recipe_hash`` pinned for it, if any.
     """
     problems = []
     for role, path in teacher_recipe_paths(recipe).items():
+        assert isinstance(recipe, DistillRecipe)
         try:
-            t = load_recipe(path)
+            t = load_teacher_recipe(path, role, recipe.data.dataset, recipe.data.data_root)
+            check_teacher_pin(recipe, role, t)
         except RecipeError as e:
-            problems.append(f"teachers.{role}.recipe: {e}")
+            problems.append(str(e))
             continue
-        if not isinstance(t, TrainRecipe):
-            problems.append(f"teachers.{role}.recipe: {path} is a kind {t.kind!r} recipe; a teacher recipe "
-                            f"has kind 'train'")
-            continue
-        if t.data.dataset != recipe.data.dataset:
-            problems.append(f"teachers.{role}.recipe: trains on {t.data.dataset!r}, the student on "
-                            f"{recipe.data.dataset!r}")
         spec = getattr(recipe.teachers, role)
         if spec.arch is not None and spec.arch != t.model.arch:
             problems.append(f"teachers.{role}.arch: {spec.arch!r} but its recipe trains {t.model.arch!r}")
@@ -769,15 +880,30 @@ def check_recipe_tree(recipe: Recipe) -> list[str]:
 
 # --------------------------------------------------------------------------- shipped recipes
 def recipes_dir() -> Path | None:
-    """The shipped recipes: ``$CIARD_RECIPES``, the package's ``recipes/`` (when installed with its
-    data), or the ``recipes/`` folder of the source checkout next to the package."""
+    """The folder of the shipped recipes, the first of:
+
+    1. ``$CIARD_RECIPES``, when set (a RecipeError if it is not a folder);
+    2. ``ciard_deploy/recipes/`` inside the installed package: a wheel carries the repository's
+       top-level ``recipes/`` there (pyproject.toml maps it in at build time);
+    3. ``recipes/`` of the source checkout the package is imported from (a checkout on
+       ``PYTHONPATH`` or an editable install): the same files, read in place.
+
+    None when there is none (then ``list_recipes`` is empty and only recipe files can be named).
+    """
     import ciard_deploy
 
+    env = os.environ.get("CIARD_RECIPES")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_dir():
+            raise RecipeError(f"CIARD_RECIPES={env}: not a folder (unset it to use the shipped recipes)")
+        return p
     pkg = Path(ciard_deploy.__file__).resolve().parent
-    candidates = [os.environ.get("CIARD_RECIPES"), pkg / "recipes", pkg.parent / "recipes"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
+    if (pkg / "recipes").is_dir():
+        return pkg / "recipes"
+    checkout = pkg.parent
+    if (checkout / "recipes").is_dir() and (checkout / "pyproject.toml").is_file():
+        return checkout / "recipes"
     return None
 
 
@@ -850,6 +976,7 @@ __all__ = [
     "AttackConfig", "DataConfig", "DeployConfig", "DeployGates", "DeployPack", "DistillRecipe", "MethodSection",
     "ModelSpec", "OptimConfig", "Recipe",
     "RecipeBase", "SCHEMA_VERSION", "TeacherSpec", "TeachersConfig", "TrainConfig", "TrainRecipe",
-    "apply_overrides", "check_recipe_tree", "deep_merge", "field_docs", "find_recipe", "list_recipes", "load_raw",
-    "load_recipe", "recipe_from_dict", "recipes_dir", "teacher_recipe_paths", "validate_recipe",
+    "apply_overrides", "check_recipe_tree", "check_teacher_pin", "deep_merge", "field_docs", "find_recipe",
+    "list_recipes", "load_raw", "load_recipe", "load_teacher_recipe", "recipe_from_dict", "recipes_dir",
+    "teacher_recipe_paths", "validate_recipe",
 ]

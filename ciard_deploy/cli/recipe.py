@@ -53,11 +53,16 @@ def show(
     """Print the recipe as resolved (extends merged, defaults filled in) and what each field means."""
     from ciard_deploy.config import field_docs, find_recipe, load_recipe
     from ciard_deploy.distill.methods import METHODS
+    from ciard_deploy.errors import RecipeError
 
     path = find_recipe(name)
     r = load_recipe(path, overrides)
-    console.print(f"# {path}  (hash {r.hash[:16]})", highlight=False)
-    console.print(r.to_yaml(), highlight=False, markup=False)
+    try:
+        digest = f"hash {r.hash[:16]}"
+    except RecipeError as e:  # a teacher recipe that does not load: show the recipe anyway
+        digest = f"no hash: {e}"
+    console.print(f"# {path}  ({digest})", highlight=False)
+    console.print(r.to_yaml(), highlight=False, markup=False, soft_wrap=True)  # YAML lines stay whole
     if not fields:
         return
     t = Table(title="fields", show_lines=False)

@@ -11,6 +11,10 @@ A teacher is given in a recipe by one of:
   An interrupted teacher training resumes where it stopped. A teacher recipe reads its data
   from the student recipe's ``data.data_root`` when that one is set (``--set data.data_root=DIR``
   on the distillation reaches its teachers too).
+
+The student's recipe hash covers each teacher recipe's content through that same hash
+(``DistillRecipe.teacher_hash``); a run refuses a teacher recipe that changed since the student
+recipe was hashed, or that no longer matches the ``recipe_hash`` a resolved recipe pins.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ciard_deploy.config import TEACHER_ROLES, DistillRecipe, TeacherSpec, TrainRecipe, load_recipe
+from ciard_deploy.config import (TEACHER_ROLES, DistillRecipe, TeacherSpec, TrainRecipe, check_teacher_pin,
+                                 load_teacher_recipe)
 from ciard_deploy.errors import ArtifactError, RecipeError
 from ciard_deploy.io import checkpoint_paths, load_checkpoint, load_weights_into, sha256_file
 
@@ -72,24 +77,6 @@ def _exclusive(lock_path: Path, enabled: bool) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def load_teacher_recipe(path: str | Path, role: str, dataset: str, data_root: str | None = None) -> TrainRecipe:
-    """A teacher recipe, checked: kind train, same dataset as the student. ``data_root`` (the
-    student's, when its recipe sets one) replaces the teacher recipe's: where the data lies is a
-    property of the machine, not of the teacher."""
-    overrides = [f"data.data_root={json.dumps(str(data_root))}"] if data_root else []
-    try:
-        recipe = load_recipe(path, overrides)
-    except RecipeError as e:
-        raise RecipeError(f"teachers.{role}.recipe: {e}") from None
-    if not isinstance(recipe, TrainRecipe):
-        raise RecipeError(f"teachers.{role}.recipe: {path} is a kind {recipe.kind!r} recipe; a teacher recipe "
-                          f"has kind 'train'")
-    if recipe.data.dataset != dataset:
-        raise RecipeError(f"teachers.{role}.recipe: {path} trains on {recipe.data.dataset!r}, the student on "
-                          f"{dataset!r}")
-    return recipe
 
 
 def train_teacher(recipe: TrainRecipe, role: str, device: torch.device | str, *, callbacks: Sequence[Any] = (),
@@ -161,6 +148,7 @@ def resolve_teachers(recipe: DistillRecipe, info: Any, device: torch.device, *, 
             continue
         if spec.recipe is not None:
             t_recipe = load_teacher_recipe(spec.recipe, role, recipe.data.dataset, recipe.data.data_root)
+            check_teacher_pin(recipe, role, t_recipe)
             if spec.arch is not None and spec.arch != t_recipe.model.arch:
                 raise RecipeError(f"teachers.{role}.arch: {spec.arch!r} but its recipe trains {t_recipe.model.arch!r}")
             run_dir, trained_now = train_teacher(t_recipe, role, device, callbacks=callbacks, ctx=ctx)

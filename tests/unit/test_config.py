@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ciard_deploy.config import (DistillRecipe, TrainRecipe, apply_overrides, check_recipe_tree, deep_merge,
-                                 field_docs, find_recipe, list_recipes, load_raw, load_recipe, recipe_from_dict,
-                                 recipes_dir)
+from ciard_deploy.config import (DistillRecipe, TrainRecipe, apply_overrides, check_recipe_tree, check_teacher_pin,
+                                 deep_merge, field_docs, find_recipe, list_recipes, load_raw, load_recipe,
+                                 load_teacher_recipe, recipe_from_dict, recipes_dir)
 from ciard_deploy.errors import RecipeError
 
 pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
 
 DISTILL = {
     "kind": "distill",
@@ -185,3 +187,148 @@ def test_shipped_recipes_found_by_name():
     assert find_recipe(name.split("/")[-1]) == shipped[name]  # the last part alone is unique
     with pytest.raises(RecipeError, match="did you mean"):
         find_recipe("digits_ciard_small_cnn_to_tiny_cnn_linf0.3")
+
+
+# --------------------------------------------------------------------------- teachers in the hash
+TEACHER_BASE = {"data": {"dataset": "digits", "batch_size": 32}, "train": {"eval_attack": None, "select_by": "clean"}}
+
+
+def teacher_tree(root: Path, epochs: int = 5) -> Path:
+    """A clean teacher recipe that extends a base next to it; returns the teacher file."""
+    write(root / "_base.yaml", TEACHER_BASE)
+    return write(root / "clean.yaml", {"extends": "_base.yaml", "kind": "train", "model": {"arch": "small_cnn"},
+                                       "method": {"name": "natural"}, "train": {"epochs": epochs}})
+
+
+def student(path: Path, clean_ref: str, **teachers_extra) -> Path:
+    return write(path, {"kind": "distill", "student": {"arch": "tiny_cnn"}, "method": {"name": "mtard"},
+                        "teachers": {"clean": {"recipe": clean_ref},
+                                     "robust": {"checkpoint": "/ckpt/robust.safetensors"}, **teachers_extra},
+                        "train": {"epochs": 2}})
+
+
+def test_editing_a_teacher_recipe_changes_the_student_hash(tmp_path):
+    teacher = teacher_tree(tmp_path / "teachers")
+    s = student(tmp_path / "students" / "s.yaml", "../teachers/clean.yaml")
+    h0 = load_recipe(s).hash
+    teacher_tree(tmp_path / "teachers", epochs=6)  # the teacher file itself
+    h1 = load_recipe(s).hash
+    assert h1 != h0
+    write(tmp_path / "teachers" / "_base.yaml", deep_merge(TEACHER_BASE, {"data": {"batch_size": 64}}))
+    assert load_recipe(s).hash not in (h0, h1)  # what it extends is part of its content
+    teacher_tree(tmp_path / "teachers")  # back to the first content: back to the first hash
+    assert load_recipe(s).hash == h0
+    assert teacher.exists()
+
+
+def test_a_moved_or_renamed_teacher_recipe_keeps_the_student_hash(tmp_path):
+    teacher_tree(tmp_path / "teachers")
+    h0 = load_recipe(student(tmp_path / "students" / "s.yaml", "../teachers/clean.yaml")).hash
+    # the same content elsewhere, under another name, named by another spelling of its path
+    moved = tmp_path / "elsewhere" / "deep" / "clean_teacher.yaml"
+    write(moved.parent / "_base.yaml", TEACHER_BASE)
+    moved.write_text((tmp_path / "teachers" / "clean.yaml").read_text())
+    spellings = [str(moved), f"{moved.parent}/./../deep/{moved.name}", "../elsewhere/deep/clean_teacher.yaml"]
+    for i, ref in enumerate(spellings):
+        r = load_recipe(student(tmp_path / "students" / f"s{i}.yaml", ref))
+        assert Path(r.teachers.clean.recipe) == moved.resolve()
+        assert r.hash == h0, ref
+        assert str(tmp_path) not in json.dumps(r.hash_payload()["teachers"]["clean"])  # no path in the hash
+
+
+def test_teacher_hash_is_the_teacher_cache_key_with_the_students_data_root(tmp_path):
+    teacher = teacher_tree(tmp_path / "teachers")
+    r = load_recipe(student(tmp_path / "s.yaml", str(teacher)))
+    assert r.teacher_hashes() == {"clean": load_teacher_recipe(teacher, "clean", "digits").hash}
+    moved_data = load_recipe(student(tmp_path / "s.yaml", str(teacher)), ["data.data_root=/data/digits"])
+    assert moved_data.teacher_hash("clean") == load_teacher_recipe(teacher, "clean", "digits", "/data/digits").hash
+    assert moved_data.teacher_hash("clean") != r.teacher_hash("clean")  # as the cache key does
+
+
+def test_a_recipe_hash_is_a_snapshot_and_a_changed_teacher_is_caught(tmp_path):
+    teacher = teacher_tree(tmp_path / "teachers")
+    r = load_recipe(student(tmp_path / "s.yaml", str(teacher)))
+    h0 = r.hash
+    teacher_tree(tmp_path / "teachers", epochs=9)
+    assert r.hash == h0  # the object does not change under its user...
+    now = load_teacher_recipe(teacher, "clean", "digits")
+    with pytest.raises(RecipeError, match=r"teachers.clean.recipe: .*clean.yaml changed: .*load the recipe again"):
+        check_teacher_pin(r, "clean", now)  # ...and a run that reads the edited teacher refuses it
+
+
+def test_resolved_recipe_pins_its_teachers(tmp_path):
+    teacher = teacher_tree(tmp_path / "teachers")
+    r = load_recipe(student(tmp_path / "s.yaml", str(teacher)))
+    assert r.to_dict()["teachers"]["clean"]["recipe_hash"] == r.teacher_hash("clean")
+    assert r.to_dict()["teachers"]["robust"]["recipe_hash"] is None  # a checkpoint teacher has none
+    pinned_path = write(tmp_path / "run" / "recipe.yaml", r.to_yaml())  # what a run dir stores
+    pinned = load_recipe(pinned_path)
+    assert pinned.teachers.clean.recipe_hash == r.teacher_hash("clean") and pinned.hash == r.hash
+    assert check_recipe_tree(pinned) == []
+    # the teacher is edited: the pinned recipe keeps its hash (no file read), a fresh load differs,
+    # and the pinned teacher no longer validates
+    teacher_tree(tmp_path / "teachers", epochs=9)
+    assert load_recipe(pinned_path).hash == r.hash
+    assert load_recipe(student(tmp_path / "s.yaml", str(teacher))).hash != r.hash
+    probs = check_recipe_tree(load_recipe(pinned_path))
+    assert len(probs) == 1 and "changed" in probs[0] and "remove the pin" in probs[0]
+    teacher.unlink()
+    assert load_recipe(pinned_path).hash == r.hash  # a finished run's recipe hashes without its teachers
+
+
+def test_teacher_pin_is_checked(tmp_path):
+    assert any("not a sha256" in p for p in problems_of(
+        deep_merge(DISTILL, {"teachers": {"clean": {"checkpoint": None, "recipe": "/t.yaml", "recipe_hash": "abc"}}})))
+    assert any("a checkpoint teacher has none" in p for p in problems_of(
+        deep_merge(DISTILL, {"teachers": {"clean": {"recipe_hash": "0" * 64}}})))
+
+
+def test_hash_needs_a_readable_teacher_recipe_but_show_and_to_dict_do_not(tmp_path):
+    r = load_recipe(student(tmp_path / "s.yaml", "missing_teacher.yaml"))
+    with pytest.raises(RecipeError, match="teachers.clean.recipe: recipe not found"):
+        r.hash  # noqa: B018 -- never a hash that silently leaves the teacher out
+    assert r.to_dict()["teachers"]["clean"]["recipe_hash"] is None  # shown without one
+    assert "recipe not found" in check_recipe_tree(r)[0]
+
+
+def test_checkpoint_teachers_hash_by_resolved_path_without_reading_the_file(tmp_path):
+    """Checkpoint teachers: the path after resolution (files are never read to hash a recipe; the
+    weights' sha256 is recorded by the run, in teachers.json and ``ciard run``'s stage inputs)."""
+    base = deep_merge(DISTILL, {"teachers": {"clean": {"checkpoint": str(tmp_path / "none" / "clean.safetensors")}}})
+    r = recipe_from_dict(base)
+    assert not (tmp_path / "none").exists() and len(r.hash) == 64  # no file needed
+    relative = {"teachers": {"clean": {"checkpoint": "../none/clean.safetensors"}}}
+    write(tmp_path / "a" / "r.yaml", deep_merge(base, relative))
+    assert load_recipe(tmp_path / "a" / "r.yaml").hash == r.hash  # another spelling, the same file
+    other = recipe_from_dict(deep_merge(base, {"teachers": {"clean": {"checkpoint": "/elsewhere/clean.safetensors"}}}))
+    assert other.hash != r.hash
+
+
+# --------------------------------------------------------------------------- where recipes are found
+def test_ciard_recipes_env_comes_first(tmp_path, monkeypatch):
+    teacher_tree(tmp_path / "mine" / "teachers")
+    monkeypatch.setenv("CIARD_RECIPES", str(tmp_path / "mine"))
+    assert recipes_dir() == tmp_path / "mine"
+    assert list(list_recipes()) == ["teachers/clean"]  # _base.yaml is a base, not a recipe
+    assert find_recipe("clean") == tmp_path / "mine" / "teachers" / "clean.yaml"
+    monkeypatch.setenv("CIARD_RECIPES", str(tmp_path / "nowhere"))
+    with pytest.raises(RecipeError, match="CIARD_RECIPES=.*not a folder"):
+        list_recipes()
+    monkeypatch.delenv("CIARD_RECIPES")
+    assert recipes_dir() == REPO / "recipes"  # the source checkout (this test runs from one)
+
+
+def test_pyproject_packages_ship_every_module_and_recipe_folder():
+    """pyproject.toml lists the packages by hand (to map recipes/ into ciard_deploy/recipes/): each
+    subpackage and each recipe folder must be in that list, or a wheel leaves it out."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
+    from setuptools import find_namespace_packages
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert cfg["package-dir"] == {"ciard_deploy.recipes": "recipes"}
+    code = {p for p in find_namespace_packages(str(REPO), include=["ciard_deploy*"]) if "__pycache__" not in p}
+    folders = {p.relative_to(REPO / "recipes").as_posix().replace("/", ".") for p in (REPO / "recipes").rglob("*")
+               if p.is_dir() and any(p.glob("*.yaml"))}
+    recipes = {"ciard_deploy.recipes"} | {f"ciard_deploy.recipes.{f}" for f in folders}
+    assert set(cfg["packages"]) == code | recipes
+    assert all(f.count(".") == 0 for f in folders), "package-data globs reach one folder level: */*.yaml"

@@ -97,3 +97,52 @@ def test_teacher_recipe_takes_the_students_data_root(tmp_path):
     assert load_teacher_recipe(tmp_path / "t.yaml", "clean", "imagefolder").data.data_root == "/nowhere"
     moved = load_teacher_recipe(tmp_path / "t.yaml", "clean", "imagefolder", data_root="/data/my: cifar")
     assert moved.data.data_root == "/data/my: cifar"
+
+
+def test_one_teacher_hash_keys_the_cache_and_enters_the_student_hash(tmp_path):
+    """The teacher cache folder and the student's hash come from the same teacher recipe hash, and a
+    run refuses a teacher recipe that changed after the student recipe pinned it (before training)."""
+    from ciard_deploy.distill.teachers import cached_run_dir, teacher_cache_dir
+
+    teacher = tmp_path / "t.yaml"
+    teacher.write_text(yaml.safe_dump({"kind": "train", "model": {"arch": "tiny_cnn"}, "method": {"name": "natural"},
+                                       "train": {"epochs": 1, "eval_attack": None, "select_by": "clean"}}))
+    r = recipe_from_dict({"kind": "distill", "student": {"arch": "tiny_cnn"}, "method": {"name": "mtard"},
+                          "teachers": {"clean": {"recipe": str(teacher)},
+                                       "robust": {"checkpoint": str(tmp_path / "robust.safetensors")}}})
+    assert cached_run_dir(load_teacher_recipe(teacher, "clean", "digits")).name == r.teacher_hash("clean")[:16]
+    pinned = recipe_from_dict(r.to_dict())  # as a run dir's recipe.yaml stores it
+    assert pinned.teachers.clean.recipe_hash == r.teacher_hash("clean") and pinned.hash == r.hash
+    teacher.write_text(teacher.read_text().replace("epochs: 1", "epochs: 2"))
+    with pytest.raises(RecipeError, match=r"teachers.clean.recipe: .*t.yaml changed: .*remove the pin"):
+        resolve_teachers(pinned, INFO, torch.device("cpu"))
+    assert not any(teacher_cache_dir().glob("*/summary.json"))  # refused before any training
+
+
+def test_resume_notices_an_edited_teacher_recipe(tmp_path):
+    """A run dir's recipe.yaml pins its teacher recipes' hashes: after the teacher recipe is edited, a
+    resume from that file refuses to train on, and a resume with the (re-read) original recipe file
+    is refused as a different recipe, naming the teacher."""
+    from ciard_deploy.config import load_recipe
+
+    small = {"dataset": "digits", "train_subset": 100, "holdout": 20, "batch_size": 50}
+    train = {"device": "cpu", "eval_n": 20, "final_eval_n": 20, "eval_attack": None, "select_by": "clean",
+             "final_attacks": []}
+    teacher = tmp_path / "robust.yaml"
+    teacher.write_text(yaml.safe_dump({"kind": "train", "model": {"arch": "tiny_cnn"}, "method": {"name": "natural"},
+                                       "data": small, "train": {**train, "epochs": 1}}))
+    student = tmp_path / "student.yaml"
+    student.write_text(yaml.safe_dump({"kind": "distill", "student": {"arch": "tiny_cnn"}, "method": {"name": "ard"},
+                                       "teachers": {"robust": {"recipe": "robust.yaml"}}, "data": small,
+                                       "attack": {"eps": 0.2, "steps": 1, "step_size": 0.2},
+                                       "train": {**train, "epochs": 2}}))
+    out = tmp_path / "run"
+    s = run(load_recipe(student), out, stop_after_epoch=1, handle_signals=False)
+    assert s["status"] != "complete"
+    stored = load_recipe(out / "recipe.yaml")
+    assert stored.teachers.robust.recipe_hash == load_teacher_recipe(teacher, "robust", "digits").hash
+    teacher.write_text(teacher.read_text().replace("epochs: 1", "epochs: 2"))
+    with pytest.raises(RecipeError, match=r"teachers.robust.recipe: .*robust.yaml changed"):
+        run(stored, out, resume=True, handle_signals=False)
+    with pytest.raises(RecipeError, match=r"recipe differs .*teachers.robust.recipe_hash"):
+        run(load_recipe(student), out, resume=True, handle_signals=False)
