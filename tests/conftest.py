@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tarfile
 import tempfile
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CIARD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -95,3 +103,130 @@ def digits_robust_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits_robust") / "run"
     run(find_recipe(DIGITS_ROBUST_RECIPE), out, handle_signals=False, overrides=DIGITS_ROBUST_OVERRIDES)
     return out
+
+
+# --------------------------------------------------------------------------- small models trained on digits
+@pytest.fixture(scope="session")
+def train_on_digits() -> Callable[..., torch.nn.Module]:
+    """``train_on_digits(arch, lr)``: a model of ``arch`` trained with Adam on the digits train split
+    (seed 0, 4 epochs, batches of 64; deterministic), in eval mode. A fresh model per call: the
+    calling fixture's scope decides how long one is shared (the attack tests' ``digits_model`` and
+    ``trained_tiny``)."""
+
+    def train(arch: str, lr: float, epochs: int = 4, batch_size: int = 64) -> torch.nn.Module:
+        import torch
+
+        from ciard_deploy.data.digits import DIGITS_INFO, load_digits_split
+        from ciard_deploy.models import create_model
+
+        x, y = load_digits_split("train").tensors()
+        torch.manual_seed(0)
+        model = create_model(arch, 10, in_chans=1, mean=DIGITS_INFO.mean, std=DIGITS_INFO.std)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        g = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                b = perm[i:i + batch_size]
+                loss = torch.nn.functional.cross_entropy(model(x[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return model.eval()
+
+    return train
+
+
+# --------------------------------------------------------------------------- running the CLI where torch cannot be imported
+#: Prelude of a subprocess script that hides torch, as on an edge device with numpy + onnxruntime +
+#: ART but no PyTorch. Every finder on ``sys.meta_path`` is wrapped so that ``torch`` (and
+#: torchvision, functorch, torchgen) is simply *not found*, and ``import torch`` raises
+#: ``ModuleNotFoundError`` (an ``ImportError``), as on a device without it. A finder that *raises*
+#: from ``find_spec`` would not do: ART probes ``importlib.util.find_spec("torch")``, which returns
+#: None on a real torch-free device but would raise there. Setting ``sys.modules["torch"] = None``
+#: breaks scipy. ``importlib.metadata`` does not list the torch distributions either. The prelude
+#: checks that torch really is hidden, then empties ``ATTEMPTS``, where the hook records every later
+#: attempt to import torch. The script's own code follows it.
+HIDE_TORCH_PRELUDE = textwrap.dedent('''
+    import importlib.util, json, sys
+
+    BLOCKED = ("torch", "torchvision", "functorch", "torchgen")
+    ATTEMPTS = []
+
+    class HideTorch:
+        """Wraps a finder; torch and friends are not found (find_spec -> None), as where not installed."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                ATTEMPTS.append(name)
+                return None
+            find = getattr(self.inner, "find_spec", None)
+            return find(name, path, target) if find else None
+
+        def find_distributions(self, *args, **kwargs):  # importlib.metadata: torch is not installed either
+            find = getattr(self.inner, "find_distributions", None)
+            dists = find(*args, **kwargs) if find else []
+            return [d for d in dists if (d.metadata["Name"] or "").lower() not in BLOCKED]
+
+        def invalidate_caches(self):
+            if hasattr(self.inner, "invalidate_caches"):
+                self.inner.invalidate_caches()
+
+    sys.meta_path[:] = [HideTorch(f) for f in sys.meta_path]
+    try:
+        import torch  # noqa: F401
+        raise SystemExit("the hook did not hide torch")
+    except ImportError as blocked:
+        assert "torch" in str(blocked)
+    assert importlib.util.find_spec("torch") is None
+    ATTEMPTS.clear()
+''')
+
+
+@pytest.fixture(scope="session")
+def run_torch_hidden() -> Callable[..., tuple[dict, str]]:
+    """``run_torch_hidden(body, cwd, args)``: runs ``HIDE_TORCH_PRELUDE`` + ``body`` (dedented) as a
+    script in ``cwd``, with ``json.dumps(args)`` (as strings) as its one argument. The body prints
+    one ``RESULT {json}`` line; returns that object and the script's stderr. Fails the test if the
+    script exits non-zero or prints no result."""
+
+    def run(body: str, cwd: Path, args: Sequence[object]) -> tuple[dict, str]:
+        script = cwd / "torch_hidden.py"
+        script.write_text(HIDE_TORCH_PRELUDE + textwrap.dedent(body))
+        proc = subprocess.run([sys.executable, str(script), json.dumps([str(a) for a in args])],
+                              capture_output=True, text=True, timeout=300, cwd=cwd)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+        return json.loads(lines[-1][len("RESULT "):]), proc.stderr
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def untrained_digits_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An untrained small_cnn saved as a ciard digits checkpoint (what it predicts does not matter),
+    its ONNX export (``export.run``, no reference attack, no check) and a 64-image fgsm pack at eps 0.1:
+    keys ``run``, ``checkpoint``, ``onnx``, ``pack``. Shared by the torch-free tests; read-only: a test
+    writes into its own tmp_path."""
+    import torch
+
+    from ciard_deploy import export
+    from ciard_deploy.data import get_dataset_info
+    from ciard_deploy.io import CheckpointMeta, save_checkpoint
+    from ciard_deploy.models import create_model
+    from ciard_deploy.verify import build_pack, save_pack
+
+    d = tmp_path_factory.mktemp("untrained_digits")
+    info = get_dataset_info("digits")
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10, 1, info.mean, info.std)
+    ckpt = save_checkpoint(d / "run" / "student_best", model,
+                           CheckpointMeta("small_cnn", 10, info.input_shape, info.mean, info.std, "digits",
+                                          info.classes, eps=0.1))
+    export.run(d / "run", d / "export", ["onnx"], n=64, reference_attack=None, check=False)
+    pack = save_pack(build_pack(d / "run", n=64, attacks=["fgsm"], eps=0.1, device="cpu"), d / "pack.npz")
+    return {"run": d / "run", "checkpoint": ckpt, "onnx": d / "export" / "model.onnx", "pack": pack}

@@ -12,14 +12,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import shutil
 import stat
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator
@@ -439,33 +437,10 @@ def test_gitlab_edge_job_outcome_follows_the_exit_code(tmp_path, fake_ciard, cod
 
 
 # --------------------------------------------------------------------------- the guide's packages = verify's imports
-RECORD_IMPORTS = textwrap.dedent('''
-    import builtins, importlib, importlib.metadata, json, sys
+#: After the conftest prelude (torch hidden and checked so): record what ciard_deploy's code imports, run the CLI.
+RECORD_IMPORTS = '''
+    import builtins, importlib.metadata
 
-    BLOCKED = ("torch", "torchvision", "functorch", "torchgen")
-
-    class HideTorch:
-        """torch is not found (find_spec -> None), as on a device where it is not installed."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                return None
-            find = getattr(self.inner, "find_spec", None)
-            return find(name, path, target) if find else None
-
-        def find_distributions(self, *args, **kwargs):
-            find = getattr(self.inner, "find_distributions", None)
-            dists = find(*args, **kwargs) if find else []
-            return [d for d in dists if (d.metadata["Name"] or "").lower() not in BLOCKED]
-
-        def invalidate_caches(self):
-            if hasattr(self.inner, "invalidate_caches"):
-                self.inner.invalidate_caches()
-
-    sys.meta_path[:] = [HideTorch(f) for f in sys.meta_path]
     direct = set()  # top-level modules imported by ciard_deploy's own code
     original_import, original_import_module = builtins.__import__, importlib.import_module
 
@@ -494,7 +469,7 @@ RECORD_IMPORTS = textwrap.dedent('''
                    if m not in sys.stdlib_module_names and m != "ciard_deploy" and not m.startswith("_"))
     dists = sorted({d for m in third for d in names.get(m, [m])})
     print("RESULT " + json.dumps({"code": code, "modules": third, "distributions": dists}))
-''')
+'''
 
 
 def _norm(name: str) -> str:
@@ -521,36 +496,14 @@ def test_the_workflows_install_what_the_guide_lists():
 
 
 @pytest.mark.slow
-def test_the_guide_lists_every_package_ciard_verify_imports(tmp_path):
+def test_the_guide_lists_every_package_ciard_verify_imports(tmp_path, untrained_digits_onnx, run_torch_hidden):
     """Runs `ciard verify` (ONNX, live Square, a gates file) with torch hidden and records what
     ciard_deploy's code imports; each such distribution must be in the guide's install lines."""
-    import torch
-
-    from ciard_deploy import export
-    from ciard_deploy.data import get_dataset_info
-    from ciard_deploy.io import CheckpointMeta, save_checkpoint
-    from ciard_deploy.models import create_model
-    from ciard_deploy.verify import build_pack, save_pack
-
-    info = get_dataset_info("digits")
-    torch.manual_seed(0)
-    model = create_model("tiny_cnn", 10, 1, info.mean, info.std)
-    save_checkpoint(tmp_path / "run" / "student_best", model, CheckpointMeta(
-        "tiny_cnn", 10, info.input_shape, info.mean, info.std, "digits", info.classes, eps=0.1))
-    export.run(tmp_path / "run", tmp_path / "export", ["onnx"], n=32, reference_attack=None, check=False)
-    pack = save_pack(build_pack(tmp_path / "run", n=32, attacks=["fgsm"], eps=0.1, device="cpu"),
-                     tmp_path / "pack.npz")
     (tmp_path / "gates.yaml").write_text("gates:\n  min_clean: 0.0\n")
-    script = tmp_path / "record.py"
-    script.write_text(RECORD_IMPORTS)
-    args = ["verify", str(tmp_path / "export" / "model.onnx"), "--pack", str(pack), "--square-queries", "20",
-            "--square-n", "8", "--gates", str(tmp_path / "gates.yaml"), "--json", str(tmp_path / "r.json"), "--quiet"]
-    proc = subprocess.run([sys.executable, str(script), json.dumps(args)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    res = json.loads(lines[-1][len("RESULT "):])
-    assert res["code"] == 0, proc.stderr[-3000:]
+    args = ["verify", untrained_digits_onnx["onnx"], "--pack", untrained_digits_onnx["pack"], "--square-queries", 20,
+            "--square-n", 8, "--gates", tmp_path / "gates.yaml", "--json", tmp_path / "r.json", "--quiet"]
+    res, err = run_torch_hidden(RECORD_IMPORTS, tmp_path, args)
+    assert res["code"] == 0, err[-3000:]
     imported = {_norm(d) for d in res["distributions"]}
     assert {"numpy", "onnxruntime", "adversarial-robustness-toolbox", "pyyaml"} <= imported, res  # the probe works
     print(f"\nciard verify imports (from ciard_deploy's code): {res['distributions']}")
