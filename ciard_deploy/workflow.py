@@ -413,8 +413,10 @@ def _run_export(ctx: _Context) -> list[Path]:
     from ciard_deploy.runtime.metadata import sidecar_path
 
     d = ctx.recipe.deploy
+    data = ctx.recipe.data  # the recipe's own data: calibration and parity images come from there too
     options = export.ExportOptions(opset=d.opset, n=d.parity_n, seed=d.seed, calib=d.calib, calib_n=d.calib_n,
-                                   calib_method=d.calib_method, provider=d.provider, threads=ctx.threads)
+                                   calib_method=d.calib_method, provider=d.provider, threads=ctx.threads,
+                                   dataset=data.dataset, data_root=data.data_root)
     result = export.run(ctx.layout.run, ctx.layout.export, d.formats, options, force=True,
                         progress=ctx.progress_for("export"), check=False)
     files = []
@@ -431,7 +433,8 @@ def _run_pack(ctx: _Context) -> list[Path]:
     from ciard_deploy.verify.pack import build_pack, save_pack
 
     r, d = ctx.recipe, ctx.recipe.deploy
-    pack = build_pack(ctx.layout.run, n=d.pack.n, attacks=list(d.pack.attacks), eps=_pack_eps(r), seed=d.seed,
+    pack = build_pack(ctx.layout.run, dataset=r.data.dataset, data_root=r.data.data_root, download=r.data.download,
+                      n=d.pack.n, attacks=list(d.pack.attacks), eps=_pack_eps(r), seed=d.seed,
                       device=ctx.device or r.train.device, step_size=d.pack.step_size,
                       batch_size=r.data.eval_batch_size, progress=ctx.progress_for("pack"))
     save_pack(pack, ctx.layout.pack, force=True)
