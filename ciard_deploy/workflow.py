@@ -317,23 +317,17 @@ def _teacher_inputs(recipe: "RecipeBase") -> dict[str, Any]:
 
     if not isinstance(recipe, DistillRecipe):
         return {}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {role: {"recipe_hash": h} for role, h in recipe.teacher_hashes().items()}
     for role in TEACHER_ROLES:
         spec = getattr(recipe.teachers, role)
-        if spec is None:
+        if spec is None or spec.recipe is not None:
             continue
-        if spec.recipe is not None:
-            from ciard_deploy.distill.teachers import load_teacher_recipe
-
-            out[role] = {"recipe_hash": load_teacher_recipe(spec.recipe, role, recipe.data.dataset,
-                                                            recipe.data.data_root).hash}
-        else:
-            weights = checkpoint_paths(spec.checkpoint)[0] if Path(spec.checkpoint).suffix in ("", ".json") \
-                else Path(spec.checkpoint)
-            if not weights.is_file():
-                raise ArtifactError(f"teachers.{role}.checkpoint: not found: {weights}")
-            out[role] = {"sha256": sha256_file(weights)}
-    return out
+        weights = checkpoint_paths(spec.checkpoint)[0] if Path(spec.checkpoint).suffix in ("", ".json") \
+            else Path(spec.checkpoint)
+        if not weights.is_file():
+            raise ArtifactError(f"teachers.{role}.checkpoint: not found: {weights}")
+        out[role] = {"sha256": sha256_file(weights)}
+    return dict(sorted(out.items()))
 
 
 def _pack_eps(recipe: "RecipeBase") -> float:
