@@ -50,7 +50,7 @@ from torch import nn
 
 from ciard_deploy.config import DistillRecipe, Recipe, RecipeBase, load_recipe
 from ciard_deploy.distill import ddp
-from ciard_deploy.errors import CiardError, RecipeError, UsageError
+from ciard_deploy.errors import ArtifactError, CiardError, RecipeError, UsageError
 from ciard_deploy.io import CheckpointMeta, atomic_path, atomic_write_json, atomic_write_text, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -467,6 +467,23 @@ class _Trainer:
             raise RecipeError(f"{self.state_path}: not a {STATE_FORMAT} file; use another --out")
         return state
 
+    def _check_same_teachers(self) -> None:
+        """On resume: each teacher file must be the one the run started with (a checkpoint replaced at
+        the same path, or a cached teacher trained again, would silently change the run)."""
+        path = self.run_dir / "teachers.json"
+        if not path.is_file():
+            return
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # an unreadable record cannot be compared; the recipe hash was checked already
+        for role, ref in self.teacher_refs.items():
+            old = (before.get(role) or {}).get("sha256")
+            if old and ref.get("sha256") and old != ref["sha256"]:
+                raise ArtifactError(f"--resume: the {role} teacher {ref.get('path')} is not the file this run started "
+                                    f"with (sha256 {old[:12]}... then, {ref['sha256'][:12]}... now); put the original "
+                                    f"back, or start a new run with another --out")
+
     # ------------------------------------------------------------------ setup
     def execute(self, resume: bool, stop_after_epoch: int | None, handle_signals: bool) -> dict[str, Any]:
         state = self._check_run_dir(resume)
@@ -619,6 +636,7 @@ class _Trainer:
         self._setup()
         start_epoch, start_step, epoch_gen, meters = 0, 0, None, {}
         if state is not None:
+            self._check_same_teachers()
             start_epoch, start_step, epoch_gen, meters = self._load_state(state)
             log.info("resuming %s at epoch %d step %d", self.run_dir, start_epoch + 1, start_step)
             self._trim_metrics(start_epoch)

@@ -15,7 +15,7 @@ import torch
 from ciard_deploy.config import recipe_from_dict
 from ciard_deploy.data import get_dataset_info
 from ciard_deploy.distill.trainer import TrainingInterrupted, run
-from ciard_deploy.io import CheckpointMeta, save_checkpoint
+from ciard_deploy.io import CheckpointMeta, load_model, read_meta, save_checkpoint
 from ciard_deploy.models import create_model
 
 pytestmark = pytest.mark.integration
@@ -194,3 +194,25 @@ def test_teacher_recipes_are_trained_once_then_cached(tmp_path, monkeypatch):
     assert s2["teachers"]["robust"]["sha256"] == s1["teachers"]["robust"]["sha256"]
     # same seed, same cached teachers: the two students are the same
     assert s1["last"] == s2["last"]
+
+
+def test_resume_refuses_a_teacher_checkpoint_replaced_at_the_same_path(tiny_teachers, tmp_path):
+    """Checkpoint teachers enter the recipe hash by path; their sha256 in teachers.json is what a
+    resume compares: another file at the same path is refused (exit 2) and the run dir is left alone."""
+    from ciard_deploy.errors import ArtifactError
+
+    teachers = {}
+    for role, src in tiny_teachers.items():  # own copies: this test replaces one
+        teachers[role] = save_checkpoint(tmp_path / "teachers" / role, load_model(src)[0], read_meta(src))
+    out = tmp_path / "run"
+    assert run(ciard_recipe(teachers), out, stop_after_epoch=1)["status"] == "partial"
+    def files():  # train.log aside: it records the refused attempt too
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "train.log"}
+
+    before = files()
+    torch.manual_seed(999)
+    other = create_model("tiny_cnn", 10, 1, INFO.mean, INFO.std)
+    save_checkpoint(tmp_path / "teachers" / "robust", other, read_meta(teachers["robust"]))
+    with pytest.raises(ArtifactError, match=r"--resume: the robust teacher .* is not the file this run started with"):
+        run(ciard_recipe(teachers), out, resume=True)
+    assert files() == before
