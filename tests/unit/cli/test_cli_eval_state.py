@@ -8,15 +8,11 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from ciard_deploy.attacks import ATTACKS, AttackEntry, Budget
 from ciard_deploy.attacks.base import Attack
 from ciard_deploy.cli import app
-from ciard_deploy.data import get_dataset_info
-from ciard_deploy.io import CheckpointMeta, save_checkpoint
-from ciard_deploy.models import create_model
 
 pytestmark = pytest.mark.unit
 runner = CliRunner()
@@ -24,17 +20,6 @@ runner = CliRunner()
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    info = get_dataset_info("digits")
-    torch.manual_seed(0)
-    m = create_model("tiny_cnn", 10, 1, info.mean, info.std)
-    save_checkpoint(d / "tiny", m, CheckpointMeta("tiny_cnn", 10, info.input_shape, info.mean, info.std, "digits",
-                                                  info.classes, eps=0.1))
-    return d / "tiny.safetensors"
 
 
 def assert_one_line_error(res, code, *needles):
