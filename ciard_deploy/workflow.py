@@ -12,16 +12,18 @@ The stages, in order, each a plain library call:
     export    export.run(DIR/run, DIR/export, deploy.formats, ...)  -> artifacts + manifest.json
     pack      verify.build_pack(DIR/run, ...) + save_pack          -> DIR/pack.npz
     verify    verify.run(artifact, DIR/pack.npz, gates=...) for every artifact of the manifest
-              -> DIR/verify/<format>.json (report), .xml (JUnit), .md (Markdown) and .png (chart)
+              -> DIR/verify/<format>.json (report), .xml (JUnit), .md (Markdown) and .png (chart);
+              while it runs, DIR/verify/<format>.state.json (removed when the stage is done)
 
 The recipe's ``deploy:`` section (``config.DeployConfig``) says what export, pack and verify do.
 ``DIR/workflow.json`` records, per stage, its inputs (the recipe parts it reads and the sha256 of
 the upstream files it consumes), the sha256 of its outputs, its status and its timings. A second
 run skips every stage whose inputs are unchanged and whose outputs are still there with the
 recorded hashes; an interrupted distill stage resumes from its last checkpoint (the trainer's own
-resume); a stage whose only changed input is the gates is re-judged from its stored reports
-(``VerifyReport.rejudge``) instead of measured again. ``from_stage`` forces a stage and every
-stage after it.
+resume); an interrupted verify stage continues each artifact's Square from its state file
+(``verify.run(state_path=...)``); a stage whose only changed input is the gates is re-judged
+from its stored reports (``VerifyReport.rejudge``) instead of measured again. ``from_stage``
+forces a stage and every stage after it.
 
 ``DIR`` belongs to the workflow: its own earlier outputs are replaced when a stage runs again.
 A folder that exists, holds files and has no ``workflow.json`` is someone else's and is refused.
@@ -455,23 +457,68 @@ def _gates(recipe: Any) -> Any:
     return gates_from_mapping({"gates": recipe.deploy.gates_mapping()}, source="recipe deploy.gates")
 
 
+def state_path(layout: Layout, name: str) -> Path:
+    """Where the verify stage keeps the resumable state of one artifact (by export format name) while it runs."""
+    return layout.verify / f"{name}.state.json"
+
+
+def _clear_verify_dir(layout: Layout, keep: set[Path]) -> None:
+    """Empties DIR/verify (the workflow's own reports of an earlier run) except the state files in ``keep``.
+
+    A kept state file that is not a readable verify state (it is the workflow's own file) is removed.
+    """
+    from ciard_deploy.verify.state import VerifyState
+
+    if not layout.verify.exists():
+        return
+    for p in layout.verify.iterdir():
+        if p in keep and p.is_file():
+            try:
+                VerifyState.load(p)
+                continue
+            except ArtifactError as e:
+                log.info("discarding %s: %s", layout.rel(p), e)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def _run_verify(ctx: _Context) -> list[Path]:
+    """Verifies every artifact of the manifest; resumable: each keeps a state at DIR/verify/<name>.state.json.
+
+    An interrupted verify stage (Ctrl-C, a killed job) leaves those states behind; the next call
+    continues each artifact's Square where it stopped (an artifact that finished takes its Square
+    whole from its state), provided the state is for the same artifact, pack and settings; any
+    other state is the workflow's own stale file and is started over. Once the stage is done the
+    states are removed: the stage's outputs (hashed in ``workflow.json``) are the reports only.
+    """
+    from ciard_deploy.attacks.state import StateMismatch
     from ciard_deploy.export.manifest import load_manifest
     from ciard_deploy.verify.evaluate import run as verify_run
 
     d = ctx.recipe.deploy
     manifest = load_manifest(ctx.layout.export)
     gates = _gates(ctx.recipe)
-    if ctx.layout.verify.exists():
-        shutil.rmtree(ctx.layout.verify)  # the workflow's own reports of an earlier export
+    states = {a.name: state_path(ctx.layout, a.name) for a in manifest.artifacts}
+    _clear_verify_dir(ctx.layout, keep=set(states.values()))
     written: list[Path] = []
     for a in manifest.artifacts:
-        report = verify_run(ctx.layout.export / a.file, ctx.layout.pack, gates=gates,
-                            provider=d.provider if a.format == "onnx" else None, square_queries=d.square_queries,
-                            square_n=d.square_n, seed=d.seed, threads=ctx.threads,
-                            progress=ctx.progress_for(f"verify {a.name}"))
+        def on_state(ev: Any, name: str = a.name) -> None:
+            log.info("verify %s: %s %s at %d/%d from %s", name, ev.kind, ev.stage, ev.done, ev.total, ev.path)
+
+        options = dict(gates=gates, provider=d.provider if a.format == "onnx" else None,
+                       square_queries=d.square_queries, square_n=d.square_n, seed=d.seed, threads=ctx.threads,
+                       progress=ctx.progress_for(f"verify {a.name}"), state_path=states[a.name], on_state=on_state)
+        try:
+            report = verify_run(ctx.layout.export / a.file, ctx.layout.pack, **options)
+        except StateMismatch as e:  # made for an earlier export, pack or settings: the workflow's own, start over
+            log.info("verify %s: %s", a.name, e)
+            report = verify_run(ctx.layout.export / a.file, ctx.layout.pack, fresh=True, **options)
         written += _write_reports(ctx.layout, a.name, report)
     _combined_chart(ctx.layout, manifest)
+    for p in states.values():
+        p.unlink(missing_ok=True)
     return written
 
 
@@ -727,4 +774,4 @@ QUICKSTART_RECIPE = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
 __all__ = ["Layout", "QUICKSTART_RECIPE", "STAGES", "STATE_FORMAT", "STATE_NAME", "StageEvent", "StageOutcome",
            "WorkflowResult", "canonical_hash", "changed_keys", "check_out_dir", "load_deploy_recipe", "load_state",
            "outputs_problem", "paths_of", "plan", "quickstart_recipe", "report_paths", "run", "stage_inputs",
-           "summarize"]
+           "state_path", "summarize"]

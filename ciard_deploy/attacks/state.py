@@ -1,11 +1,18 @@
-"""A resumable evaluation: the state file behind ``ciard eval --state`` (AutoAttack-style flags on disk).
+"""Resumable evaluation states: the state files behind ``ciard eval --state`` and ``ciard verify --state``.
 
-An ``EvaluationState`` says what is evaluated (an ``EvaluationKey``: model sha256, dataset,
-split, the samples' hashes, seed, eps), holds the clean flags, and one ``AttackRecord`` per
-attack with its settings, per-sample robust flags and seconds. ``attacks.evaluate.evaluate``
-fills it in and saves it (atomically) after the clean pass, after every finished attack and,
-inside a long attack, every ``save_every`` seconds and on Ctrl-C; a later call with a matching
-key reuses the finished attacks, continues a partial one and runs only the new ones.
+A state file says what is evaluated (a key: model sha256, data, seeds, eps, ...), holds the
+clean flags, and one ``AttackRecord`` per attack with its settings, per-sample robust flags,
+seconds and how far it got. The evaluation fills it in and saves it (atomically) as it goes;
+a later call with an equal key reuses the finished attacks, continues a partial one and runs
+only what is missing. A file of another kind is never overwritten; a different evaluation is
+refused, naming every difference.
+
+``ResumableState`` and ``StateKey`` are that machinery; two kinds of file build on them:
+
+- ``EvaluationState`` (``kind: ciard.eval_state``, key ``EvaluationKey``): ``ciard eval`` of a
+  PyTorch checkpoint, filled in by ``attacks.evaluate.evaluate``;
+- ``verify.state.VerifyState`` (``kind: ciard.verify_state``): ``ciard verify`` on a runtime,
+  filled in by ``verify.evaluate.evaluate_runtime``.
 
 The file is JSON; per-sample flags are strings of ``0``/``1``, one character per sample in
 evaluation order, so a 10 000-sample evaluation stays a few kB per attack::
@@ -19,7 +26,7 @@ evaluation order, so a 10 000-sample evaluation stays a few kB per attack::
                   "total": 352, "done": 352, "seconds": 3.2, "per_sample": "0100...",
                   "device": "cpu", "batch_size": 256}]}
 
-numpy only (no torch), like ``results``.
+numpy only (no torch), like ``results``: ``ciard verify`` resumes on a device without torch.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Literal, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -86,9 +93,15 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+def _is_sha256(v: str) -> bool:
+    return len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
 def _short(v: Any) -> str:
-    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+    if isinstance(v, str) and _is_sha256(v):
         return v[:12] + "..."  # a sha256
+    if isinstance(v, str) and v.startswith("sha256:") and _is_sha256(v[7:]):
+        return v[:19] + "..."  # a "sha256:<hex>" checksum
     return json.dumps(v) if isinstance(v, str) else repr(v)
 
 
@@ -104,9 +117,54 @@ def settings_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> li
 
 # --------------------------------------------------------------------------- what is evaluated
 
+#: field annotation -> how a value read from JSON is converted (``X | None`` also accepts null)
+_FIELD_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _convert(annotation: Any, value: Any) -> Any:
+    parts = [p.strip() for p in str(annotation).split("|")]
+    optional = "None" in parts
+    (base,) = [p for p in parts if p != "None"]
+    if optional and value is None:
+        return None
+    return _FIELD_TYPES[base](value)
+
+
 @dataclass(frozen=True)
-class EvaluationKey:
-    """What is evaluated. Two evaluations may share results only if their keys are equal.
+class StateKey:
+    """Base of a state's key: what is evaluated. Two evaluations may share results only if their keys are equal.
+
+    A subclass is a frozen dataclass of ``str``/``int``/``float``/``bool`` fields (each may be
+    ``X | None``), one of them ``n`` (the number of per-sample flags); ``FIELD_NAMES`` gives
+    the words a field goes by in messages (default: its name).
+    """
+
+    FIELD_NAMES: ClassVar[Mapping[str, str]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[_K], d: Mapping[str, Any]) -> _K:
+        """Reads the JSON form; raises ValueError naming missing fields (TypeError/ValueError for bad values)."""
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise ValueError(f"key lacks {', '.join(missing)}")
+        return cls(**{f.name: _convert(f.type, d[f.name]) for f in fields(cls)})
+
+    def differences(self, now: "StateKey") -> list[str]:
+        """``["eps 0.1 (file) vs 0.2 (now)", ...]``: every field in which ``now`` differs from this key."""
+        return [f"{self.FIELD_NAMES.get(f.name, f.name)} {_short(getattr(self, f.name))} (file) vs "
+                f"{_short(getattr(now, f.name))} (now)"
+                for f in fields(self) if getattr(self, f.name) != getattr(now, f.name)]
+
+
+_K = TypeVar("_K", bound=StateKey)
+
+
+@dataclass(frozen=True)
+class EvaluationKey(StateKey):
+    """What ``ciard eval`` evaluates.
 
     Attributes:
         model_sha256: sha256 of the weights file.
@@ -130,6 +188,9 @@ class EvaluationKey:
     indices_sha256: str | None
     data_sha256: str
 
+    FIELD_NAMES: ClassVar[Mapping[str, str]] = {"model_sha256": "model sha256", "indices_sha256": "sample indices",
+                                                "data_sha256": "images/labels"}
+
     @classmethod
     def create(cls, x: Any, y: Any, *, model_sha256: str, arch: str, dataset: str, split: str, seed: int,
                eps: float, indices: Any = None) -> "EvaluationKey":
@@ -138,27 +199,6 @@ class EvaluationKey:
                    n=int(len(y)), seed=int(seed), eps=float(eps),
                    indices_sha256=None if indices is None else hash_array(np.asarray(indices, dtype=np.int64)),
                    data_sha256=data_hash(x, y))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EvaluationKey":
-        missing = [f.name for f in fields(cls) if f.name not in d]
-        if missing:
-            raise ValueError(f"key lacks {', '.join(missing)}")
-        return cls(model_sha256=str(d["model_sha256"]), arch=str(d["arch"]), dataset=str(d["dataset"]),
-                   split=str(d["split"]), n=int(d["n"]), seed=int(d["seed"]), eps=float(d["eps"]),
-                   indices_sha256=None if d["indices_sha256"] is None else str(d["indices_sha256"]),
-                   data_sha256=str(d["data_sha256"]))
-
-    def differences(self, now: "EvaluationKey") -> list[str]:
-        """``["eps 0.1 (file) vs 0.2 (now)", ...]``: every field in which ``now`` differs from this key."""
-        names = {"model_sha256": "model sha256", "indices_sha256": "sample indices",
-                 "data_sha256": "images/labels"}
-        return [f"{names.get(f.name, f.name)} {_short(getattr(self, f.name))} (file) vs "
-                f"{_short(getattr(now, f.name))} (now)"
-                for f in fields(self) if getattr(self, f.name) != getattr(now, f.name)]
 
 
 def data_hash(x: Any, y: Any) -> str:
@@ -181,12 +221,14 @@ class AttackRecord:
         name: ``"pgd20"``.
         eps: L-inf radius.
         settings: ``Attack.describe()``: a reused record must have been made with equal settings.
-        total: samples to attack (those correct on clean).
+        total: samples to attack (those correct on clean; for verify's Square, those of its subset).
         done: how many of them, in order, are attacked; finished when ``done == total``.
         seconds: attack wall time so far, over every call that worked on it.
         per_sample: robust flag per sample (all ``n``); only the first ``done`` attacked samples are final.
         device: where it last ran (information only).
         batch_size: images per attack call when it last ran (information only).
+        queries: forward passes the model served for the ``done`` samples, where counted (verify's
+            Square); ``None``: not counted (and not written).
     """
 
     label: str
@@ -199,6 +241,7 @@ class AttackRecord:
     per_sample: np.ndarray = field(repr=False)
     device: str = ""
     batch_size: int = 0
+    queries: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -210,9 +253,12 @@ class AttackRecord:
                             self.seconds, self.per_sample.copy(), origin=origin)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "name": self.name, "eps": self.eps, "settings": _plain(self.settings),
-                "total": self.total, "done": self.done, "seconds": round(float(self.seconds), 4),
-                "per_sample": flags_to_str(self.per_sample), "device": self.device, "batch_size": self.batch_size}
+        d = {"label": self.label, "name": self.name, "eps": self.eps, "settings": _plain(self.settings),
+             "total": self.total, "done": self.done, "seconds": round(float(self.seconds), 4),
+             "per_sample": flags_to_str(self.per_sample), "device": self.device, "batch_size": self.batch_size}
+        if self.queries is not None:
+            d["queries"] = int(self.queries)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], n: int) -> "AttackRecord":
@@ -220,9 +266,12 @@ class AttackRecord:
         rec = cls(label=label, name=str(d["name"]), eps=float(d["eps"]), settings=dict(d.get("settings") or {}),
                   total=int(d["total"]), done=int(d["done"]), seconds=float(d.get("seconds", 0.0)),
                   per_sample=flags_from_str(d["per_sample"], n, f"per_sample of {label}"),
-                  device=str(d.get("device", "")), batch_size=int(d.get("batch_size", 0)))
+                  device=str(d.get("device", "")), batch_size=int(d.get("batch_size", 0)),
+                  queries=None if d.get("queries") is None else int(d["queries"]))
         if not 0 <= rec.done <= rec.total or rec.seconds < 0:
             raise ValueError(f"{label}: done {rec.done} of total {rec.total} is out of range")
+        if rec.queries is not None and rec.queries < 0:
+            raise ValueError(f"{label}: queries {rec.queries} is negative")
         return rec
 
 
@@ -232,28 +281,31 @@ class StateMismatch(ArtifactError):
     """A state file holds a different evaluation than the one asked for; names every difference."""
 
     def __init__(self, path: Path | str | None, differences: Sequence[str],
-                 hint: str = "discard it (fresh=True) or use another state file") -> None:
+                 hint: str = "discard it (fresh=True) or use another state file", subject: str = "evaluation") -> None:
         self.path = path
         self.differences = list(differences)
         self.hint = hint
+        self.subject = subject
         super().__init__()
 
     def __str__(self) -> str:
-        where = f"state file {self.path}" if self.path is not None else "the evaluation state"
-        return f"{where} holds a different evaluation: {'; '.join(self.differences)}; {self.hint}"
+        where = f"state file {self.path}" if self.path is not None else f"the {self.subject} state"
+        return f"{where} holds a different {self.subject}: {'; '.join(self.differences)}; {self.hint}"
 
 
-StateEventKind = Literal["reused", "resumed"]
+StateEventKind = Literal["reused", "resumed", "discarded"]
 
 
 @dataclass(frozen=True)
 class StateEvent:
-    """What ``evaluate`` took from a state instead of computing it; the CLI prints one line per event.
+    """What an evaluation took from a state instead of computing it; the CLI prints one line per event.
 
     Attributes:
-        kind: ``"reused"`` (finished earlier, not re-run) or ``"resumed"`` (continued where it stopped).
+        kind: ``"reused"`` (finished earlier, not re-run), ``"resumed"`` (continued where it stopped)
+            or ``"discarded"`` (found in the state but unusable, so run again: verify's Square when
+            the runtime's clean predictions differ from the state's).
         stage: ``"clean"`` or an attack label.
-        done: samples already done (for ``clean``: all ``n``).
+        done: samples already done (for ``clean``: all ``n``; 0 when discarded).
         total: samples in the stage.
         seconds: time recorded for the work taken over (0 for ``clean``).
         path: the state file, if the state has one.
@@ -267,24 +319,38 @@ class StateEvent:
     path: Path | None
 
 
+_S = TypeVar("_S", bound="ResumableState")
+
+
 @dataclass
-class EvaluationState:
-    """Resumable state of one evaluation: its key, clean flags and a record per attack.
+class ResumableState:
+    """Base of a resumable state file: a key, clean flags, a record per attack; JSON, atomic saves.
+
+    A subclass names its file ``KIND`` (checked on load: a file of another kind is never taken,
+    nor overwritten by ``open``), its key class ``KEY`` and the words of its messages: ``WHAT``
+    (``"not a valid ciard <WHAT> state"``) and ``SUBJECT`` (``"holds a different <SUBJECT>"``);
+    ``validate`` adds its own consistency rules.
 
     Attributes:
-        key: what is evaluated.
+        key: what is evaluated (a ``KEY``).
         clean_correct: bool per sample, once the clean pass ran.
         attacks: one record per attack, in the order they were first run; attacks not asked for in a
             later call stay in the file.
-        info: model source, timestamps, versions; shown, never compared.
+        info: sources, timestamps, versions; shown, never compared.
         path: where ``save()`` writes (not stored in the file); ``None`` keeps the state in memory.
     """
 
-    key: EvaluationKey
+    key: Any
     clean_correct: np.ndarray | None = field(default=None, repr=False)
     attacks: list[AttackRecord] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
+
+    KIND: ClassVar[str] = ""
+    SCHEMA_VERSION: ClassVar[int] = 1
+    KEY: ClassVar[type[StateKey]] = StateKey
+    WHAT: ClassVar[str] = "evaluation"
+    SUBJECT: ClassVar[str] = "evaluation"
 
     # ---- records
     def record(self, label: str) -> AttackRecord | None:
@@ -299,7 +365,7 @@ class EvaluationState:
                 return
         self.attacks.append(rec)
 
-    def differences(self, key: EvaluationKey, attacks: Iterable[Any] = ()) -> list[str]:
+    def differences(self, key: StateKey, attacks: Iterable[Any] = ()) -> list[str]:
         """Why this state cannot serve an evaluation of ``key`` with ``attacks`` (``Attack`` objects); empty if it can.
 
         Attacks the state lacks or holds but are not asked for are fine (they are run, or kept);
@@ -312,11 +378,136 @@ class EvaluationState:
                 out += [f"{attack.label} {d}" for d in settings_differences(rec.settings, attack.describe())]
         return out
 
-    def check(self, key: EvaluationKey, attacks: Iterable[Any] = ()) -> None:
+    def check(self, key: StateKey, attacks: Iterable[Any] = ()) -> None:
         """Raises ``StateMismatch`` naming every difference ``differences`` finds."""
         diffs = self.differences(key, attacks)
         if diffs:
-            raise StateMismatch(self.path, diffs)
+            raise StateMismatch(self.path, diffs, subject=self.SUBJECT)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first inconsistency (called on every load)."""
+        labels = [a.label for a in self.attacks]
+        if len(set(labels)) != len(labels):
+            raise ValueError("an attack is recorded twice")
+        if self.attacks and self.clean_correct is None:
+            raise ValueError("attack records without a clean pass")
+        for a in self.attacks:
+            if np.any(a.per_sample & ~self.clean_correct):  # type: ignore[operator]
+                raise ValueError(f"{a.label}: robust flags on samples that are wrong on clean")
+
+    # ---- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "schema_version": self.SCHEMA_VERSION, "key": self.key.to_dict(),
+                "info": _plain(self.info),
+                "clean_correct": None if self.clean_correct is None else flags_to_str(self.clean_correct),
+                "attacks": [r.to_dict() for r in self.attacks]}
+
+    @classmethod
+    def from_dict(cls: type[_S], d: Any, path: Path | str | None = None) -> _S:
+        """Validates and loads; raises ValueError naming the first problem."""
+        if not isinstance(d, dict) or d.get("kind") != cls.KIND:
+            kind = d.get("kind") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"kind {kind!r}, expected {cls.KIND!r}")
+        version = int(d.get("schema_version", 0))
+        if version > cls.SCHEMA_VERSION:
+            raise ValueError(f"{cls.WHAT} state schema {version} is newer than this ciard-deploy reads "
+                             f"({cls.SCHEMA_VERSION}); upgrade ciard-deploy")
+        key = cls.KEY.from_dict(d.get("key") or {})
+        n = int(key.n)  # type: ignore[attr-defined]
+        clean = d.get("clean_correct")
+        state = cls(key=key, clean_correct=None if clean is None else flags_from_str(clean, n, "clean_correct"),
+                    attacks=[AttackRecord.from_dict(a, n) for a in d.get("attacks") or []],
+                    info=dict(d.get("info") or {}), path=None if path is None else Path(path))
+        state.validate()
+        return state
+
+    def save(self, path: Path | str | None = None) -> Path:
+        """Writes the state atomically (temp file + rename) to ``path`` or ``self.path``; returns the path."""
+        from ciard_deploy.io import atomic_write_json
+
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise ValueError(f"no path to save the {self.WHAT} state to")
+        self.info.setdefault("created", _now())
+        self.info["updated"] = _now()
+        atomic_write_json(target, self.to_dict())
+        return target
+
+    @classmethod
+    def load(cls: type[_S], path: Path | str) -> _S:
+        """Reads a state file; ArtifactError if it is unreadable or not a valid state of this kind."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            return cls.from_dict(d, path)
+        except FileNotFoundError:
+            raise ArtifactError(f"state file {path} not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{path} is not a valid ciard {cls.WHAT} state: {exc}; it was left as it is: "
+                                "move it away or choose another state file") from None
+
+    @classmethod
+    def check_file(cls: type[_S], path: Path | str) -> _S | None:
+        """The state at ``path`` (``None`` if there is no file yet), for refusing bad files before any work.
+
+        Raises:
+            UsageError: ``path`` is a directory.
+            ArtifactError: unreadable or not a valid state of this kind.
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"state file {path} is a directory")
+        return cls.load(path) if path.exists() else None
+
+    @classmethod
+    def open(cls: type[_S], path: Path | str, key: StateKey, attacks: Iterable[Any] = (), fresh: bool = False,
+             info: Mapping[str, Any] | None = None, mismatch_hint: str | None = None) -> tuple[_S, bool]:
+        """The state to evaluate ``key`` with ``attacks`` in, kept at ``path``; returns ``(state, existed)``.
+
+        A missing file gives a new, empty state (written on its first ``save``). An existing one must
+        be a valid state of this kind (else ``ArtifactError``, even with ``fresh``: a file of
+        another kind is never overwritten) and, unless ``fresh``, hold the same evaluation (else
+        ``StateMismatch`` naming every difference). ``fresh`` starts over from an empty state; the old
+        file is replaced on the first save. Nothing is written here.
+
+        Raises:
+            UsageError: ``path`` is a directory.
+            ArtifactError: unreadable or not a state of this kind.
+            StateMismatch: a different evaluation (an ``ArtifactError``).
+        """
+        path = Path(path)
+        meta = {**dict(info or {})}
+        state = cls.check_file(path)
+        if state is None or fresh:
+            return cls(key=key, info=meta, path=path), state is not None
+        diffs = state.differences(key, attacks)
+        if diffs:
+            raise StateMismatch(path, diffs, subject=cls.SUBJECT, **({"hint": mismatch_hint} if mismatch_hint else {}))
+        state.info.update({k: v for k, v in meta.items() if k != "created"})
+        return state, True
+
+
+@dataclass
+class EvaluationState(ResumableState):
+    """Resumable state of one ``ciard eval`` evaluation: its ``EvaluationKey``, clean flags and a record per attack.
+
+    Every attack is run on all clean-correct samples, so a record's ``total`` is their number.
+    """
+
+    key: EvaluationKey
+
+    KIND: ClassVar[str] = STATE_KIND
+    SCHEMA_VERSION: ClassVar[int] = STATE_SCHEMA_VERSION
+    KEY: ClassVar[type[StateKey]] = EvaluationKey
+    WHAT: ClassVar[str] = "evaluation"
+    SUBJECT: ClassVar[str] = "evaluation"
+
+    def validate(self) -> None:
+        super().validate()
+        clean = 0 if self.clean_correct is None else int(self.clean_correct.sum())
+        for a in self.attacks:
+            if a.total != clean:
+                raise ValueError(f"{a.label}: total {a.total} is not the {clean} clean-correct samples")
 
     def result(self, labels: Sequence[str], origins: Mapping[str, str] | None = None) -> EvalResult:
         """The ``EvalResult`` of the finished attacks ``labels`` (in that order), rebuilt from the state alone."""
@@ -335,100 +526,20 @@ class EvaluationState:
         return EvalResult(n=n, clean_acc=float(self.clean_correct.sum()) / n, attacks=recs,
                           worst_case_acc=float(worst.sum()) / n, clean_correct=self.clean_correct.copy())
 
-    # ---- JSON
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": STATE_KIND, "schema_version": STATE_SCHEMA_VERSION, "key": self.key.to_dict(),
-                "info": _plain(self.info),
-                "clean_correct": None if self.clean_correct is None else flags_to_str(self.clean_correct),
-                "attacks": [r.to_dict() for r in self.attacks]}
-
-    @classmethod
-    def from_dict(cls, d: Any, path: Path | str | None = None) -> "EvaluationState":
-        """Validates and loads; raises ValueError naming the first problem."""
-        if not isinstance(d, dict) or d.get("kind") != STATE_KIND:
-            kind = d.get("kind") if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"kind {kind!r}, expected {STATE_KIND!r}")
-        version = int(d.get("schema_version", 0))
-        if version > STATE_SCHEMA_VERSION:
-            raise ValueError(f"evaluation state schema {version} is newer than this ciard-deploy reads "
-                             f"({STATE_SCHEMA_VERSION}); upgrade ciard-deploy")
-        key = EvaluationKey.from_dict(d.get("key") or {})
-        clean = d.get("clean_correct")
-        clean_flags = None if clean is None else flags_from_str(clean, key.n, "clean_correct")
-        attacks = [AttackRecord.from_dict(a, key.n) for a in d.get("attacks") or []]
-        labels = [a.label for a in attacks]
-        if len(set(labels)) != len(labels):
-            raise ValueError("an attack is recorded twice")
-        if attacks and clean_flags is None:
-            raise ValueError("attack records without a clean pass")
-        for a in attacks:
-            if a.total != int(clean_flags.sum()):  # type: ignore[union-attr]
-                raise ValueError(f"{a.label}: total {a.total} is not the {int(clean_flags.sum())} clean-correct "
-                                 "samples")
-            if np.any(a.per_sample & ~clean_flags):
-                raise ValueError(f"{a.label}: robust flags on samples that are wrong on clean")
-        return cls(key=key, clean_correct=clean_flags, attacks=attacks, info=dict(d.get("info") or {}),
-                   path=None if path is None else Path(path))
-
-    def save(self, path: Path | str | None = None) -> Path:
-        """Writes the state atomically (temp file + rename) to ``path`` or ``self.path``; returns the path."""
-        from ciard_deploy.io import atomic_write_json
-
-        target = Path(path) if path is not None else self.path
-        if target is None:
-            raise ValueError("no path to save the evaluation state to")
-        self.info.setdefault("created", _now())
-        self.info["updated"] = _now()
-        atomic_write_json(target, self.to_dict())
-        return target
-
-    @classmethod
-    def load(cls, path: Path | str) -> "EvaluationState":
-        """Reads a state file; ArtifactError if it is unreadable or not a valid ciard evaluation state."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-            return cls.from_dict(d, path)
-        except FileNotFoundError:
-            raise ArtifactError(f"state file {path} not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{path} is not a valid ciard evaluation state: {exc}; it was left as it is: "
-                                "move it away or choose another state file") from None
-
 
 def open_state(path: Path | str, key: EvaluationKey, attacks: Iterable[Any] = (), fresh: bool = False,
                info: Mapping[str, Any] | None = None,
                mismatch_hint: str | None = None) -> tuple[EvaluationState, bool]:
-    """The state to evaluate ``key`` with ``attacks`` in, kept at ``path``; returns ``(state, existed)``.
+    """``EvaluationState.open``: the evaluation state of ``key`` and ``attacks`` at ``path``; ``(state, existed)``.
 
-    A missing file gives a new, empty state (written on its first ``save``). An existing one must
-    be a valid ciard evaluation state (else ``ArtifactError``, even with ``fresh``: a file of
-    another kind is never overwritten) and, unless ``fresh``, hold the same evaluation (else
-    ``StateMismatch`` naming every difference). ``fresh`` starts over from an empty state; the old
-    file is replaced on the first save. Nothing is written here.
-
-    Raises:
-        UsageError: ``path`` is a directory.
-        ArtifactError: unreadable or not a ciard evaluation state.
-        StateMismatch: a different evaluation (an ``ArtifactError``).
+    See ``ResumableState.open`` (a missing file gives an empty state; another kind of file is never
+    overwritten; a different evaluation raises ``StateMismatch`` unless ``fresh``).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise UsageError(f"state file {path} is a directory")
-    meta = {**dict(info or {})}
-    if not path.exists():
-        return EvaluationState(key=key, info=meta, path=path), False
-    state = EvaluationState.load(path)
-    if fresh:
-        return EvaluationState(key=key, info=meta, path=path), True
-    diffs = state.differences(key, attacks)
-    if diffs:
-        raise StateMismatch(path, diffs, **({"hint": mismatch_hint} if mismatch_hint else {}))
-    state.info.update({k: v for k, v in meta.items() if k != "created"})
-    return state, True
+    return EvaluationState.open(path, key, attacks, fresh=fresh, info=info, mismatch_hint=mismatch_hint)
 
 
 __all__ = [
-    "AttackRecord", "EvaluationKey", "EvaluationState", "SAVE_EVERY_S", "StateEvent", "StateMismatch",
-    "data_hash", "flags_from_str", "flags_to_str", "hash_array", "open_state", "settings_differences",
+    "AttackRecord", "EvaluationKey", "EvaluationState", "ResumableState", "SAVE_EVERY_S", "StateEvent", "StateKey",
+    "StateMismatch", "data_hash", "flags_from_str", "flags_to_str", "hash_array", "open_state",
+    "settings_differences",
 ]

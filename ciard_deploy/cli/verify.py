@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import State, console, err_console, handle_errors, progress, write_json
@@ -41,6 +42,22 @@ class StagedProgress:
 
     def __exit__(self, *exc: Any) -> None:
         self.stack.close()
+
+
+def _state_line(ev: Any) -> None:
+    """One stderr line when `verify --state` takes Square from the state file (not with --quiet)."""
+    if State.quiet:
+        return
+    if ev.kind == "reused":
+        msg = (f"state: reusing {ev.stage} from {ev.path} (finished earlier in {ev.seconds:.1f} s; not re-run; "
+               "clean and transferred attacks measured again)")
+    elif ev.kind == "resumed":
+        msg = (f"state: resuming {ev.stage} at {ev.done}/{ev.total} from {ev.path} (clean and transferred attacks "
+               "measured again)")
+    else:
+        msg = (f"state: {ev.stage} in {ev.path} was measured on other clean predictions than the runtime gives now "
+               "(a non-deterministic runtime?): it runs again")
+    err_console.print(escape(msg), highlight=False, soft_wrap=True)
 
 
 def _wrote(path: Path | None) -> None:
@@ -113,10 +130,24 @@ def verify_cmd(
     md_out: Optional[Path] = typer.Option(None, "--markdown", help="Write a short Markdown report (for a PR comment)."),
     seed: int = typer.Option(0, "--seed", help="Seed of Square and its subset."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    state: Optional[Path] = typer.Option(
+        None, "--state",
+        help="Resumable verify state (JSON; none unless given). Created if absent and saved as Square goes "
+             "(after its finished batches, at most every ~10 s, and on Ctrl-C). If it exists it must hold the same "
+             "verification (artifact sha256, pack checksum, runtime and provider, Square queries, n, seed, eps, "
+             "batch size): the clean and transferred attacks are measured again (seconds) and Square continues "
+             "after its last saved batch, or is reused if it finished (a line on stderr says so); the report's "
+             "numbers equal an uninterrupted run's. A different verification is an error (exit 2) and the file is "
+             "left as it is."),
+    fresh: bool = typer.Option(False, "--fresh",
+                               help="With --state: discard what the state file holds and start over."),
 ) -> None:
     """Measure robustness on the runtime: clean, transferred attacks, live Square, worst case, parity, gates.
 
-    Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input, 3 runtime missing.
+    With --state FILE, an interrupted verify (Ctrl-C, a killed CI job) continues where Square
+    stopped when the same command runs again.
+
+    Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input, 3 runtime missing, 130 interrupted.
     """
     from ciard_deploy.verify.evaluate import run
     from ciard_deploy.verify.gates import Gates, load_gates
@@ -125,16 +156,25 @@ def verify_cmd(
 
     if quiet:
         State.quiet = True
-    check_report_paths({"--json": json_out, "--junit": junit_out, "--markdown": md_out},
-                       {"--pack": pack, "ARTIFACT": artifact})
+    check_report_paths({"--state": state, "--json": json_out, "--junit": junit_out, "--markdown": md_out},
+                       {"--pack": pack, "ARTIFACT": artifact, "--gates": gates_file})
     flags = {"min_clean": min_clean, "min_robust": min_robust, "max_clean_drop": max_clean_drop,
              "max_robust_drop": max_robust_drop, "min_agreement": min_agreement,
              "min_agreement_adv": min_agreement_adv}
     gates = load_gates(gates_file) if gates_file is not None else Gates()
     gates = gates.merged(Gates.create(**{k: v for k, v in flags.items() if v is not None}))
-    with StagedProgress("verify") as update:
-        report = run(artifact, pack, provider=provider, gates=gates, square_queries=square_queries, square_n=square_n,
-                     batch_size=batch_size, seed=seed, threads=threads, progress=update)
+    try:
+        with StagedProgress("verify") as update:
+            report = run(artifact, pack, provider=provider, gates=gates, square_queries=square_queries,
+                         square_n=square_n, batch_size=batch_size, seed=seed, threads=threads, progress=update,
+                         state_path=state, fresh=fresh, on_state=_state_line)
+    except KeyboardInterrupt:
+        if state is not None and state.is_file():
+            again = "the same command again without --fresh" if fresh else "the same command again"
+            err_console.print(f"[yellow]interrupted[/]: finished work is in {escape(str(state))}; run {again} to "
+                              "continue", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        raise
     render_report(report, console)
     for path, write in ((json_out, report.write_json), (junit_out, report.write_junit), (md_out, report.write_markdown)):
         if path is not None:

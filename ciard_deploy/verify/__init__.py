@@ -7,6 +7,7 @@
                         gates=verify.Gates.create(min_clean=0.9, max_robust_drop=0.02))
     report.passed, report.metrics["worst_case_acc"]
     report.write_json("verify.json"); report.write_junit("verify.xml"); report.write_markdown("verify.md")
+    report = verify.run("model.onnx", "pack.npz", state_path="verify.state.json")       # resumable (Ctrl-C, CI kill)
 
 Nothing in this package imports torch at module level: ``build_pack`` imports it when called;
 everything else runs on a device that has only numpy, onnxruntime (or TensorRT) and ART.
@@ -21,8 +22,9 @@ from ciard_deploy.verify.gates import GateResult, Gates, gates_from_mapping, gat
 from ciard_deploy.verify.pack import RobustnessPack, build_pack, load_pack, save_pack
 from ciard_deploy.verify.parity import ParityReport
 from ciard_deploy.verify.report import VerifyReport, check_report_paths, check_writable
+from ciard_deploy.verify.state import VerifyKey, VerifyState
 
 __all__ = ["AttackOutcome", "CHECKS", "Finding", "GateResult", "Gates", "Parity", "ParityReport", "RobustnessPack",
-           "RuntimeEvaluation", "VerifyReport", "build_pack", "check_report_paths", "check_writable", "compare",
-           "evaluate_runtime", "gates_from_mapping", "gates_from_recipe", "judge", "load_gates", "load_pack", "run",
-           "save_pack", "stratified_subset"]
+           "RuntimeEvaluation", "VerifyKey", "VerifyReport", "VerifyState", "build_pack", "check_report_paths",
+           "check_writable", "compare", "evaluate_runtime", "gates_from_mapping", "gates_from_recipe", "judge",
+           "load_gates", "load_pack", "run", "save_pack", "stratified_subset"]

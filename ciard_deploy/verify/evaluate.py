@@ -8,11 +8,17 @@
    that attack's image (AutoAttack's per-sample flags);
 3. query-only: Square run live against the runtime (scores only, no gradients, no torch),
    started from the clean images of the samples the runtime classifies correctly, batched
-   across images;
+   across images, batch ``i`` seeded ``seed + i``;
 4. the per-sample worst case over all of them, and parity with the pack's reference logits.
 
 ``run`` wraps it: checks gates, pack and artifact before any work, then evaluates, runs the
 sanity checks, judges the gates and returns a ``VerifyReport``. Nothing here imports torch.
+
+Resumable (``verify.state``): with a ``VerifyState`` (``run(..., state_path=FILE)``) Square's
+finished batches are saved as it goes and a later call continues after the last one (or
+takes a finished Square whole); steps 1-2 are cheap and always measured again (the state
+module's docstring says why). Per-batch seeds make a resumed report's numbers equal an
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
+from ciard_deploy.attacks.state import SAVE_EVERY_S, AttackRecord, StateEvent
 from ciard_deploy.errors import UsageError
 from ciard_deploy.runtime.parity import Parity, compare
 from ciard_deploy.verify.pack import EPS_TOLERANCE, RobustnessPack, worst_case_label
 from ciard_deploy.verify.parity import ParityReport
+from ciard_deploy.verify.state import VerifyState, square_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from ciard_deploy.verify.gates import Gates
@@ -43,6 +51,9 @@ Progress = Callable[..., None]
 DEFAULT_BATCH = 256
 #: images run twice to detect a non-deterministic runtime
 DETERMINISM_IMAGES = 64
+
+#: What a mismatching ``--state`` file's error ends with (the CLI's way out).
+MISMATCH_HINT = "the file was left as it is: pass --fresh to discard it, or give another --state file"
 
 
 @dataclass
@@ -62,6 +73,9 @@ class AttackOutcome:
         queries: forward passes (images) the runtime served for this attack.
         per_sample: bool flags, one per covered sample.
         indices: pack positions of the covered samples (None: all, in order).
+        origin: ``"ran"`` (measured by this call), ``"resumed"`` (Square continued from a state
+            file's finished batches) or ``"reused"`` (Square taken whole from a state file); the
+            numbers are the same either way, ``seconds`` counts every call that worked on it.
     """
 
     name: str
@@ -76,6 +90,7 @@ class AttackOutcome:
     queries: int = 0
     per_sample: np.ndarray | None = field(default=None, repr=False)
     indices: np.ndarray | None = field(default=None, repr=False)
+    origin: str = "ran"
 
     def to_dict(self) -> dict[str, Any]:
         from ciard_deploy.attacks.base import format_eps
@@ -84,7 +99,7 @@ class AttackOutcome:
         return {"name": self.name, "label": self.label, "kind": self.kind, "eps": self.eps,
                 "eps_label": format_eps(self.eps), "n": self.n, "robust_acc": self.robust_acc,
                 "reference_acc": self.reference_acc, "drop": drop, "seconds": round(self.seconds, 4),
-                "queries": self.queries, "settings": self.settings}
+                "queries": self.queries, "origin": self.origin, "settings": self.settings}
 
 
 @dataclass
@@ -147,10 +162,29 @@ def _predict_all(backend: Any, x: np.ndarray, batch_size: int, tick: Callable[[i
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
+def square_attack(queries: int, eps: float, *, seed: int = 0, batch_size: int = DEFAULT_BATCH,
+                  p_init: float = 0.8) -> Any:
+    """The Square attack ``verify`` runs live (``square<queries>`` at ``eps``; see ``attacks.square``)."""
+    from ciard_deploy.attacks.base import create_attack
+
+    return create_attack(f"square{int(queries)}", eps, seed=seed, batch_size=batch_size, p_init=p_init)
+
+
 def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int = 1000, square_n: int | None = None,
                      batch_size: int = DEFAULT_BATCH, seed: int = 0, square_p_init: float = 0.8,
-                     progress: Progress | None = None) -> RuntimeEvaluation:
+                     progress: Progress | None = None, state: VerifyState | None = None,
+                     on_state: Callable[[StateEvent], None] | None = None,
+                     save_every: float = SAVE_EVERY_S) -> RuntimeEvaluation:
     """Clean, transferred and query-only robustness of ``backend`` on ``pack``, AutoAttack-style.
+
+    With a ``state`` (``verify.state.VerifyState`` for these settings) Square is resumable: the
+    clean and transfer phase is measured (it is cheap), its clean flags are stored, and Square
+    continues after the state's last finished batch (or is taken whole when it finished). When
+    the state has a ``path`` it is saved there (atomically) after the transfer phase, after
+    Square's finished batches (at most every ``save_every`` seconds), when Square ends, and when
+    it is interrupted (Ctrl-C or an error), so at most the batch in flight is lost. If the
+    runtime's clean flags differ from the state's (a non-deterministic runtime), the saved Square
+    batches no longer apply: they are discarded and Square runs again.
 
     Args:
         backend: an open runtime backend (``predict(images) -> logits``).
@@ -158,16 +192,31 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
         square_queries: Square's query budget per image; 0 turns Square off.
         square_n: images Square attacks (a seeded class-stratified subset of the pack; None: all).
         batch_size: images per runtime call (and per Square batch).
-        seed: seed of the Square subset and of Square's randomness.
+        seed: seed of the Square subset; Square's batch ``i`` (of the attacked samples, in pack
+            order) is seeded ``seed + i``, so each batch's outcome does not depend on the others.
         square_p_init: Square's initial square size (fraction of pixels).
         progress: ``callback(done, total, stage=...)``.
+        state: optional ``VerifyState`` whose key has these settings; updated in place.
+        on_state: optional ``callback(StateEvent)`` when Square is taken from the state
+            (``"reused"``, ``"resumed"``) or its saved batches are dropped (``"discarded"``).
+        save_every: seconds between saves of Square's finished batches (0: after every batch).
 
     Returns:
         the ``RuntimeEvaluation``.
+
+    Raises:
+        UsageError: a bad batch size, or a ``state`` made with other settings.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     n, y = pack.n, pack.y
+    k = square_size(n, square_queries, square_n)
+    if state is not None:
+        diffs = state.key.settings_differences(n=n, eps=pack.eps, square_queries=int(square_queries), square_n=k,
+                                               square_p_init=float(square_p_init), seed=int(seed),
+                                               batch_size=int(batch_size))
+        if diffs:
+            raise UsageError(f"the verify state is for other settings: {'; '.join(diffs)}")
     total_inf = n * (1 + len(pack.adv))
     done = [0]
 
@@ -175,6 +224,15 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
         done[0] += k
         if progress is not None:
             progress(done[0], total_inf, stage="inference")
+
+    def announce(kind: str, stage: str, done: int, total: int, seconds: float) -> None:
+        if on_state is not None:
+            on_state(StateEvent(kind, stage, done, total, seconds, state.path if state is not None else None))
+
+    def save() -> None:
+        if state is not None and state.path is not None:
+            state.save()
+            log.debug("saved verify state to %s", state.path)
 
     # ---------------------------------------------------------------- clean + transfer
     tick(0)
@@ -203,6 +261,15 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
     parity = ParityReport(clean=compare(pack.logits_clean, logits_clean), per_attack=per_attack_parity)
     k_det = min(DETERMINISM_IMAGES, n)
     determinism = (logits_clean[:k_det], backend.predict(pack.x[:k_det], batch_size=batch_size))
+    if state is not None:
+        if state.clean_correct is not None and not np.array_equal(state.clean_correct, clean_correct):
+            for rec in state.attacks:  # Square attacked other samples then: its batches do not apply
+                announce("discarded", rec.label, 0, rec.total, rec.seconds)
+                log.debug("%s in %s was measured on other clean predictions than the runtime gives now "
+                          "(a non-deterministic runtime?): it runs again", rec.label, state.path)
+            state.attacks = []
+        state.clean_correct = clean_correct.copy()
+        save()
 
     worst_transfer = None
     wt_flags = clean_correct.copy()
@@ -220,45 +287,24 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
     if worst_case:
         worst_case.pop("reference_acc", None)
     if square_queries:
-        from ciard_deploy.attacks.base import create_attack
-
-        k = n if square_n is None else min(int(square_n), n)
         square_idx = stratified_subset(y, k, seed)
-        attack = create_attack(f"square{int(square_queries)}", pack.eps, seed=seed, batch_size=batch_size,
-                               p_init=square_p_init)
+        attack = square_attack(square_queries, pack.eps, seed=seed, batch_size=batch_size, p_init=square_p_init)
+        settings = attack.describe()  # before the batches re-seed it
         targets = square_idx[clean_correct[square_idx]]
-        queries = [0]
-
-        def predict(batch: np.ndarray) -> np.ndarray:
-            queries[0] += len(batch)
-            return backend.predict(batch, batch_size=batch_size)
-
-        num_classes = int(logits_clean.shape[1])
-        robust_t = np.zeros(len(targets), dtype=bool)
-        t0 = time.perf_counter()
-        if progress is not None:
-            progress(0, len(targets), stage=attack.label)
-        for i, s in enumerate(range(0, len(targets), batch_size)):
-            pos = targets[s:s + batch_size]
-            attack.seed = seed + i  # each batch its own (seeded) random search
-            xb = pack.x[pos]
-            x_adv = attack.run_numpy(predict, xb, y[pos], num_classes=num_classes)
-            dist = float(np.abs(x_adv - xb).max()) if len(xb) else 0.0
-            if dist > pack.eps + EPS_TOLERANCE or (len(x_adv) and (x_adv.min() < 0 or x_adv.max() > 1)):
-                raise RuntimeError(f"{attack.label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {pack.eps:.3g})")
-            robust_t[s:s + len(pos)] = predict(x_adv).argmax(1) == y[pos]
-            if progress is not None:
-                progress(min(s + batch_size, len(targets)), len(targets), stage=attack.label)
-        square_s = time.perf_counter() - t0
+        robust_t, queries, square_s, origin = _run_square(
+            backend, pack, attack, targets, seed=seed, batch_size=batch_size,
+            num_classes=int(logits_clean.shape[1]), progress=progress, state=state, announce=announce, save=save,
+            save_every=save_every)
         flags = np.zeros(k, dtype=bool)
         flags[np.searchsorted(square_idx, targets)] = robust_t
         outcomes.append(AttackOutcome(
             name=attack.name, label=attack.label, kind="query", eps=pack.eps, n=k, robust_acc=float(flags.mean()),
             reference_acc=None, seconds=square_s,
-            settings={**attack.describe(), "seed": seed, "batch_size": batch_size, "started_from": "clean images",
-                      "attacked": int(len(targets)), "subset": "all" if k == n else f"{k} of {n}, class-stratified",
+            settings={**settings, "seed": seed, "batch_seeds": "seed + batch index", "batch_size": batch_size,
+                      "started_from": "clean images", "attacked": int(len(targets)),
+                      "subset": "all" if k == n else f"{k} of {n}, class-stratified",
                       "implementation": "ART SquareAttack + BlackBoxClassifierNeuralNetwork on the runtime's logits"},
-            queries=queries[0], per_sample=flags, indices=square_idx))
+            queries=queries, per_sample=flags, indices=square_idx, origin=origin))
         all_flags = wt_flags[square_idx] & flags
         worst_case = {"label": worst_case_label([o.to_dict() for o in outcomes]), "acc": float(all_flags.mean()),
                       "n": k, "attacks": [o.label for o in outcomes]}
@@ -273,6 +319,83 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
     return RuntimeEvaluation(n=n, clean_acc=float(clean_correct.mean()), clean_correct=clean_correct,
                              attacks=outcomes, worst_transfer=worst_transfer, worst_case=worst_case, parity=parity,
                              timings=timings, square_indices=square_idx, determinism=determinism, logits=logits)
+
+
+def _run_square(backend: Any, pack: RobustnessPack, attack: Any, targets: np.ndarray, *, seed: int, batch_size: int,
+                num_classes: int, progress: Progress | None, state: VerifyState | None,
+                announce: Callable[..., None], save: Callable[[], None],
+                save_every: float) -> tuple[np.ndarray, int, float, str]:
+    """Square on the pack positions ``targets``, batch ``i`` seeded ``seed + i``, continuing ``state``'s record.
+
+    Returns ``(robust flag per target, queries, seconds, origin)``; queries and seconds include
+    the work a state file holds.
+    """
+    y, total, label = pack.y, len(targets), attack.label
+    robust = np.zeros(total, dtype=bool)
+    first, queries_before, seconds_before, origin = 0, 0, 0.0, "ran"
+    rec = state.record(label) if state is not None else None
+    if rec is not None and rec.total != total:  # cannot happen with equal keys and clean flags; never trust it
+        announce("discarded", label, 0, rec.total, rec.seconds)
+        rec = None
+    if rec is not None and rec.done > 0:
+        robust[:rec.done] = rec.per_sample[targets[:rec.done]]
+        first, queries_before, seconds_before = rec.done, int(rec.queries or 0), rec.seconds
+        origin = "reused" if rec.finished else "resumed"
+        announce(origin, label, rec.done, total, rec.seconds)
+        log.debug("%s: %s at %d/%d from %s", label, origin, rec.done, total, state.path)  # type: ignore[union-attr]
+        if rec.finished:
+            if progress is not None:
+                progress(total, total, stage=label)
+            return robust, queries_before, seconds_before, origin
+    if state is not None:
+        per_sample = np.zeros(pack.n, dtype=bool)
+        per_sample[targets[:first]] = robust[:first]
+        rec = AttackRecord(label, attack.name, attack.eps, attack.describe(), total, first, seconds_before, per_sample,
+                           device=str(state.key.provider or state.key.backend), batch_size=batch_size,
+                           queries=queries_before)
+        state.put(rec)
+    queries = [0]
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        queries[0] += len(batch)
+        return backend.predict(batch, batch_size=batch_size)
+
+    t0 = last_save = time.perf_counter()
+    unsaved = False
+    if progress is not None:
+        progress(first, total, stage=label)
+    try:
+        for s in range(first, total, batch_size):
+            pos = targets[s:s + batch_size]
+            attack.seed = seed + s // batch_size  # each batch its own seeded random search: resumable
+            xb = pack.x[pos]
+            x_adv = attack.run_numpy(predict, xb, y[pos], num_classes=num_classes)
+            dist = float(np.abs(x_adv - xb).max()) if len(xb) else 0.0
+            if dist > pack.eps + EPS_TOLERANCE or (len(x_adv) and (x_adv.min() < 0 or x_adv.max() > 1)):
+                raise RuntimeError(f"{label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {pack.eps:.3g})")
+            done = s + len(pos)
+            robust[s:done] = predict(x_adv).argmax(1) == y[pos]
+            if rec is not None:
+                rec.per_sample[pos] = robust[s:done]
+                rec.done, rec.queries = done, queries_before + queries[0]
+                rec.seconds = seconds_before + time.perf_counter() - t0
+                unsaved = True
+                if done < total and time.perf_counter() - last_save >= save_every:
+                    save()
+                    last_save, unsaved = time.perf_counter(), False
+            if progress is not None:
+                progress(done, total, stage=label)
+    except BaseException:
+        if unsaved:  # Ctrl-C or a failure: keep the batches that finished
+            save()
+        raise
+    finally:
+        attack.seed = seed
+    seconds = seconds_before + time.perf_counter() - t0
+    if rec is not None:
+        rec.done, rec.seconds = total, seconds
+        save()
+    return robust, queries_before + queries[0], seconds, origin
 
 
 def metrics_of(ev: RuntimeEvaluation, pack: RobustnessPack) -> dict[str, float | None]:
@@ -300,12 +423,22 @@ def metrics_of(ev: RuntimeEvaluation, pack: RobustnessPack) -> dict[str, float |
 def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *, provider: str | None = None,
         gates: Gates | None = None, square_queries: int = 1000, square_n: int | None = None,
         batch_size: int = DEFAULT_BATCH, seed: int = 0, threads: int | None = None, square_p_init: float = 0.8,
-        progress: Progress | None = None) -> VerifyReport:
+        progress: Progress | None = None, state_path: str | os.PathLike | None = None, fresh: bool = False,
+        on_state: Callable[[StateEvent], None] | None = None, save_every: float = SAVE_EVERY_S) -> VerifyReport:
     """Verifies an exported artifact on its runtime against a robustness pack.
 
-    Order of work, so that bad input costs nothing: gates and settings; the pack (fully
-    validated); the artifact opened in its runtime; pack <-> artifact compatibility; then the
-    evaluation, the checks and the gates.
+    Order of work, so that bad input costs nothing: gates and settings; the state file (if
+    any: a folder or a file that is not a verify state is refused); the pack (fully validated);
+    the artifact opened in its runtime; pack <-> artifact compatibility; the state's key; then
+    the evaluation, the checks and the gates.
+
+    With ``state_path`` the verification is resumable (see ``verify.state``): the file is created
+    if absent and saved as Square goes (after its finished batches, at most every ``save_every``
+    seconds, and on Ctrl-C). If it exists it must hold the same verification (artifact sha256,
+    pack checksum, backend and provider, Square's queries, n, p_init, seed, eps, batch size):
+    the clean and transfer phase is measured again and Square continues after its last saved
+    batch, or is taken whole if it finished (``on_state`` hears of it). The report's numbers
+    equal an uninterrupted run's. ``fresh`` discards what the file holds and starts over.
 
     Args:
         artifact: ``.onnx`` (onnxruntime), ``.engine``/``.plan`` (TensorRT), or a checkpoint/run dir (PyTorch).
@@ -319,23 +452,32 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         threads: onnxruntime intra-op threads (None: its default).
         square_p_init: Square's initial square size.
         progress: ``callback(done, total, stage=...)``.
+        state_path: optional state file (JSON) that makes the run resumable.
+        fresh: with ``state_path``: discard what the file holds (never a file of another kind).
+        on_state: optional ``callback(StateEvent)`` for what is taken from the state; the CLI prints one line.
+        save_every: seconds between saves of Square's finished batches (0: after every batch).
 
     Returns:
         the ``VerifyReport`` (``report.passed`` says whether every gate passed; the caller
         decides what a failure means: the CLI exits 1).
 
     Raises:
-        UsageError: bad settings or gates (exit 2).
-        ArtifactError: missing/corrupt pack or artifact, or a pack for another input shape or class count (exit 2).
+        UsageError: bad settings or gates, ``fresh`` without ``state_path``, a state path that is a folder (exit 2).
+        ArtifactError: missing/corrupt pack or artifact, a pack for another input shape or class count, or a
+            state file that is not a ciard verify state (left as it is) (exit 2).
+        StateMismatch: the state file holds a different verification (an ArtifactError naming each
+            difference; the file is left as it is) (exit 2).
         BackendUnavailable: the runtime or provider is not installed here (exit 3).
+        KeyboardInterrupt: Ctrl-C; with ``state_path`` Square's finished batches are saved first.
     """
     from ciard_deploy import __version__
     from ciard_deploy.io import library_versions
     from ciard_deploy.runtime import open_backend
     from ciard_deploy.verify import checks
     from ciard_deploy.verify.gates import Gates, judge, unmeasurable
-    from ciard_deploy.verify.pack import load_pack
+    from ciard_deploy.verify.pack import checksum_arrays, load_pack
     from ciard_deploy.verify.report import REPORT_KIND, SCHEMA_VERSION, VerifyReport
+    from ciard_deploy.verify.state import VerifyKey
 
     t_start = time.perf_counter()
     gates = gates if gates is not None else Gates()
@@ -347,6 +489,10 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if not 0.0 < square_p_init < 1.0:
         raise UsageError(f"square p_init must be in (0, 1), got {square_p_init}")
+    if fresh and state_path is None:
+        raise UsageError("--fresh discards a --state file: give --state too")
+    if state_path is not None:
+        VerifyState.check_file(state_path)  # a folder or a file of another kind: refused before any work
     p = pack if isinstance(pack, RobustnessPack) else load_pack(pack)
     has_attacks = bool(p.adv)
     missing = unmeasurable(gates, {"clean_acc": True, "clean_drop": True, "agreement_clean": True,
@@ -356,10 +502,8 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
     if missing:
         raise UsageError(f"{'; '.join(missing)}, which this run cannot measure (the pack holds "
                          f"{len(p.adv)} attacks{', Square is off' if not square_queries else ''})")
-    if square_queries:
-        from ciard_deploy.attacks.base import create_attack
-
-        create_attack(f"square{int(square_queries)}", p.eps, p_init=square_p_init)  # settings checked before work
+    square = square_attack(square_queries, p.eps, seed=seed, batch_size=batch_size, p_init=square_p_init) \
+        if square_queries else None  # settings checked before work
     t0 = time.perf_counter()
     options = {"threads": threads} if threads and Path(artifact).suffix.lower() == ".onnx" else {}
     backend = open_backend(artifact, provider=provider, **options)
@@ -377,8 +521,21 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
             metadata["source_sha256"] = sha256_file(resolve_checkpoint(artifact))  # the checkpoint is its own source
         prov, findings, manifest_thresholds = checks.provenance(artifact, metadata, p.model_sha256)
         findings += checks.metadata_mismatches(p.meta, metadata)
+        state = None
+        if state_path is not None:
+            key = VerifyKey.create(
+                artifact_sha256=prov.get("sha256") or metadata.get("source_sha256") or "",
+                pack_checksum=p.checksum or checksum_arrays(p.arrays()), backend=str(backend.name),
+                provider=backend.describe().get("provider", provider), n=p.n, eps=p.eps,
+                square_queries=square_queries, square_n=square_n, square_p_init=square_p_init, seed=seed,
+                batch_size=batch_size)
+            state, _ = VerifyState.open(state_path, key, [square] if square is not None else [], fresh=fresh,
+                                        info={"artifact": str(artifact), "pack": str(p.path) if p.path else None,
+                                              "threads": threads, "versions": library_versions()},
+                                        mismatch_hint=MISMATCH_HINT)
         ev = evaluate_runtime(backend, p, square_queries=square_queries, square_n=square_n, batch_size=batch_size,
-                              seed=seed, square_p_init=square_p_init, progress=progress)
+                              seed=seed, square_p_init=square_p_init, progress=progress, state=state,
+                              on_state=on_state, save_every=save_every)
         runtime = backend.describe()
     finally:
         backend.close()
@@ -425,6 +582,7 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
                         "active_providers": runtime.get("active_providers"), "metadata": metadata}
     settings = {"square_queries": int(square_queries), "square_n": square_n, "square_p_init": square_p_init,
                 "batch_size": batch_size, "seed": seed, "provider": provider, "threads": threads,
+                "state": None if state_path is None else str(state_path),
                 "parity_thresholds": {"clean": thr_clean, "adversarial": thr_adv if adv is not None else None}}
     timings = {"open_s": round(open_s, 4), **ev.timings, "total_s": round(time.perf_counter() - t_start, 4)}
     return VerifyReport(
@@ -440,5 +598,5 @@ def _bits(flags: np.ndarray | None) -> str:
     return "" if flags is None else "".join("1" if f else "0" for f in np.asarray(flags, bool))
 
 
-__all__ = ["AttackOutcome", "DEFAULT_BATCH", "RuntimeEvaluation", "evaluate_runtime", "metrics_of", "run",
-           "stratified_subset"]
+__all__ = ["AttackOutcome", "DEFAULT_BATCH", "MISMATCH_HINT", "RuntimeEvaluation", "evaluate_runtime", "metrics_of",
+           "run", "square_attack", "stratified_subset"]

@@ -32,6 +32,8 @@ def results_table(report: VerifyReport) -> Table:
               _pts(m.get("clean_drop")))
     for att in r.get("attacks", []):
         kind = "transfer" if att["kind"] == "transfer" else "live"
+        if att.get("origin", "ran") != "ran":
+            kind += f", {att['origin']}"  # continued from, or taken from, a --state file
         t.add_row(f"{att['label']} ({kind})", str(att["n"]), _pct(att["robust_acc"]), _pct(att.get("reference_acc")),
                   _pts(att.get("drop")))
     wt, wc = r.get("worst_case_transfer"), r.get("worst_case")

@@ -12,10 +12,10 @@ The JSON report (``kind: ciard.verify_report``, ``schema_version: 1``) holds::
                 reference: {clean_acc, robust_acc: {label: acc}, worst_case_label, worst_case_acc, ...},
                 versions, created, tool}
     settings:  {square_queries, square_n, square_p_init, batch_size, seed, provider, threads,
-                parity_thresholds: {clean, adversarial}}
+                state (the --state file, or null), parity_thresholds: {clean, adversarial}}
     results:   {n, clean_acc, reference_clean_acc,
                 attacks: [{name, label, kind: transfer|query, eps, eps_label, n, robust_acc, reference_acc,
-                           drop, seconds, queries, settings}],
+                           drop, seconds, queries, origin: ran|resumed|reused, settings}],
                 robust_acc: {label: acc}, worst_case: {label, acc, n, attacks},
                 worst_case_transfer: {label, acc, n, attacks, reference_acc}}
     parity:    {clean: {n, top1_agreement, flips, flip_indices, max_abs_diff, mean_abs_diff,

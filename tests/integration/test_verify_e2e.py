@@ -215,6 +215,42 @@ def test_int8_on_the_runtime(robust_export, robust_pack):
     assert par["adversarial"]["n"] == 2 * N
 
 
+def test_an_interrupted_verify_resumes_to_the_same_report(robust_export, robust_pack, tmp_path):
+    """INT8 on onnxruntime, Square stopped (as by Ctrl-C) after two of its batches and resumed from the state
+    file: the report's numbers equal an uninterrupted run's, and the resumed call runs only the other batches."""
+    settings = dict(square_queries=200, square_n=60, batch_size=16, seed=1,
+                    gates=Gates.create(min_clean=0.5, max_clean_drop=0.05))
+    artifact = robust_export / "model.int8.onnx"
+    whole = run(artifact, robust_pack, **settings)
+    state = tmp_path / "int8.state.json"
+    square_batches = []
+
+    def ctrl_c(done, total=None, stage=None):
+        if stage == "square200@0.15" and done > 0:
+            square_batches.append(done)
+            if len(square_batches) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(artifact, robust_pack, state_path=state, progress=ctrl_c, **settings)
+    (rec,) = json.loads(state.read_text())["attacks"]
+    assert rec["done"] == 32 < rec["total"] and rec["queries"] > 0
+    events, stages = [], []
+    resumed = run(artifact, robust_pack, state_path=state, on_state=events.append,
+                  progress=lambda done, total=None, stage=None: stages.append((stage, done)), **settings)
+    assert [(e.kind, e.done) for e in events] == [("resumed", 32)]
+    assert [d for s, d in stages if s == "square200@0.15"][0] == 32  # Square started at its third batch
+
+    def measured(rep):
+        results = json.loads(json.dumps(rep.results))
+        for a in results["attacks"]:
+            a.pop("seconds"), a.pop("origin")
+        return results, rep.metrics, rep.parity, rep.per_sample, [g.to_dict() for g in rep.gate_results]
+
+    assert measured(resumed) == measured(whole) and resumed.passed
+    assert resumed.results["attacks"][-1]["origin"] == "resumed" and resumed.settings["state"] == str(state)
+
+
 def test_square_hurts_an_undefended_model_far_more(natural_export, natural_pack, robust_export, robust_pack):
     nat = run(natural_export / "model.onnx", natural_pack, square_queries=300, square_n=100)
     rob = run(robust_export / "model.onnx", robust_pack, square_queries=300, square_n=100)

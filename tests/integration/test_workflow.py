@@ -266,6 +266,55 @@ def test_a_stricter_gate_rejudges_only_verify_and_exits_1(first, sets):
     assert json.loads((out / "verify" / "onnx.json").read_text())["status"] == "passed"
 
 
+def _measured(report: Path) -> dict:
+    """A verify report's measured numbers (not its seconds, nor where Square's came from)."""
+    rep = json.loads(report.read_text())
+    for a in rep["results"]["attacks"]:
+        a.pop("seconds"), a.pop("origin", None)
+    return {k: rep[k] for k in ("results", "metrics", "parity", "per_sample")}
+
+
+def test_an_interrupted_verify_stage_resumes_from_its_state_files(first, sets, tmp_path):
+    """Ctrl-C as the second artifact's Square starts: the first artifact's state holds its finished Square,
+    which the next `ciard run` reuses; the reports equal the uninterrupted ones and the states are gone."""
+    import shutil
+
+    from ciard_deploy import workflow
+    from ciard_deploy.config import find_recipe
+
+    out = tmp_path / "digits"
+    shutil.copytree(first["out"], out)
+    measured = {name: _measured(out / "verify" / f"{name}.json") for name in ("onnx", "onnx-int8")}
+
+    def ctrl_c(done, total=None, stage=None):
+        if stage == "verify onnx-int8 square300@0.15":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        workflow.run(find_recipe(RECIPE), out, overrides=sets, threads=1, from_stage="verify", progress=ctrl_c)
+    st = json.loads((out / "workflow.json").read_text())
+    assert st["stages"]["verify"]["status"] == "interrupted"
+    onnx_state = json.loads((out / "verify" / "onnx.state.json").read_text())
+    assert onnx_state["kind"] == "ciard.verify_state"
+    assert [(a["label"], a["done"] == a["total"]) for a in onnx_state["attacks"]] == [("square300@0.15", True)]
+    assert (out / "verify" / "onnx-int8.state.json").is_file()
+
+    res, summary, _ = run_cli(out, sets)
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    assert stage_actions(summary) == {"distill": "skipped", "export": "skipped", "pack": "skipped", "verify": "ran"}
+    assert "verify: running (interrupted earlier)" in res.stderr
+    origins = {name: json.loads((out / "verify" / f"{name}.json").read_text())["results"]["attacks"][-1]["origin"]
+               for name in measured}
+    assert origins == {"onnx": "reused", "onnx-int8": "ran"}
+    assert {name: _measured(out / "verify" / f"{name}.json") for name in measured} == measured
+    assert not list((out / "verify").glob("*.state.json"))  # done: only the reports are the stage's outputs
+    st = json.loads((out / "workflow.json").read_text())
+    assert workflow.outputs_problem(out, st["stages"]["verify"]["outputs"]) is None
+    assert not [k for k in st["stages"]["verify"]["outputs"] if "state" in k]
+    res, summary, _ = run_cli(out, sets)
+    assert res.exit_code == 0 and stage_actions(summary)["verify"] == "skipped", res.stderr
+
+
 TRAIN_RECIPE = "quick/digits_pgd_at_none_to_tiny_cnn_linf0.15"  # kind: train, no deploy: section of its own
 TRAIN_SETS = ["deploy.formats=[onnx]", "train.epochs=2", "train.eval_every=2", "train.final_attacks=[]",
               "deploy.pack.attacks=[fgsm]", "deploy.pack.n=100", "deploy.parity_n=100", "deploy.square_queries=50",
