@@ -47,8 +47,11 @@ TEACHERS = {"ciard": ("clean", "robust"), "mtard": ("clean", "robust"), "rslad":
 
 def derive(raw: dict[str, Any], method: str) -> dict[str, Any]:
     """The CIARD recipe (merged mapping) turned into ``method``'s: same data, budget, schedule and
-    student; only the teachers the method uses; kind train for the no-teacher methods."""
+    student; only the teachers the method uses; kind train for the no-teacher methods. The KL
+    reduction carries over to the other distillation methods; CIARD itself keeps all its options."""
     d = copy.deepcopy(raw)
+    if d.get("method", {}).get("name") == method:
+        return d  # the source recipe's own method: every one of its options kept (kl_reduction, ...)
     keep = {k: v for k, v in d.get("method", {}).items() if k == "kl_reduction"}
     d["method"] = {"name": method}
     if method in ("mtard", "rslad", "ard") and keep:
