@@ -2,7 +2,7 @@
 
 Glue only: load the model and a seeded, class-stratified test subset, open the evaluation state
 if one is asked for (``attacks.state``), then run the attack cascade of
-``ciard_deploy.attacks.evaluate``.
+``ciard_deploy.attacks.cascade``.
 """
 
 from __future__ import annotations

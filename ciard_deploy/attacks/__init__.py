@@ -40,11 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ciard_deploy.attacks.autoattack import AutoAttackAdapter
     from ciard_deploy.attacks.common import frozen_eval, project_linf
     from ciard_deploy.attacks.cw import CWInf, cw_margin_loss
-    from ciard_deploy.attacks.evaluate import evaluate
+    from ciard_deploy.attacks.cascade import evaluate
     from ciard_deploy.attacks.pgd import FGSM, PGD, pgd_linf
 
 _LAZY = {
-    "evaluate": "ciard_deploy.attacks.evaluate",
+    "evaluate": "ciard_deploy.attacks.cascade",
     "FGSM": "ciard_deploy.attacks.pgd",
     "PGD": "ciard_deploy.attacks.pgd",
     "pgd_linf": "ciard_deploy.attacks.pgd",

@@ -10,7 +10,7 @@ refused, naming every difference.
 ``ResumableState`` and ``StateKey`` are that machinery; two kinds of file build on them:
 
 - ``EvaluationState`` (``kind: ciard.eval_state``, key ``EvaluationKey``): ``ciard eval`` of a
-  PyTorch checkpoint, filled in by ``attacks.evaluate.evaluate``;
+  PyTorch checkpoint, filled in by ``attacks.cascade.evaluate``;
 - ``verify.state.VerifyState`` (``kind: ciard.verify_state``): ``ciard verify`` on a runtime,
   filled in by ``verify.evaluate.evaluate_runtime``.
 

@@ -41,7 +41,7 @@ from ciard_deploy.errors import ArtifactError, UsageError
 
 FORMAT = "ciard-robustness-pack"
 SCHEMA_VERSION = 1
-#: slack on the L-inf budget for float32 rounding of ``x +- eps`` (as in attacks.evaluate)
+#: slack on the L-inf budget for float32 rounding of ``x +- eps`` (as in attacks.cascade)
 EPS_TOLERANCE = 1e-6
 
 Progress = Callable[..., None]
@@ -370,7 +370,7 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     torch = import_torch()
     from ciard_deploy import __version__
     from ciard_deploy.attacks.base import parse_eps
-    from ciard_deploy.attacks.evaluate import check_budget
+    from ciard_deploy.attacks.cascade import check_budget
     from ciard_deploy.data import load_test_set_for
     from ciard_deploy.devices import resolve_device
     from ciard_deploy.io import checkpoint_paths, load_model, resolve_checkpoint, sha256_file

@@ -35,3 +35,21 @@ def test_duplicate_registration_is_a_bug():
     r.add("a", 1)
     with pytest.raises(ValueError):
         r.add("a", 2)
+
+
+def test_lazy_package_attributes_are_the_functions_even_after_their_modules_load():
+    """attacks.evaluate (the cascade function) lives in attacks/cascade.py: a submodule of the same
+    name would replace the lazy attribute once imported (the trainer then got a module, not a function)."""
+    import importlib
+
+    import ciard_deploy.attacks as attacks
+    import ciard_deploy.distill as distill
+
+    importlib.import_module("ciard_deploy.attacks.cascade")
+    importlib.import_module("ciard_deploy.distill.trainer")
+    assert callable(attacks.evaluate) and attacks.evaluate.__module__ == "ciard_deploy.attacks.cascade"
+    assert callable(distill.run) and distill.run.__module__ == "ciard_deploy.distill.trainer"
+    for name in ("attacks", "distill"):
+        pkg = importlib.import_module(f"ciard_deploy.{name}")
+        for attr in pkg.__all__:
+            assert not isinstance(getattr(pkg, attr), type(importlib)), f"ciard_deploy.{name}.{attr} is a module"
