@@ -11,6 +11,7 @@ The stages, in order, each a plain library call:
               (+ training curves in DIR/run/plots/)
     export    export.run(DIR/run, DIR/export, deploy.formats, ...)  -> artifacts + manifest.json
     pack      verify.build_pack(DIR/run, ...) + save_pack          -> DIR/pack.npz
+              (while it runs, finished attacks in DIR/pack.npz.partial/, removed when the stage is done)
     verify    verify.run(artifact, DIR/pack.npz, gates=...) for every artifact of the manifest
               -> DIR/verify/<format>.json (report), .xml (JUnit), .md (Markdown) and .png (chart);
               while it runs, DIR/verify/<format>.state.json (removed when the stage is done)
@@ -20,7 +21,8 @@ The recipe's ``deploy:`` section (``config.DeployConfig``) says what export, pac
 the upstream files it consumes), the sha256 of its outputs, its status and its timings. A second
 run skips every stage whose inputs are unchanged and whose outputs are still there with the
 recorded hashes; an interrupted distill stage resumes from its last checkpoint (the trainer's own
-resume); an interrupted verify stage continues each artifact's Square from its state file
+resume); an interrupted pack stage reuses the attacks it finished (``build_pack(resume_dir=...)``);
+an interrupted verify stage continues each artifact's Square from its state file
 (``verify.run(state_path=...)``); a stage whose only changed input is the gates is re-judged
 from its stored reports (``VerifyReport.rejudge``) instead of measured again. ``from_stage``
 forces a stage and every stage after it.
@@ -425,15 +427,41 @@ def _run_export(ctx: _Context) -> list[Path]:
     return files + [ctx.layout.export / "manifest.json"]
 
 
+def pack_partial_path(layout: Layout) -> Path:
+    """Where the pack stage keeps its finished attacks while it runs (``verify.pack.partial_dir``)."""
+    from ciard_deploy.verify.pack import partial_dir
+
+    return partial_dir(layout.pack)
+
+
 def _run_pack(ctx: _Context) -> list[Path]:
-    from ciard_deploy.verify.pack import build_pack, save_pack
+    """Builds DIR/pack.npz; resumable: each finished attack is kept in DIR/pack.npz.partial/ meanwhile.
+
+    An interrupted pack stage (Ctrl-C, a killed job) leaves that folder behind; the next call takes
+    the finished attacks from it instead of running them again, provided it was made for the same
+    checkpoint, sample, seeds, eps, batch size, device type and attack settings; any other is the
+    workflow's own stale temp data and is discarded (a log line). The folder is removed once the
+    pack is saved: the stage's output (hashed in ``workflow.json``) is the pack alone.
+    """
+    from ciard_deploy.verify.pack import build_pack, discard_partial, save_pack
 
     r, d = ctx.recipe, ctx.recipe.deploy
+    partial = pack_partial_path(ctx.layout)
+
+    def on_state(ev: Any) -> None:
+        if ev.kind == "reused":
+            log.info("pack: reusing %s from %s (finished earlier in %.1f s)", ev.stage, ctx.layout.rel(partial),
+                     ev.seconds)
+        else:
+            log.info("pack: %s in %s is damaged: it runs again", ev.stage, ctx.layout.rel(partial))
+
     pack = build_pack(ctx.layout.run, dataset=r.data.dataset, data_root=r.data.data_root, download=r.data.download,
                       n=d.pack.n, attacks=list(d.pack.attacks), eps=_pack_eps(r), seed=d.seed,
                       device=ctx.device or r.train.device, step_size=d.pack.step_size,
-                      batch_size=r.data.eval_batch_size, progress=ctx.progress_for("pack"))
+                      batch_size=r.data.eval_batch_size, progress=ctx.progress_for("pack"),
+                      resume_dir=partial, on_mismatch="discard", on_state=on_state)
     save_pack(pack, ctx.layout.pack, force=True)
+    discard_partial(partial)
     return [ctx.layout.pack]
 
 
@@ -773,5 +801,5 @@ QUICKSTART_RECIPE = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
 
 __all__ = ["Layout", "QUICKSTART_RECIPE", "STAGES", "STATE_FORMAT", "STATE_NAME", "StageEvent", "StageOutcome",
            "WorkflowResult", "canonical_hash", "changed_keys", "check_out_dir", "load_deploy_recipe", "load_state",
-           "outputs_problem", "paths_of", "plan", "quickstart_recipe", "report_paths", "run", "stage_inputs",
-           "state_path", "summarize"]
+           "outputs_problem", "pack_partial_path", "paths_of", "plan", "quickstart_recipe", "report_paths", "run",
+           "stage_inputs", "state_path", "summarize"]

@@ -167,7 +167,8 @@ def run_cmd(
     """Run a recipe end to end: distill -> export -> pack -> verify, skipping stages whose inputs did not change.
 
     Writes DIR/run (training), DIR/export (artifacts + manifest.json), DIR/pack.npz, DIR/verify/<format>.{json,xml,md}
-    and DIR/workflow.json (each stage's input and output hashes). An interrupted training resumes on the next call.
+    and DIR/workflow.json (each stage's input and output hashes). An interrupted stage resumes on the next call:
+    training from its last saved step, the pack from its finished attacks, verify from Square's last saved batch.
 
     Exit codes: 0 every gate passed, 1 a gate or export check failed, 2 bad input, 3 environment missing.
     """

@@ -14,7 +14,8 @@ import typer
 from rich.markup import escape
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import State, console, err_console, handle_errors, progress, write_json
+from ciard_deploy.cli.common import (QuietOption, State, console, err_console, handle_errors, progress, setup_logging,
+                                     write_json)
 from ciard_deploy.errors import GateFailed
 
 
@@ -60,6 +61,32 @@ def _state_line(ev: Any) -> None:
     err_console.print(escape(msg), highlight=False, soft_wrap=True)
 
 
+def _partial_line(ev: Any) -> None:
+    """One stderr line per attack `ciard pack` takes from its partial folder (not with --quiet)."""
+    if State.quiet:
+        return
+    where = ev.path.parent if ev.path is not None else "the partial folder"
+    if ev.kind == "reused":
+        msg = f"pack: reusing {ev.stage} from {where} (finished earlier in {ev.seconds:.1f} s; not re-run)"
+    else:
+        msg = f"pack: {ev.stage} in {where} is damaged: it runs again"
+    err_console.print(escape(msg), highlight=False, soft_wrap=True)
+
+
+def _interrupted_pack(partial: Path) -> None:
+    """The Ctrl-C line of `ciard pack`: what was kept, and that the same command continues."""
+    from ciard_deploy.verify.pack import read_partial
+
+    state = read_partial(partial)
+    labels = [a.label for a in state.attacks] if state is not None else []
+    if labels:
+        err_console.print(f"[yellow]interrupted[/]: {len(labels)} finished attack{'s' if len(labels) != 1 else ''} "
+                          f"({escape(', '.join(labels))}) kept in {escape(str(partial))}; run the same command again "
+                          "to continue", highlight=False, soft_wrap=True)
+    else:
+        err_console.print("[yellow]interrupted[/] before any attack finished (nothing kept)", highlight=False)
+
+
 def _wrote(path: Path | None) -> None:
     if path is not None and not State.quiet:
         err_console.print(f"wrote {path}", highlight=False)
@@ -69,7 +96,9 @@ def _wrote(path: Path | None) -> None:
 @handle_errors
 def pack_cmd(
     source: Path = typer.Argument(..., help="Run dir, ciard checkpoint (.safetensors + .json), or a plain .pt/.pth with --arch."),
-    out: Path = typer.Option(..., "--out", "-o", help="The pack file to write (.npz)."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="The pack file to write (.npz). While it is built, each finished attack is kept in "
+                                  "OUT.partial/ beside it (removed once the pack is saved)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset of the test sample (default: the checkpoint's)."),
     n: int = typer.Option(1000, "--n", help="Test images (seeded, class-stratified)."),
     attacks: str = typer.Option("pgd20,cw30,aa", "--attacks", "-a",
@@ -85,23 +114,44 @@ def pack_cmd(
                                             help="Step of pgd/cw (default 2/255, made for 8/255; use about eps/4 at larger eps)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the pack's metadata as JSON."),
+    quiet: QuietOption = False,
 ) -> None:
     """Build a robustness pack: test images, adversarial images crafted on the PyTorch model, its logits.
 
     Run it where PyTorch is; copy the pack to the device and run `ciard verify` there.
+
+    Resumable: each finished attack (images, logits, record) is saved to OUT.partial/ beside --out.
+    After Ctrl-C or a killed job, run the same command again: the finished attacks are reused, not
+    re-run (a line on stderr names them), and the pack's arrays equal an uninterrupted build's. The
+    folder is kept only for the same pack (model sha256, data, n, seed, eps, batch size, device type,
+    torch version, and each attack's settings); one made for another is discarded with a log line.
+    It is removed once the pack is saved.
+
+    Exit codes: 0 written, 2 bad input, 3 PyTorch missing, 130 interrupted.
     """
-    from ciard_deploy.verify.pack import build_pack, check_output, save_pack
+    from ciard_deploy.verify.pack import (build_pack, check_output, check_partial_dir, discard_partial, partial_dir,
+                                          save_pack)
     from ciard_deploy.verify.render import render_pack
     from ciard_deploy.verify.report import check_report_paths
 
+    if quiet:
+        State.quiet = True
+        setup_logging(State.verbose, quiet=True)  # the discard log line too
     check_output(out, force)
+    partial = check_partial_dir(partial_dir(out))
     check_report_paths({"--json": json_out}, {"--out": out, "SOURCE": source})
     names = [a.strip() for a in attacks.split(",") if a.strip()]
-    with StagedProgress("pack") as update:
-        pack = build_pack(source, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed, data_root=data_root,
-                          download=download, device=device, batch_size=batch_size, arch=arch, step_size=step_size,
-                          progress=update)
+    try:
+        with StagedProgress("pack") as update:
+            pack = build_pack(source, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed, data_root=data_root,
+                              download=download, device=device, batch_size=batch_size, arch=arch,
+                              step_size=step_size, progress=update, resume_dir=partial, on_mismatch="discard",
+                              on_state=_partial_line)
+    except KeyboardInterrupt:
+        _interrupted_pack(partial)
+        raise typer.Exit(130) from None
     save_pack(pack, out, force=force)
+    discard_partial(partial)
     summary = pack.summary()
     render_pack(summary, console)
     _wrote(out)

@@ -21,6 +21,18 @@ input_shape, dataset, eps); ``data`` (dataset, split, n, seed, sampling, indices
 ``reference`` (backend, device, precision, clean_acc, robust_acc by label,
 worst_case_label, worst_case_acc); ``versions``. Attack ``i`` is ``adv_<i>``: labels such
 as ``pgd20@8/255`` hold a ``/`` and are not used as array names.
+
+Building is resumable at attack granularity (``build_pack(resume_dir=...)``): each finished
+attack's images, reference logits and record are saved to a partial-results folder (by default
+``PACK.partial/`` beside the pack: ``partial_dir``), and a later build with the same key
+(``PackKey``: model sha256, arch, data, n, seed, eps, batch size, device type, torch version; and
+equal settings for each attack it reuses) loads them instead of running the attacks again. Every
+attack starts from ``torch.manual_seed(seed)``, so a resumed pack's arrays are byte-identical to an
+uninterrupted build's. The folder (``PackPartial`` state, JSON, plus one ``.npz`` per attack)::
+
+    state.json                 kind ciard.pack_partial: key, clean flags, one record per finished attack
+    clean.npz                  logits_clean, checksum
+    attack-<sha256(label)>.npz adv, logits_adv, label, checksum   (first 16 hex digits of the hash)
 """
 
 from __future__ import annotations
@@ -28,16 +40,21 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import os
+import re
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 
+from ciard_deploy.attacks.state import AttackRecord, ResumableState, StateEvent, StateKey, StateMismatch
 from ciard_deploy.errors import ArtifactError, UsageError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "ciard-robustness-pack"
 SCHEMA_VERSION = 1
@@ -318,6 +335,274 @@ def _check_logits(p: Path, key: str, a: np.ndarray, n: int, k: int) -> None:
         raise _bad(p, f"{key} hold NaN or infinite values")
 
 
+# --------------------------------------------------------------------------- partial results (resumable build)
+PARTIAL_KIND = "ciard.pack_partial"
+PARTIAL_SCHEMA_VERSION = 1
+PARTIAL_STATE = "state.json"
+PARTIAL_CLEAN = "clean.npz"
+#: what ``build_pack`` does with a partial folder made for another pack
+OnMismatch = Literal["refuse", "discard"]
+#: the only names a build writes into its partial folder (and the temp files of their atomic writes)
+_OURS = re.compile(r"^\.?(state\.json|clean\.npz|attack-[0-9a-f]{16}\.npz)(\.[A-Za-z0-9_]+\.tmp)?$")
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    """``PACK.partial/``: where ``ciard pack --out PACK`` and ``ciard run`` keep finished attacks while PACK is built."""
+    p = Path(out)
+    return p.with_name(p.name + ".partial")
+
+
+@dataclass(frozen=True)
+class PackKey(StateKey):
+    """What a pack's arrays depend on besides each attack's own settings: partial results serve a build
+    only if their keys are equal (and each reused attack's ``describe()`` is equal too).
+
+    Attributes:
+        model_sha256: sha256 of the checkpoint's weights file.
+        arch: the architecture the weights were loaded into.
+        dataset: dataset name; ``split``: ``"test"``.
+        n: images in the pack.
+        seed: seed of the sample and of every attack.
+        eps: the pack's L-inf budget.
+        indices_sha256: ``hash_array`` of the sample's positions in the split (``None``: the whole split).
+        data_sha256: ``hash_array(images, labels)`` of exactly what the model sees.
+        batch_size: images per attack call (a seeded attack draws its noise per call).
+        device: device type the attacks ran on (``cpu``, ``cuda``, ``mps``): numbers differ between them.
+        torch_version: the PyTorch that computed them.
+    """
+
+    model_sha256: str
+    arch: str
+    dataset: str
+    split: str
+    n: int
+    seed: int
+    eps: float
+    indices_sha256: str | None
+    data_sha256: str
+    batch_size: int
+    device: str
+    torch_version: str
+
+    FIELD_NAMES: ClassVar[Mapping[str, str]] = {"model_sha256": "model sha256", "indices_sha256": "sample indices",
+                                                "data_sha256": "images/labels", "batch_size": "batch size",
+                                                "device": "device type", "torch_version": "torch version"}
+
+
+@dataclass
+class PackPartial(ResumableState):
+    """The ``state.json`` of a partial folder: a ``PackKey``, the clean flags, one finished record per attack.
+
+    A record's ``per_sample`` is the pack's reference row for it (correct on clean and under the
+    attack), checked against the attack's ``.npz`` when it is loaded; ``seconds`` is its build time.
+    """
+
+    key: PackKey
+
+    KIND: ClassVar[str] = PARTIAL_KIND
+    SCHEMA_VERSION: ClassVar[int] = PARTIAL_SCHEMA_VERSION
+    KEY: ClassVar[type[StateKey]] = PackKey
+    WHAT: ClassVar[str] = "pack partial-results"
+    SUBJECT: ClassVar[str] = "pack"
+
+    def validate(self) -> None:
+        super().validate()
+        for a in self.attacks:
+            if a.total != self.key.n or not a.finished:
+                raise ValueError(f"{a.label}: done {a.done} of {a.total}; a pack keeps finished attacks of all "
+                                 f"{self.key.n} images only")
+
+
+def _attack_file(label: str) -> str:
+    return f"attack-{hashlib.sha256(label.encode()).hexdigest()[:16]}.npz"
+
+
+def check_partial_dir(folder: str | os.PathLike) -> Path:
+    """Refuses a partial-results location that is not a build's own before any work; writes nothing.
+
+    Raises:
+        UsageError: ``folder`` is a file, or cannot be made or written.
+        ArtifactError: ``folder`` holds files a pack build does not write (it is someone else's).
+    """
+    from ciard_deploy.io import write_blocker
+
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{p} is a file, not a pack's partial-results folder; move it away")
+    if p.is_dir():
+        foreign = sorted(q.name for q in p.iterdir() if not (q.is_file() and _OURS.match(q.name)))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ArtifactError(f"{p} holds files a pack build does not write ({shown}): it is not a pack's "
+                                "partial-results folder; it was left as it is: move it away")
+    blocker = write_blocker(p)
+    if blocker:
+        raise UsageError(f"cannot keep partial results in {p}: {blocker}")
+    return p
+
+
+def read_partial(folder: str | os.PathLike) -> PackPartial | None:
+    """The partial state in ``folder``, or None where there is none (or it is unreadable): for messages."""
+    path = Path(folder) / PARTIAL_STATE
+    if not path.is_file():
+        return None
+    try:
+        return PackPartial.load(path)
+    except ArtifactError:
+        return None
+
+
+def discard_partial(folder: str | os.PathLike) -> bool:
+    """Removes the files a build writes into ``folder`` (its state first), then the folder if that emptied it.
+
+    Anything else in it is left (and so is the folder); returns whether the folder is gone.
+    """
+    p = Path(folder)
+    if not p.is_dir():
+        return not p.exists()
+    (p / PARTIAL_STATE).unlink(missing_ok=True)  # the commit point first: what is left is orphaned, never trusted
+    for q in p.iterdir():
+        if q.is_file() and _OURS.match(q.name):
+            q.unlink(missing_ok=True)
+    try:
+        p.rmdir()
+    except OSError:
+        return False
+    return True
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    from ciard_deploy.io import atomic_path
+
+    arrays = dict(arrays)
+    arrays["checksum"] = np.array([checksum_arrays(arrays)])
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+
+
+def _read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays of one partial ``.npz``; ValueError naming the problem (missing, damaged, edited)."""
+    if not path.is_file():
+        raise ValueError(f"{path.name} is missing")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as e:
+        raise ValueError(f"{path.name} is unreadable ({type(e).__name__})") from None
+    missing = [k for k in (*keys, "checksum") if k not in arrays]
+    if missing:
+        raise ValueError(f"{path.name} lacks {', '.join(missing)}")
+    if checksum_arrays(arrays) != str(arrays["checksum"].reshape(-1)[0]):
+        raise ValueError(f"{path.name} fails its checksum")
+    return arrays
+
+
+class _Partial:
+    """A build's partial folder: what can be reused from it, and saving each attack as it finishes."""
+
+    def __init__(self, folder: Path, key: PackKey, attacks: Sequence[Any], on_mismatch: OnMismatch,
+                 on_state: Callable[[StateEvent], None] | None, info: Mapping[str, Any]) -> None:
+        self.folder = folder
+        self.path = folder / PARTIAL_STATE
+        self.key = key
+        self.on_mismatch = on_mismatch
+        self.on_state = on_state or (lambda ev: None)
+        self.info = dict(info)
+        hint = ("the folder was left as it is: delete it to start over (`ciard pack` and `ciard run` discard "
+                "their own), or give another partial-results folder")
+        try:
+            self.state, _ = PackPartial.open(self.path, key, attacks, info=self.info, mismatch_hint=hint)
+        except StateMismatch as e:
+            if on_mismatch == "refuse":
+                raise
+            self._discard(f"it holds a different pack ({'; '.join(e.differences)})")
+        except ArtifactError as e:
+            if on_mismatch == "refuse" or self._other_kind():
+                raise  # a file of another kind is never overwritten
+            self._discard(str(e))
+        self.clean_saved = False
+
+    def _other_kind(self) -> bool:
+        try:
+            d = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False  # unparseable, in a folder of only our own names: our own, damaged
+        return not (isinstance(d, dict) and d.get("kind") == PARTIAL_KIND)
+
+    def _discard(self, why: str) -> None:
+        log.info("discarding the partial pack results in %s: %s; building from scratch", self.folder, why)
+        discard_partial(self.folder)
+        self.state = PackPartial(key=self.key, info=self.info, path=self.path)
+
+    def _refuse(self, problem: str) -> None:
+        """With ``on_mismatch="refuse"``, a damaged file is an error (nothing is touched); else the caller drops it."""
+        if self.on_mismatch == "refuse":
+            raise ArtifactError(f"partial pack results in {self.folder}: {problem}; the folder was left as it is: "
+                                "delete it to start over")
+
+    def clean(self, y: np.ndarray, num_classes: int) -> np.ndarray | None:
+        """The saved clean logits (None: none saved, or unusable, and then nothing else is reused)."""
+        if not self.state.attacks:
+            return None
+        try:
+            lc = _read_npz(self.folder / PARTIAL_CLEAN, ("logits_clean",))["logits_clean"]
+            if lc.dtype != np.float32 or lc.shape != (len(y), num_classes) or not np.isfinite(lc).all():
+                raise ValueError(f"{PARTIAL_CLEAN} holds {lc.dtype} {lc.shape}, not float32 ({len(y)}, {num_classes})")
+            if not np.array_equal(_accuracy(lc, y), self.state.clean_correct):
+                raise ValueError(f"{PARTIAL_CLEAN} disagrees with the clean flags of {PARTIAL_STATE}")
+        except ValueError as e:
+            self._refuse(str(e))
+            self._discard(str(e))
+            return None
+        self.clean_saved = True
+        return lc
+
+    def take(self, attack: Any, x: np.ndarray, y: np.ndarray, lc: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                       AttackRecord] | None:
+        """``attack``'s saved images, logits and record, or None when it has to run."""
+        rec = self.state.record(attack.label)
+        if rec is None:
+            return None
+        try:
+            arrays = _read_npz(self.folder / _attack_file(rec.label), ("adv", "logits_adv", "label"))
+            xa, la = arrays["adv"], arrays["logits_adv"]
+            if str(arrays["label"].reshape(-1)[0]) != rec.label:
+                raise ValueError(f"{_attack_file(rec.label)} holds {arrays['label'].reshape(-1)[0]!r}")
+            if xa.dtype != np.float32 or xa.shape != x.shape or la.dtype != np.float32 or la.shape != lc.shape:
+                raise ValueError(f"{rec.label} arrays have shapes {xa.shape}, {la.shape}, not {x.shape}, {lc.shape}")
+            if not (np.isfinite(xa).all() and np.isfinite(la).all()) or xa.min() < 0 or xa.max() > 1:
+                raise ValueError(f"{rec.label} arrays hold values outside [0, 1] or not finite")
+            if np.abs(xa - x).max(initial=0.0) > float(attack.eps) + EPS_TOLERANCE:
+                raise ValueError(f"{rec.label} images lie outside eps of their clean images")
+            if not np.array_equal(reference_flags(y, lc, [la])[1], rec.per_sample):
+                raise ValueError(f"{rec.label} logits disagree with the flags of {PARTIAL_STATE}")
+        except ValueError as e:
+            self._refuse(str(e))
+            log.info("partial pack results in %s: %s; %s runs again", self.folder, e, attack.label)
+            self.on_state(StateEvent("discarded", attack.label, 0, len(y), 0.0, self.path))
+            self.state.attacks = [r for r in self.state.attacks if r.label != rec.label]
+            return None
+        self.on_state(StateEvent("reused", rec.label, rec.total, rec.total, rec.seconds, self.path))
+        return xa, la, rec
+
+    def save(self, attack: Any, xa: np.ndarray, la: np.ndarray, y: np.ndarray, lc: np.ndarray, seconds: float,
+             device: str, batch_size: int) -> None:
+        """Saves one finished attack: clean logits (once), its arrays, then its record (the commit point)."""
+        if not self.clean_saved:
+            _write_npz(self.folder / PARTIAL_CLEAN, {"logits_clean": lc})
+            self.clean_saved = True
+        _write_npz(self.folder / _attack_file(attack.label),
+                   {"adv": xa, "logits_adv": la, "label": np.array([attack.label])})
+        flags = reference_flags(y, lc, [la])
+        self.state.clean_correct = flags[0]
+        n = len(y)
+        self.state.put(AttackRecord(label=attack.label, name=attack.name, eps=float(attack.eps),
+                                    settings=attack.describe(), total=n, done=n, seconds=seconds,
+                                    per_sample=flags[1], device=device, batch_size=batch_size))
+        self.state.save()
+
+
 # --------------------------------------------------------------------------- build (needs torch)
 def _make_attack(spec: str, eps: float, seed: int, step_size: float | None = None) -> Any:
     """``create_attack`` with the pack's seed (and step size) for the attacks that take them."""
@@ -338,8 +623,29 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
                attacks: Sequence[str] = ("pgd20", "cw30", "aa"), eps: float | str = "8/255", seed: int = 0,
                data_root: str | None = None, download: bool = False, device: str = "auto", batch_size: int = 256,
                arch: str | None = None, step_size: float | str | None = None,
-               progress: Progress | None = None) -> RobustnessPack:
+               progress: Progress | None = None, resume_dir: str | os.PathLike | None = None,
+               on_mismatch: OnMismatch = "refuse",
+               on_state: Callable[[StateEvent], None] | None = None) -> RobustnessPack:
     """Builds a pack on the machine with PyTorch: sample, attack, record the reference.
+
+    With ``resume_dir`` the build is resumable at attack granularity: after each finished attack
+    its images, reference logits and record are saved there (atomically: the arrays, then the
+    record in ``state.json``); a later call with an equal ``PackKey`` (model sha256, arch, data and
+    sample indices, n, seed, eps, batch size, device type, torch version) loads the attacks it
+    finished instead of running them, and runs only the others (an interrupted attack starts
+    over; attacks not asked for stay in the folder). Every attack starts from
+    ``torch.manual_seed(seed)``, so the arrays equal an uninterrupted build's, byte for byte.
+
+    A folder made for another pack (another key, or an attack of the same label made with other
+    settings: ``Attack.describe()``, e.g. another step size) is refused by default
+    (``on_mismatch="refuse"``: ``StateMismatch``, exit 2, naming every difference, the folder left
+    as it is), as ``ciard eval --state`` refuses a state file that someone may have spent hours on
+    and may still want. ``on_mismatch="discard"`` is for a folder the caller owns as temp data
+    (``ciard pack`` and ``ciard run`` keep ``PACK.partial/``, which nobody names or reads): it is
+    emptied with a log line and the build starts over, since its contents are only a cache of
+    what this call recomputes anyway. Either way a folder holding files a build does not write,
+    or a ``state.json`` of another kind, is never touched. The folder is not removed here: call
+    ``discard_partial`` once the pack is saved.
 
     Args:
         source: run dir (its best student), ciard checkpoint, or a plain state dict with ``arch``.
@@ -355,14 +661,22 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
         step_size: step of the iterative attacks that take one (pgd, cw; default: each attack's own,
             2/255, made for 8/255 on CIFAR: at larger budgets pass about eps/4, or the attack cannot
             reach the edge of the ball in its steps). ``"2/255"`` strings are accepted.
-        progress: ``callback(done, total, stage=...)``; stages ``"clean"`` and each attack label.
+        progress: ``callback(done, total, stage=...)``; stages ``"clean"`` and each attack label
+            (neither for what is taken from ``resume_dir``).
+        resume_dir: partial-results folder (made on the first save); None keeps everything in memory.
+        on_mismatch: ``"refuse"`` or ``"discard"`` a ``resume_dir`` made for another pack (above).
+        on_state: ``callback(StateEvent)`` for each attack taken from ``resume_dir`` (``"reused"``)
+            or found there damaged and run again (``"discarded"``).
 
     Returns:
         the pack (not yet saved: ``save_pack``).
 
     Raises:
-        UsageError: bad n, batch size, eps, attack name, or a dataset that does not fit the model.
-        ArtifactError: the checkpoint is missing or corrupt.
+        UsageError: bad n, batch size, eps, attack name, or a dataset that does not fit the model;
+            a ``resume_dir`` that is a file or cannot be written.
+        ArtifactError: the checkpoint is missing or corrupt; ``resume_dir`` holds other files or a
+            damaged one (with ``"refuse"``).
+        StateMismatch: ``resume_dir`` holds another pack's attacks (with ``"refuse"``; an ArtifactError).
         BackendUnavailable: PyTorch is not installed here (exit 3): packs are built where it is.
     """
     from ciard_deploy.runtime.torch_backend import import_torch
@@ -371,10 +685,14 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     from ciard_deploy import __version__
     from ciard_deploy.attacks.base import parse_eps
     from ciard_deploy.attacks.cascade import check_budget
+    from ciard_deploy.attacks.state import data_hash, hash_array
     from ciard_deploy.data import load_test_set_for
     from ciard_deploy.devices import resolve_device
-    from ciard_deploy.io import checkpoint_paths, load_model, resolve_checkpoint, sha256_file
+    from ciard_deploy.io import checkpoint_paths, library_versions, load_model, resolve_checkpoint, sha256_file
 
+    if on_mismatch not in ("refuse", "discard"):
+        raise UsageError(f"on_mismatch must be 'refuse' or 'discard', got {on_mismatch!r}")
+    folder = check_partial_dir(resume_dir) if resume_dir is not None else None
     if n <= 0:
         raise UsageError(f"--n must be positive, got {n}")
     if batch_size <= 0:
@@ -398,7 +716,19 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     x, y = ds.tensors()
     ckpt = resolve_checkpoint(source)
     meta_file = checkpoint_paths(ckpt)[1]
+    model_sha = sha256_file(ckpt)
     total = len(y)
+    x_np, y_np = x.numpy(), y.numpy()
+    indices = [int(i) for i in ds.indices.tolist()] if ds.indices is not None else None
+    partial = None
+    if folder is not None:
+        key = PackKey(model_sha256=model_sha, arch=str(meta.arch), dataset=ds_name, split="test", n=int(total),
+                      seed=int(seed), eps=float(eps_value),
+                      indices_sha256=None if indices is None else hash_array(np.asarray(indices, dtype=np.int64)),
+                      data_sha256=data_hash(x_np, y_np), batch_size=int(batch_size), device=dev.type,
+                      torch_version=str(torch.__version__))
+        partial = _Partial(folder, key, atks, on_mismatch, on_state,
+                           info={"model_source": str(source), "versions": library_versions()})
 
     def report(done: int, stage: str) -> None:
         if progress is not None:
@@ -413,10 +743,21 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
                     report(min(i + batch_size, len(images)), stage)
         return torch.cat(outs).numpy().astype(np.float32)
 
-    report(0, "clean")
-    logits_clean = logits_of(x, "clean")
+    source_note = f"crafted on the PyTorch model ({dev.type}, white-box)"
+    logits_clean = partial.clean(y_np, int(meta.num_classes)) if partial is not None else None
+    if logits_clean is None:
+        report(0, "clean")
+        logits_clean = logits_of(x, "clean")
     adv, logits_adv, records = [], [], []
     for i, attack in enumerate(atks):
+        saved = partial.take(attack, x_np, y_np, logits_clean) if partial is not None else None
+        if saved is not None:
+            xa_saved, la_saved, rec = saved
+            adv.append(xa_saved)
+            logits_adv.append(la_saved)
+            records.append({"index": i, "name": attack.name, "label": attack.label, "eps": attack.eps,
+                            "settings": attack.describe(), "seconds": round(rec.seconds, 3), "source": source_note})
+            continue
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         parts = []
@@ -432,17 +773,18 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
         adv.append(np.ascontiguousarray(xa_all.numpy(), dtype=np.float32))
         logits_adv.append(logits_of(xa_all))
         records.append({"index": i, "name": attack.name, "label": attack.label, "eps": attack.eps,
-                        "settings": attack.describe(), "seconds": round(seconds, 3),
-                        "source": f"crafted on the PyTorch model ({dev.type}, white-box)"})
-    model_info = {"source": str(source), "checkpoint": str(ckpt), "sha256": sha256_file(ckpt),
+                        "settings": attack.describe(), "seconds": round(seconds, 3), "source": source_note})
+        if partial is not None:
+            partial.save(attack, adv[-1], logits_adv[-1], y_np, logits_clean, seconds, dev.type, batch_size)
+    model_info = {"source": str(source), "checkpoint": str(ckpt), "sha256": model_sha,
                   "metadata_sha256": sha256_file(meta_file) if meta_file.is_file() and ckpt.suffix == ".safetensors"
                   else None, "arch": meta.arch, "recipe_hash": meta.recipe_hash, "role": meta.role,
                   "num_classes": int(meta.num_classes), "classes": list(meta.classes),
                   "input_shape": [int(v) for v in meta.input_shape], "dataset": meta.dataset or ds_name,
                   "eps": meta.eps}
     data_info = {"dataset": ds_name, "split": "test", "n": total, "seed": seed, "sampling": "class-stratified",
-                 "indices": [int(i) for i in ds.indices.tolist()] if ds.indices is not None else None}
-    return pack_from_arrays(x.numpy(), y.numpy(), logits_clean, records, adv, logits_adv, model=model_info,
+                 "indices": indices}
+    return pack_from_arrays(x_np, y_np, logits_clean, records, adv, logits_adv, model=model_info,
                             data=data_info, eps=eps_value, device=str(dev), tool=f"ciard-deploy {__version__}")
 
 
@@ -488,5 +830,7 @@ def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, att
     return RobustnessPack(x=xs, y=ys, logits_clean=lc, adv=advs, logits_adv=ladv, meta=meta)
 
 
-__all__ = ["EPS_TOLERANCE", "FORMAT", "SCHEMA_VERSION", "RobustnessPack", "build_pack", "check_output",
-           "checksum_arrays", "load_pack", "pack_from_arrays", "reference_flags", "save_pack", "worst_case_label"]
+__all__ = ["EPS_TOLERANCE", "FORMAT", "OnMismatch", "PARTIAL_KIND", "PackKey", "PackPartial", "SCHEMA_VERSION",
+           "RobustnessPack", "build_pack", "check_output", "check_partial_dir", "checksum_arrays", "discard_partial",
+           "load_pack", "pack_from_arrays", "partial_dir", "read_partial", "reference_flags", "save_pack",
+           "worst_case_label"]

@@ -370,6 +370,117 @@ def test_pack_verb_bad_input(robust_run, robust_pack, tmp_path):
     assert_one_line_error(res, 2, "not found")
 
 
+# --------------------------------------------------------------------------- resumable pack builds
+def _same_arrays(a, b):
+    """Every array of two packs but the metadata (its time stamp, seconds) equal, byte for byte."""
+    xa, xb = a.arrays(), b.arrays()
+    assert set(xa) == set(xb)
+    for k in xa:
+        if k != "meta":
+            assert (xa[k].dtype, xa[k].shape) == (xb[k].dtype, xb[k].shape) and xa[k].tobytes() == xb[k].tobytes(), k
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_interrupted_pack_build_resumes_to_the_same_arrays(robust_run, robust_pack, tmp_path):
+    """Ctrl-C (raised by the progress callback) as the second attack starts; the next build takes the first from the
+    partial folder without running it (nor the clean pass) and its arrays equal the CLI's uninterrupted pack's."""
+    from ciard_deploy.attacks.state import StateMismatch
+
+    settings = dict(n=N, attacks=ATTACKS.split(","), eps=EPS, step_size=STEP, device="cpu")
+    partial = tmp_path / "pack.npz.partial"
+
+    def ctrl_c(done, total=None, stage=None):
+        if stage == "fgsm@0.15":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_pack(robust_run, resume_dir=partial, progress=ctrl_c, **settings)
+    (saved,) = json.loads((partial / "state.json").read_text())["attacks"]
+    assert saved["label"] == "pgd20@0.15" and saved["done"] == N
+    stages, events = [], []
+    pack = build_pack(robust_run, resume_dir=partial, on_state=events.append,
+                      progress=lambda done, total=None, stage=None: stages.append(stage), **settings)
+    assert [(e.kind, e.stage) for e in events] == [("reused", "pgd20@0.15")]
+    assert set(stages) == {"fgsm@0.15"}  # neither pgd20 nor the clean pass ran again
+    _same_arrays(pack, load_pack(robust_pack))
+    assert pack.meta["attacks"][0]["seconds"] == round(saved["seconds"], 3)  # its build time, from the first call
+    # another step size: an explicit folder is refused, naming the difference, and left as it is
+    before = _files(partial)
+    with pytest.raises(StateMismatch, match=r"pgd20@0\.15 budget\.step_size 0\.04 \(file\) vs 0\.05 \(now\)"):
+        build_pack(robust_run, resume_dir=partial, **{**settings, "step_size": 0.05})
+    assert _files(partial) == before
+
+
+@pytest.fixture
+def ctrl_c_at(monkeypatch):
+    """``ctrl_c_at(label)``: the progress bar raises KeyboardInterrupt (Ctrl-C) as attack ``label`` starts;
+    ``ctrl_c_at(None)`` takes that back."""
+    from ciard_deploy.cli.verify import StagedProgress
+
+    real = StagedProgress.__call__
+
+    def arm(label):
+        def call(self, done, total=None, stage=None):
+            if stage == label:
+                raise KeyboardInterrupt
+            real(self, done, total, stage)
+
+        if label is None:
+            monkeypatch.undo()
+        else:
+            monkeypatch.setattr(StagedProgress, "__call__", call)
+
+    return arm
+
+
+def test_pack_verb_ctrl_c_exits_130_and_the_same_command_continues(robust_run, robust_pack, tmp_path, ctrl_c_at):
+    out, partial = tmp_path / "p.npz", tmp_path / "p.npz.partial"
+    args = ["pack", robust_run, "--n", N, "--attacks", ATTACKS, "--eps", EPS, "--step-size", STEP, "--device", "cpu",
+            "--out", out]
+    ctrl_c_at("fgsm@0.15")
+    res = invoke(*args)
+    assert res.exit_code == 130, res.output
+    assert (f"interrupted: 1 finished attack (pgd20@0.15) kept in {partial}; run the same command again to continue"
+            in " ".join(res.stderr.split())), res.stderr
+    assert "Traceback" not in res.output and not out.exists() and (partial / "state.json").is_file()
+    ctrl_c_at(None)
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    reuse = [ln for ln in res.stderr.splitlines() if ln.startswith("pack: reusing")]
+    assert len(reuse) == 1, res.stderr
+    assert reuse[0].startswith(f"pack: reusing pgd20@0.15 from {partial} (finished earlier in ")
+    assert reuse[0].endswith(" s; not re-run)")
+    # plain progress lines (not a terminal): only fgsm ran
+    assert "pack fgsm@0.15:" in res.stderr and "pack pgd20@0.15:" not in res.stderr and "pack clean:" not in res.stderr
+    assert not partial.exists() and [p.name for p in tmp_path.iterdir()] == ["p.npz"]
+    _same_arrays(load_pack(out), load_pack(robust_pack))
+
+
+def test_pack_verb_discards_another_packs_partial_results_and_quiet_hides_the_reuse_line(robust_run, tmp_path,
+                                                                                          ctrl_c_at):
+    out, partial = tmp_path / "p.npz", tmp_path / "p.npz.partial"
+    args = ["pack", robust_run, "--n", 60, "--attacks", ATTACKS, "--eps", EPS, "--step-size", STEP, "--device", "cpu",
+            "--out", out]
+    ctrl_c_at("fgsm@0.15")
+    assert invoke(*args, "--seed", 1).exit_code == 130
+    ctrl_c_at(None)
+    res = invoke(*args, "--seed", 2)  # another sample and seed: the tool's own stale folder, discarded
+    assert res.exit_code == 0, res.output
+    err = " ".join(res.stderr.split())
+    assert "discarding the partial pack results" in err and "seed 1 (file) vs 2 (now)" in err, res.stderr
+    assert "reusing" not in err and "pack pgd20@0.15:" in res.stderr  # pgd20 ran again
+    assert load_pack(out).meta["data"]["seed"] == 2 and not partial.exists()
+    ctrl_c_at("fgsm@0.15")
+    assert invoke(*args, "--seed", 3, "--force").exit_code == 130
+    ctrl_c_at(None)
+    res = invoke(*args, "--seed", 3, "--force", "--quiet")
+    assert res.exit_code == 0 and res.stderr.strip() == "", res.stderr  # no reuse line, no progress, no "wrote"
+    assert load_pack(out).meta["data"]["seed"] == 3 and not partial.exists()
+
+
 def test_missing_runtime_exits_3(robust_export, robust_pack, tmp_path):
     import onnxruntime as ort
 

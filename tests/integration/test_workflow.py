@@ -315,6 +315,48 @@ def test_an_interrupted_verify_stage_resumes_from_its_state_files(first, sets, t
     assert res.exit_code == 0 and stage_actions(summary)["verify"] == "skipped", res.stderr
 
 
+def test_an_interrupted_pack_stage_resumes_from_its_partial_folder(first, sets, tmp_path):
+    """Ctrl-C as the pack's second attack starts: the next call takes the first from DIR/pack.npz.partial/ (pgd20 and
+    the clean pass do not run again), the pack's arrays equal the uninterrupted one's, and the folder is removed and
+    never recorded in workflow.json. Square is off in these calls, so the verify stage a new pack brings stays cheap."""
+    import shutil
+
+    import numpy as np
+
+    from ciard_deploy import workflow
+    from ciard_deploy.config import find_recipe
+    from ciard_deploy.verify import load_pack
+
+    out = tmp_path / "digits"
+    shutil.copytree(first["out"], out)
+    cheap = sets + ["deploy.square_queries=0"]  # an input of verify only: distill, export and pack stay as they are
+    partial = out / "pack.npz.partial"
+
+    def ctrl_c(done, total=None, stage=None):
+        if stage == "pack fgsm@0.15":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        workflow.run(find_recipe(RECIPE), out, overrides=cheap, threads=1, from_stage="pack", progress=ctrl_c)
+    st = json.loads((out / "workflow.json").read_text())
+    assert st["stages"]["pack"]["status"] == "interrupted" and "outputs" not in st["stages"]["pack"]
+    assert [a["label"] for a in json.loads((partial / "state.json").read_text())["attacks"]] == ["pgd20@0.15"]
+
+    stages: list[str] = []
+    result = workflow.run(find_recipe(RECIPE), out, overrides=cheap, threads=1,
+                          progress=lambda done, total=None, stage=None: stages.append(stage))
+    assert {k: v.action for k, v in result.stages.items()} == {"distill": "skipped", "export": "skipped",
+                                                               "pack": "ran", "verify": "ran"}
+    assert "pack fgsm@0.15" in stages and not {"pack pgd20@0.15", "pack clean"} & set(stages)
+    assert not partial.exists()
+    old, new = load_pack(first["out"] / "pack.npz").arrays(), load_pack(out / "pack.npz").arrays()
+    for key, arr in old.items():
+        assert key == "meta" or (arr.dtype == new[key].dtype and np.array_equal(new[key], arr)), key
+    recorded = json.dumps({k: (v.get("inputs"), v.get("outputs")) for k, v in result.state["stages"].items()})
+    assert "partial" not in recorded and list(result.state["stages"]["pack"]["outputs"]) == ["pack.npz"]
+    assert workflow.outputs_problem(out, result.state["stages"]["pack"]["outputs"]) is None
+
+
 TRAIN_RECIPE = "quick/digits_pgd_at_none_to_tiny_cnn_linf0.15"  # kind: train, no deploy: section of its own
 TRAIN_SETS = ["deploy.formats=[onnx]", "train.epochs=2", "train.eval_every=2", "train.final_attacks=[]",
               "deploy.pack.attacks=[fgsm]", "deploy.pack.n=100", "deploy.parity_n=100", "deploy.square_queries=50",
