@@ -10,7 +10,7 @@ import tarfile
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pytest
 
@@ -230,3 +230,37 @@ def untrained_digits_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     export.run(d / "run", d / "export", ["onnx"], n=64, reference_attack=None, check=False)
     pack = save_pack(build_pack(d / "run", n=64, attacks=["fgsm"], eps=0.1, device="cpu"), d / "pack.npz")
     return {"run": d / "run", "checkpoint": ckpt, "onnx": d / "export" / "model.onnx", "pack": pack}
+
+
+# --------------------------------------------------------------------------- the CLI in-process
+@pytest.fixture(scope="session")
+def invoke() -> Callable[..., Any]:
+    """``invoke(*args)``: runs ``ciard`` in-process (typer's ``CliRunner``; each argument through ``str``)
+    and returns its result, stdout and stderr apart."""
+    from typer.testing import CliRunner
+
+    from ciard_deploy.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: object) -> Any:
+        return runner.invoke(app, [str(a) for a in args])
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def assert_one_line_error() -> Callable[..., None]:
+    """``assert_one_line_error(res, code, *needles)``: ``res`` exited ``code`` with an ``error:`` message on
+    stderr holding every needle (its lines joined: the console may wrap one message over several) and
+    no traceback."""
+
+    def check(res: Any, code: int, *needles: str) -> None:
+        assert res.exit_code == code, (res.stdout, res.stderr)
+        lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+        err = " ".join(lines)
+        assert err.startswith("error:") and "Traceback" not in res.output, res.output
+        for n in needles:
+            assert n in err, err
+
+    return check

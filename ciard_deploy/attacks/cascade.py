@@ -17,7 +17,8 @@ from torch import nn
 from ciard_deploy.attacks.base import TORCH_CAPABILITIES, Attack, ensure_capabilities
 from ciard_deploy.attacks.common import check_inputs, frozen_eval
 from ciard_deploy.attacks.results import AttackResult, EvalResult
-from ciard_deploy.attacks.state import SAVE_EVERY_S, AttackRecord, EvaluationState, StateEvent, data_hash
+from ciard_deploy.attacks.state import (SAVE_EVERY_S, AttackRecord, EvaluationState, StateEvent, data_hash,
+                                       state_hooks)
 from ciard_deploy.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -118,14 +119,7 @@ def evaluate(model: nn.Module, x: torch.Tensor | np.ndarray, y: torch.Tensor | n
         if progress is not None:
             progress(done, total, stage)
 
-    def announce(kind: str, stage: str, done: int, total: int, seconds: float) -> None:
-        if on_state is not None:
-            on_state(StateEvent(kind, stage, done, total, seconds, state.path if state is not None else None))
-
-    def save() -> None:
-        if state is not None and state.path is not None:
-            state.save()
-            log.debug("saved evaluation state to %s", state.path)
+    announce, save = state_hooks(state, on_state, log)
 
     with frozen_eval(model):
         if state is not None and state.clean_correct is not None:

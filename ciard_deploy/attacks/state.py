@@ -34,9 +34,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -192,13 +193,17 @@ class EvaluationKey(StateKey):
                                                 "data_sha256": "images/labels"}
 
     @classmethod
-    def create(cls, x: Any, y: Any, *, model_sha256: str, arch: str, dataset: str, split: str, seed: int,
-               eps: float, indices: Any = None) -> "EvaluationKey":
-        """The key of evaluating images ``x`` and labels ``y`` (numpy arrays, or torch tensors on the CPU)."""
+    def create(cls: type[_E], x: Any, y: Any, *, model_sha256: str, arch: str, dataset: str, split: str, seed: int,
+               eps: float, indices: Any = None, **extra: Any) -> _E:
+        """The key of evaluating images ``x`` and labels ``y`` (numpy arrays, or torch tensors on the CPU);
+        ``extra``: the fields a subclass adds (``verify.pack.PackKey``: batch size, device, torch version)."""
         return cls(model_sha256=str(model_sha256), arch=str(arch), dataset=str(dataset), split=str(split),
                    n=int(len(y)), seed=int(seed), eps=float(eps),
                    indices_sha256=None if indices is None else hash_array(np.asarray(indices, dtype=np.int64)),
-                   data_sha256=data_hash(x, y))
+                   data_sha256=data_hash(x, y), **extra)
+
+
+_E = TypeVar("_E", bound=EvaluationKey)
 
 
 def data_hash(x: Any, y: Any) -> str:
@@ -320,6 +325,29 @@ class StateEvent:
 
 
 _S = TypeVar("_S", bound="ResumableState")
+
+#: ``announce(kind, stage, done, total, seconds)``: tells of a ``StateEvent`` (see ``state_hooks``)
+Announce = Callable[[StateEventKind, str, int, int, float], None]
+
+
+def state_hooks(state: "ResumableState | None", on_state: Callable[[StateEvent], None] | None,
+                log: logging.Logger) -> tuple[Announce, Callable[[], None]]:
+    """``(announce, save)`` of an evaluation that may keep a ``state``.
+
+    ``announce(kind, stage, done, total, seconds)`` passes a ``StateEvent`` about the state's file to
+    ``on_state`` (nothing without one); ``save()`` writes the state where it has a path (nothing
+    otherwise) and says so on ``log`` (debug).
+    """
+    def announce(kind: StateEventKind, stage: str, done: int, total: int, seconds: float) -> None:
+        if on_state is not None:
+            on_state(StateEvent(kind, stage, done, total, seconds, state.path if state is not None else None))
+
+    def save() -> None:
+        if state is not None and state.path is not None:
+            state.save()
+            log.debug("saved %s state to %s", state.WHAT, state.path)
+
+    return announce, save
 
 
 @dataclass
@@ -541,5 +569,5 @@ def open_state(path: Path | str, key: EvaluationKey, attacks: Iterable[Any] = ()
 __all__ = [
     "AttackRecord", "EvaluationKey", "EvaluationState", "ResumableState", "SAVE_EVERY_S", "StateEvent", "StateKey",
     "StateMismatch", "data_hash", "flags_from_str", "flags_to_str", "hash_array", "open_state",
-    "settings_differences",
+    "settings_differences", "state_hooks",
 ]

@@ -109,6 +109,12 @@ def progress(description: str, total: int | None = None, unit: str = "img") -> I
     yield update_plain
 
 
+def note(msg: str) -> None:
+    """``msg`` as one plain line on stderr (no markup, not wrapped), unless --quiet."""
+    if not State.quiet:
+        err_console.print(escape(msg), highlight=False, soft_wrap=True)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import State, console, err_console, handle_errors, progress, write_json
+from ciard_deploy.cli.common import console, err_console, handle_errors, note, progress, write_json
 
 
 @app.command("eval")
@@ -68,15 +68,12 @@ def eval_cmd(
 
 def _state_line(ev: Any) -> None:
     """One stderr line per stage taken from the state file (not with --quiet)."""
-    if State.quiet:
-        return
     if ev.kind == "reused" and ev.stage == "clean":
-        msg = f"state: reusing the clean pass from {ev.path}"
+        note(f"state: reusing the clean pass from {ev.path}")
     elif ev.kind == "reused":
-        msg = f"state: reusing {ev.stage} from {ev.path} (finished earlier in {ev.seconds:.1f} s; not re-run)"
+        note(f"state: reusing {ev.stage} from {ev.path} (finished earlier in {ev.seconds:.1f} s; not re-run)")
     else:
-        msg = f"state: resuming {ev.stage} at {ev.done}/{ev.total} from {ev.path}"
-    err_console.print(escape(msg), highlight=False, soft_wrap=True)
+        note(f"state: resuming {ev.stage} at {ev.done}/{ev.total} from {ev.path}")
 
 
 def render_eval(rep: dict) -> None:

@@ -14,8 +14,8 @@ import typer
 from rich.markup import escape
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import (QuietOption, State, console, err_console, handle_errors, progress, setup_logging,
-                                     write_json)
+from ciard_deploy.cli.common import (QuietOption, State, console, err_console, handle_errors, note, progress,
+                                     setup_logging, write_json)
 from ciard_deploy.errors import GateFailed
 
 
@@ -47,30 +47,24 @@ class StagedProgress:
 
 def _state_line(ev: Any) -> None:
     """One stderr line when `verify --state` takes Square from the state file (not with --quiet)."""
-    if State.quiet:
-        return
     if ev.kind == "reused":
-        msg = (f"state: reusing {ev.stage} from {ev.path} (finished earlier in {ev.seconds:.1f} s; not re-run; "
-               "clean and transferred attacks measured again)")
+        note(f"state: reusing {ev.stage} from {ev.path} (finished earlier in {ev.seconds:.1f} s; not re-run; "
+             "clean and transferred attacks measured again)")
     elif ev.kind == "resumed":
-        msg = (f"state: resuming {ev.stage} at {ev.done}/{ev.total} from {ev.path} (clean and transferred attacks "
-               "measured again)")
+        note(f"state: resuming {ev.stage} at {ev.done}/{ev.total} from {ev.path} (clean and transferred attacks "
+             "measured again)")
     else:
-        msg = (f"state: {ev.stage} in {ev.path} was measured on other clean predictions than the runtime gives now "
-               "(a non-deterministic runtime?): it runs again")
-    err_console.print(escape(msg), highlight=False, soft_wrap=True)
+        note(f"state: {ev.stage} in {ev.path} was measured on other clean predictions than the runtime gives now "
+             "(a non-deterministic runtime?): it runs again")
 
 
 def _partial_line(ev: Any) -> None:
     """One stderr line per attack `ciard pack` takes from its partial folder (not with --quiet)."""
-    if State.quiet:
-        return
     where = ev.path.parent if ev.path is not None else "the partial folder"
     if ev.kind == "reused":
-        msg = f"pack: reusing {ev.stage} from {where} (finished earlier in {ev.seconds:.1f} s; not re-run)"
+        note(f"pack: reusing {ev.stage} from {where} (finished earlier in {ev.seconds:.1f} s; not re-run)")
     else:
-        msg = f"pack: {ev.stage} in {where} is damaged: it runs again"
-    err_console.print(escape(msg), highlight=False, soft_wrap=True)
+        note(f"pack: {ev.stage} in {where} is damaged: it runs again")
 
 
 def _interrupted_pack(partial: Path) -> None:

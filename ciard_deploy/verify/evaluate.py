@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 
-from ciard_deploy.attacks.state import SAVE_EVERY_S, AttackRecord, StateEvent
+from ciard_deploy.attacks.state import SAVE_EVERY_S, AttackRecord, StateEvent, state_hooks
 from ciard_deploy.errors import UsageError
 from ciard_deploy.runtime.parity import Parity, compare
 from ciard_deploy.verify.pack import EPS_TOLERANCE, RobustnessPack, worst_case_label
@@ -225,14 +225,7 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
         if progress is not None:
             progress(done[0], total_inf, stage="inference")
 
-    def announce(kind: str, stage: str, done: int, total: int, seconds: float) -> None:
-        if on_state is not None:
-            on_state(StateEvent(kind, stage, done, total, seconds, state.path if state is not None else None))
-
-    def save() -> None:
-        if state is not None and state.path is not None:
-            state.save()
-            log.debug("saved verify state to %s", state.path)
+    announce, save = state_hooks(state, on_state, log)
 
     # ---------------------------------------------------------------- clean + transfer
     tick(0)

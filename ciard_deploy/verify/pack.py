@@ -51,7 +51,8 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.state import AttackRecord, ResumableState, StateEvent, StateKey, StateMismatch
+from ciard_deploy.attacks.state import (AttackRecord, EvaluationKey, ResumableState, StateEvent, StateKey,
+                                       StateMismatch)
 from ciard_deploy.errors import ArtifactError, UsageError
 
 log = logging.getLogger(__name__)
@@ -353,39 +354,25 @@ def partial_dir(out: str | os.PathLike) -> Path:
 
 
 @dataclass(frozen=True)
-class PackKey(StateKey):
+class PackKey(EvaluationKey):
     """What a pack's arrays depend on besides each attack's own settings: partial results serve a build
     only if their keys are equal (and each reused attack's ``describe()`` is equal too).
 
+    An ``EvaluationKey`` (model sha256, arch, dataset, split, ``n`` images in the pack, ``seed`` of
+    the sample and of every attack, the pack's ``eps``, sample indices, images/labels; made by
+    ``PackKey.create(x, y, ..., batch_size=..., device=..., torch_version=...)``) with three more fields.
+
     Attributes:
-        model_sha256: sha256 of the checkpoint's weights file.
-        arch: the architecture the weights were loaded into.
-        dataset: dataset name; ``split``: ``"test"``.
-        n: images in the pack.
-        seed: seed of the sample and of every attack.
-        eps: the pack's L-inf budget.
-        indices_sha256: ``hash_array`` of the sample's positions in the split (``None``: the whole split).
-        data_sha256: ``hash_array(images, labels)`` of exactly what the model sees.
         batch_size: images per attack call (a seeded attack draws its noise per call).
         device: device type the attacks ran on (``cpu``, ``cuda``, ``mps``): numbers differ between them.
         torch_version: the PyTorch that computed them.
     """
 
-    model_sha256: str
-    arch: str
-    dataset: str
-    split: str
-    n: int
-    seed: int
-    eps: float
-    indices_sha256: str | None
-    data_sha256: str
     batch_size: int
     device: str
     torch_version: str
 
-    FIELD_NAMES: ClassVar[Mapping[str, str]] = {"model_sha256": "model sha256", "indices_sha256": "sample indices",
-                                                "data_sha256": "images/labels", "batch_size": "batch size",
+    FIELD_NAMES: ClassVar[Mapping[str, str]] = {**EvaluationKey.FIELD_NAMES, "batch_size": "batch size",
                                                 "device": "device type", "torch_version": "torch version"}
 
 
@@ -685,7 +672,6 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     from ciard_deploy import __version__
     from ciard_deploy.attacks.base import parse_eps
     from ciard_deploy.attacks.cascade import check_budget
-    from ciard_deploy.attacks.state import data_hash, hash_array
     from ciard_deploy.data import load_test_set_for
     from ciard_deploy.devices import resolve_device
     from ciard_deploy.io import checkpoint_paths, library_versions, load_model, resolve_checkpoint, sha256_file
@@ -722,11 +708,9 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     indices = [int(i) for i in ds.indices.tolist()] if ds.indices is not None else None
     partial = None
     if folder is not None:
-        key = PackKey(model_sha256=model_sha, arch=str(meta.arch), dataset=ds_name, split="test", n=int(total),
-                      seed=int(seed), eps=float(eps_value),
-                      indices_sha256=None if indices is None else hash_array(np.asarray(indices, dtype=np.int64)),
-                      data_sha256=data_hash(x_np, y_np), batch_size=int(batch_size), device=dev.type,
-                      torch_version=str(torch.__version__))
+        key = PackKey.create(x_np, y_np, model_sha256=model_sha, arch=meta.arch, dataset=ds_name, split="test",
+                             seed=seed, eps=eps_value, indices=indices, batch_size=int(batch_size), device=dev.type,
+                             torch_version=str(torch.__version__))
         partial = _Partial(folder, key, atks, on_mismatch, on_state,
                            info={"model_source": str(source), "versions": library_versions()})
 

@@ -8,27 +8,11 @@ import dataclasses
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from ciard_deploy.attacks import ATTACKS, AttackEntry, Budget
 from ciard_deploy.attacks.base import Attack
-from ciard_deploy.cli import app
 
 pytestmark = pytest.mark.unit
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(res, code, *needles):
-    assert res.exit_code == code, (res.stdout, res.stderr)
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    err = " ".join(lines)
-    assert err.startswith("error:") and "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in err, err
 
 
 class CtrlC(Attack):
@@ -52,7 +36,7 @@ def ctrlc_attack(monkeypatch):
     monkeypatch.setitem(ATTACKS._items, "ctrlc", _CtrlCEntry("ctrlc", "ctrlc", "tests:CtrlC"))
 
 
-def test_fresh_needs_state_and_state_is_not_the_json_file(ckpt, tmp_path):
+def test_fresh_needs_state_and_state_is_not_the_json_file(ckpt, tmp_path, invoke, assert_one_line_error):
     assert_one_line_error(invoke("eval", ckpt, "-a", "fgsm", "--n", 20, "--fresh"), 2, "--fresh", "--state")
     same = tmp_path / "out.json"
     assert_one_line_error(invoke("eval", ckpt, "-a", "fgsm", "--n", 20, "--state", same, "--json", same),
@@ -61,7 +45,7 @@ def test_fresh_needs_state_and_state_is_not_the_json_file(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("fresh", [[], ["--fresh"]])
-def test_a_file_that_is_no_state_is_never_overwritten(ckpt, tmp_path, fresh):
+def test_a_file_that_is_no_state_is_never_overwritten(ckpt, tmp_path, fresh, invoke, assert_one_line_error):
     meta = ckpt.with_suffix(".json")  # the checkpoint's own metadata, given by mistake
     before = meta.read_bytes()
     res = invoke("eval", ckpt, "-a", "fgsm", "--n", 20, "--eps", "0.1", "--state", meta, *fresh)
@@ -69,7 +53,7 @@ def test_a_file_that_is_no_state_is_never_overwritten(ckpt, tmp_path, fresh):
     assert meta.read_bytes() == before
 
 
-def test_ctrl_c_in_a_later_attack_keeps_the_earlier_one(ckpt, tmp_path, ctrlc_attack):
+def test_ctrl_c_in_a_later_attack_keeps_the_earlier_one(ckpt, tmp_path, ctrlc_attack, invoke):
     state = tmp_path / "eval.state.json"
     res = invoke("-q", "eval", ckpt, "-a", "fgsm,ctrlc", "--n", 40, "--eps", "0.1", "--state", state)
     assert res.exit_code == 130, res.output

@@ -10,28 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from ciard_deploy.cli import app
 from ciard_deploy.cli.verify import StagedProgress
 
 pytestmark = pytest.mark.unit
-runner = CliRunner()
 
 SQUARE = ["--square-queries", 30, "--square-n", 60, "--batch-size", 8, "--seed", 2]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(res, code, *needles):
-    assert res.exit_code == code, (res.stdout, res.stderr)
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    err = " ".join(lines)
-    assert err.startswith("error:") and "Traceback" not in res.output, res.output
-    for n in needles:
-        assert n in err, err
 
 
 @pytest.fixture
@@ -59,7 +43,7 @@ def _numbers(path):
 
 
 def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path, linear_onnx, pack_file, monkeypatch,
-                                                         ctrl_c_after_two_square_batches):
+                                                         ctrl_c_after_two_square_batches, invoke):
     state = tmp_path / "verify.state.json"
     args = ["verify", linear_onnx, "--pack", pack_file, *SQUARE, "--state", state, "--json", tmp_path / "r.json"]
     res = invoke(*args)
@@ -84,14 +68,16 @@ def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path, linear_onnx, 
     assert _numbers(tmp_path / "r.json") == _numbers(tmp_path / "whole.json")
 
 
-def test_ctrl_c_with_fresh_says_to_drop_it(tmp_path, linear_onnx, pack_file, ctrl_c_after_two_square_batches):
+def test_ctrl_c_with_fresh_says_to_drop_it(tmp_path, linear_onnx, pack_file, ctrl_c_after_two_square_batches,
+                                           invoke):
     state = tmp_path / "verify.state.json"
     res = invoke("-q", "verify", linear_onnx, "--pack", pack_file, *SQUARE, "--state", state, "--fresh")
     assert res.exit_code == 130 and "run the same command again without --fresh to continue" in \
         res.stderr.replace("\n", " "), res.output
 
 
-def test_bad_state_inputs_exit_2_and_leave_files_alone(tmp_path, linear_onnx, pack_file):
+def test_bad_state_inputs_exit_2_and_leave_files_alone(tmp_path, linear_onnx, pack_file, invoke,
+                                                        assert_one_line_error):
     base = ["verify", linear_onnx, "--pack", pack_file, *SQUARE]
     assert_one_line_error(invoke(*base, "--fresh"), 2, "--fresh discards a --state file: give --state too")
     same = tmp_path / "out.json"
