@@ -87,3 +87,24 @@ def test_eval_bad_input_is_one_line_exit_2(ckpt, tmp_path, args, needles):
 def test_eval_cuda_without_gpu_is_exit_3(ckpt):
     res = invoke("eval", ckpt, "--device", "cuda")
     assert_one_line_error(res, 3, "no CUDA device")
+
+
+def test_help_prose_is_reflowed_and_examples_keep_their_lines():
+    from ciard_deploy.cli import reflow_help
+
+    doc = """First line.
+
+        A paragraph written
+        over three source
+        lines.
+
+        Example:
+            ciard run RECIPE --out DIR
+            ciard quickstart
+        """
+    assert reflow_help(doc) == ("First line.\n\nA paragraph written over three source lines.\n\n"
+                                "\b\nExample:\n    ciard run RECIPE --out DIR\n    ciard quickstart")
+    from ciard_deploy.cli import app
+
+    helps = {c.name or c.callback.__name__: c.help for c in app.registered_commands}
+    assert "OUT.partial/ beside --out. After Ctrl-C" in helps["pack"]
