@@ -251,6 +251,17 @@ for _entry in (
                 description="AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (pyautoattack, Croce & Hein 2020)"),
     AttackEntry("aa-fast", "aa-fast", "ciard_deploy.attacks.autoattack:AutoAttackAdapter", defaults={"version": "fast"},
                 description="AutoAttack subset: APGD-CE + APGD-T (pyautoattack), a cheaper lower bound on aa"),
+    AttackEntry("apgd-ce", "apgd-ce<K>", "ciard_deploy.attacks.autoattack:AutoAttackComponent", "steps", 100,
+                {"component": "apgd-ce"},
+                description="APGD-CE alone, K iterations (default 100), 1 restart (pyautoattack, AutoAttack's first attack)"),
+    AttackEntry("apgd-t", "apgd-t<K>", "ciard_deploy.attacks.autoattack:AutoAttackComponent", "steps", 100,
+                {"component": "apgd-t"},
+                description="APGD-T alone: targeted DLR, 9 target classes, K iterations (default 100) (pyautoattack)"),
+    AttackEntry("fab-t", "fab-t<K>", "ciard_deploy.attacks.autoattack:AutoAttackComponent", "steps", 100,
+                {"component": "fab-t"},
+                description="FAB-T alone: targeted FAB, 9 target classes, K iterations (default 100) (pyautoattack)"),
+    AttackEntry("mtpgd", "mtpgd<K>", "ciard_deploy.attacks.pgd:MultiTargetPGD", "steps", 100,
+                description="multi-targeted PGD on the margin z_t - z_y, K steps per target class, 9 targets"),
     AttackEntry("square", "square<Q>", "ciard_deploy.attacks.square:SquareAttack", "queries", 5000,
                 requires=frozenset({SCORES}),
                 description="Square: score-based random search, Q queries (Andriushchenko et al. 2020), via ART"),
@@ -273,7 +284,7 @@ def _unknown(spec: str) -> UsageError:
         if close and ATTACKS.get(close[0]).count_arg is not None:
             guess = f"{close[0]}{m['count'] or ''}"
             msg = msg.replace(f"{spec!r}.", f"{spec!r}. Did you mean {guess!r}?", 1)
-    return UsageError(msg + " (e.g. fgsm, pgd20, pgdt20, cw30, aa, aa-fast, square100)")
+    return UsageError(msg + " (e.g. fgsm, pgd20, pgdt20, cw30, aa, aa-fast, apgd-ce, apgd-t, fab-t, mtpgd100, square100)")
 
 
 def parse_attack_spec(spec: str) -> tuple[AttackEntry, int | None]:
@@ -324,7 +335,8 @@ def create_attack(spec: str, eps: float | str, **overrides: Any) -> Attack:
     if entry.count_arg is not None:
         kwargs[entry.count_arg] = count
     params = inspect.signature(cls.__init__).parameters
-    accepted = sorted(k for k in params if k not in ("self", "eps", "prefix", "version", entry.count_arg))
+    accepted = sorted(k for k in params if k not in ("self", "eps", "prefix", "version", "component",
+                                                      entry.count_arg))
     bad = sorted(k for k in overrides if k not in accepted)
     if bad:
         raise UsageError(f"attack {spec!r} does not take option(s) {', '.join(bad)}; "

@@ -161,3 +161,82 @@ class FGSM(TorchAttack):
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return pgd_linf(model, x, y, self.budget.eps, self.budget.eps, 1, random_start=False)
+
+
+class MultiTargetPGD(TorchAttack):
+    """Multi-targeted PGD on the margin loss (Gowal et al. 2019, "An alternative surrogate loss for
+    PGD-based adversarial testing"); white-box, L-inf.
+
+    For each of the ``targets`` classes ranked highest by the model on the clean image (other than
+    the label), ``steps`` signed-gradient steps that maximise ``z_t - z_y``, from the clean image,
+    with a step that decays from eps/2 to eps/20 (cosine). A sample is broken as soon as one
+    iterate is misclassified *by the model's forward pass*, and that iterate is kept; the model's
+    forward may be another runtime's logits (``attacks.artifact.RuntimeScored``), so every
+    iterate is scored there. Samples already broken are not attacked further.
+
+    Args:
+        eps: L-inf radius.
+        steps: iterations per target class (the ``K`` of ``mtpgd<K>``); default 100.
+        targets: target classes per image, at most ``classes - 1``; default 9.
+        seed: accepted so every attack takes ``seed``; the attack is deterministic.
+
+    Example:
+        >>> MultiTargetPGD(8 / 255, steps=50).label
+        'mtpgd50@8/255'
+    """
+
+    requires = frozenset({GRADIENTS})
+
+    def __init__(self, eps: float, steps: int = 100, targets: int = 9, seed: int | None = None) -> None:
+        _check_positive("steps", steps)
+        _check_positive("targets", targets)
+        self.name = f"mtpgd{int(steps)}"
+        self.budget = Budget("Linf", float(eps), int(steps), None)
+        self.targets = int(targets)
+        self.seed = seed
+
+    def options(self) -> dict[str, Any]:
+        return {"targets": self.targets, "loss": "margin z_t - z_y", "step": "cosine eps/2 -> eps/20",
+                "start": "clean image", "keeps": "the first misclassified iterate"}
+
+    def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import math
+
+        eps, steps = self.budget.eps, self.budget.steps
+        with torch.no_grad():
+            logits = model(x)
+        best = x.clone()
+        broken = logits.argmax(1) != y
+        ranked = logits.detach().clone()
+        ranked[torch.arange(len(y)), y] = -torch.inf
+        order = ranked.argsort(dim=1, descending=True)
+        n_targets = min(self.targets, logits.shape[1] - 1)
+        sizes = [eps / 20 + (eps / 2 - eps / 20) * 0.5 * (1 + math.cos(math.pi * i / max(steps - 1, 1)))
+                 for i in range(steps)]
+        for t in range(n_targets):
+            active = torch.nonzero(~broken).flatten()
+            if len(active) == 0:
+                break
+            xa, xc, ya, target = x[active].clone(), x[active], y[active], order[active, t]
+            alive = torch.ones(len(active), dtype=torch.bool, device=x.device)
+            for step in sizes:
+                xa.requires_grad_(True)
+                with torch.enable_grad():
+                    z = model(xa)
+                    margin = z.gather(1, target[:, None]).squeeze(1) - z.gather(1, ya[:, None]).squeeze(1)
+                    (grad,) = torch.autograd.grad(margin.sum(), xa)
+                with torch.no_grad():
+                    now = (z.argmax(1) != ya) & alive  # the iterate just scored, before the step
+                    if bool(now.any()):
+                        best[active[now]] = xa.detach()[now]
+                        broken[active[now]] = True
+                        alive &= ~now
+                    if not bool(alive.any()):
+                        break
+                    xa = project_linf(xa.detach() + step * grad.sign(), xc, eps)
+            else:
+                with torch.no_grad():
+                    now = (model(xa).argmax(1) != ya) & alive
+                    best[active[now]] = xa[now]
+                    broken[active[now]] = True
+        return best

@@ -66,6 +66,20 @@ CHECKS: dict[str, CheckInfo] = {c.code: c for c in (
     CheckInfo("V110", "no_adversarial_evaluation", "No attack was run",
               "The pack holds no attacks and Square is off (--square-queries 0): only clean accuracy and parity "
               "were measured."),
+    CheckInfo("V111", "whitebox_beats_transfer", "White-box attacks on the artifact beat the transferred ones",
+              "The pack's attacks crafted on this artifact itself (through its twin, scored on its runtime) leave "
+              "clearly fewer samples robust than the attacks crafted on the PyTorch model and transferred. The "
+              "transferred numbers overstate this artifact's robustness (quantization and half precision misalign "
+              "gradients); the worst case includes the white-box tier."),
+    CheckInfo("V112", "upper_bound_only", "No white-box attack on this artifact: the worst case is an upper bound",
+              "The pack holds no attack crafted on this artifact (it was built without --artifact for it, for another "
+              "artifact, or the artifact's twin could not reproduce an op). Transferred and query-only attacks give "
+              "an upper bound on its robust accuracy, not the number itself. Rebuild the pack with "
+              "`ciard pack ... --artifact THIS_FILE`."),
+    CheckInfo("V113", "twin_untrusted", "The artifact's twin is not faithful to the runtime",
+              "The torch twin the pack's white-box attacks used agreed with the runtime on fewer than 99.5 % of "
+              "images (--allow-untrusted-twin). Every candidate image was still scored on the runtime, so the "
+              "white-box number is a valid upper bound, but the attacks followed misleading gradients."),
 )}
 _BY_NAME = {c.name: c for c in CHECKS.values()}
 
@@ -245,6 +259,39 @@ def check_square(square_label: str, square_acc: float, transfer: Mapping[str, fl
                        f"(best: {best_label} {best:.2%}) on the same {n} images: the transferred numbers overstate "
                        "robustness (transfer gap or gradient masking)")
     return None
+
+
+#: points by which the white-box tier must beat every transferred attack before V111 fires
+WHITEBOX_GAP = 0.02
+
+
+def check_whitebox(wb_label: str, wb_acc: float, transfer: Mapping[str, float], n: int) -> Finding | None:
+    """The artifact's own white-box attacks beat every transferred attack by ``WHITEBOX_GAP`` or more."""
+    if not transfer:
+        return None
+    best_label, best = min(transfer.items(), key=lambda kv: kv[1])
+    if best - wb_acc >= WHITEBOX_GAP - 1e-12:
+        return finding("whitebox_beats_transfer",
+                       f"{wb_label} on this artifact leaves {wb_acc:.2%} robust, {100 * (best - wb_acc):.1f} pt below "
+                       f"the best transferred attack ({best_label} {best:.2%}) on the same {n} images: transfer "
+                       "overstates this artifact's robustness")
+    return None
+
+
+def check_coverage(worst_case: Mapping[str, Any] | None, section: Any) -> list[Finding]:
+    """V112 when the worst case is only an upper bound; V113 when the white-box tier used an untrusted twin."""
+    out: list[Finding] = []
+    if worst_case and worst_case.get("upper_bound"):
+        out.append(finding("upper_bound_only", f"{worst_case.get('upper_bound_reason')}: the worst case "
+                                               f"{worst_case.get('acc', 0):.2%} is an upper bound on this artifact's "
+                                               "robust accuracy (rebuild the pack with --artifact for it)"))
+    twin = (section.meta.get("twin") or {}) if section is not None and not section.skipped else {}
+    if twin and not twin.get("trusted", True):
+        agreement = (twin.get("fidelity") or {}).get("agreement")
+        out.append(finding("twin_untrusted", f"the twin behind {section.meta.get('label')} agreed with the runtime on "
+                                             f"{agreement:.2%} of images, below 99.5 %" if isinstance(agreement, float)
+                           else f"the twin behind {section.meta.get('label')} was not trusted"))
+    return out
 
 
 def check_parity(label: str, agreement: float, flips: int, n: int, threshold: float) -> Finding | None:

@@ -35,7 +35,7 @@ import numpy as np
 from ciard_deploy.attacks.state import SAVE_EVERY_S, AttackRecord, StateEvent, state_hooks
 from ciard_deploy.errors import UsageError
 from ciard_deploy.runtime.parity import Parity, compare
-from ciard_deploy.verify.pack import EPS_TOLERANCE, RobustnessPack, worst_case_label
+from ciard_deploy.verify.pack import EPS_TOLERANCE, ArtifactSection, RobustnessPack, worst_case_label
 from ciard_deploy.verify.parity import ParityReport
 from ciard_deploy.verify.state import VerifyState, square_size
 
@@ -63,11 +63,14 @@ class AttackOutcome:
     Attributes:
         name: ``pgd20``, ``square1000``.
         label: name and budget, ``pgd20@8/255``.
-        kind: ``"transfer"`` (images from the pack) or ``"query"`` (run live on the runtime).
+        kind: ``"whitebox"`` (the pack's images crafted on this artifact through its twin, scored
+            on its runtime), ``"transfer"`` (the pack's images crafted on the PyTorch model) or
+            ``"query"`` (run live on the runtime).
         eps: L-inf budget.
         n: samples it covers (all pack samples for transfer; Square's subset otherwise).
         robust_acc: fraction of those samples correct on clean and under the attack.
-        reference_acc: the PyTorch model's number for the same attack from the pack (transfer only).
+        reference_acc: the pack's number for the same images: the PyTorch model's (transfer), the
+            artifact's runtime on the machine that built the pack (whitebox); None for query.
         seconds: wall time (inference for transfer; the whole attack for Square).
         settings: the attack's settings (budget, options) as recorded in the pack or run here.
         queries: forward passes (images) the runtime served for this attack.
@@ -80,7 +83,7 @@ class AttackOutcome:
 
     name: str
     label: str
-    kind: Literal["transfer", "query"]
+    kind: Literal["whitebox", "transfer", "query"]
     eps: float
     n: int
     robust_acc: float
@@ -121,6 +124,10 @@ class RuntimeEvaluation:
     @property
     def transfer(self) -> list[AttackOutcome]:
         return [a for a in self.attacks if a.kind == "transfer"]
+
+    @property
+    def whitebox(self) -> list[AttackOutcome]:
+        return [a for a in self.attacks if a.kind == "whitebox"]
 
     @property
     def query(self) -> list[AttackOutcome]:
@@ -174,7 +181,8 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
                      batch_size: int = DEFAULT_BATCH, seed: int = 0, square_p_init: float = 0.8,
                      progress: Progress | None = None, state: VerifyState | None = None,
                      on_state: Callable[[StateEvent], None] | None = None,
-                     save_every: float = SAVE_EVERY_S) -> RuntimeEvaluation:
+                     save_every: float = SAVE_EVERY_S, section: ArtifactSection | None = None,
+                     is_source: bool = False) -> RuntimeEvaluation:
     """Clean, transferred and query-only robustness of ``backend`` on ``pack``, AutoAttack-style.
 
     With a ``state`` (``verify.state.VerifyState`` for these settings) Square is resumable: the
@@ -200,6 +208,10 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
         on_state: optional ``callback(StateEvent)`` when Square is taken from the state
             (``"reused"``, ``"resumed"``) or its saved batches are dropped (``"discarded"``).
         save_every: seconds between saves of Square's finished batches (0: after every batch).
+        section: the pack's white-box section for this very artifact (``RobustnessPack.artifact_for``),
+            scored here as the "white-box on this artifact" tier; None: the pack has none.
+        is_source: the backend runs the pack's own source model (PyTorch), for which the
+            transferred attacks are white-box: the worst case is then not an upper bound.
 
     Returns:
         the ``RuntimeEvaluation``.
@@ -217,7 +229,8 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
                                                batch_size=int(batch_size))
         if diffs:
             raise UsageError(f"the verify state is for other settings: {'; '.join(diffs)}")
-    total_inf = n * (1 + len(pack.adv))
+    has_wb = section is not None and section.x_adv is not None
+    total_inf = n * (1 + len(pack.adv) + int(has_wb))
     done = [0]
 
     def tick(k: int) -> None:
@@ -250,6 +263,20 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
             robust_acc=float(flags.mean()), reference_acc=ref.get("robust_acc", {}).get(a["label"]), seconds=seconds,
             settings={**a.get("settings", {}), "source": a.get("source", "crafted on the PyTorch model")},
             queries=n, per_sample=flags))
+    if has_wb:
+        t0 = time.perf_counter()
+        lw = _predict_all(backend, section.x_adv, batch_size, tick)  # type: ignore[union-attr,arg-type]
+        seconds = time.perf_counter() - t0
+        flags = clean_correct & (lw.argmax(1) == y)
+        m = section.meta  # type: ignore[union-attr]
+        label = str(m.get("label") or "wb")
+        logits[label] = lw
+        outcomes.insert(0, AttackOutcome(
+            name=label.rsplit("@", 1)[0], label=label, kind="whitebox", eps=float(m["eps"]), n=n,
+            robust_acc=float(flags.mean()), reference_acc=m.get("robust_acc"), seconds=seconds,
+            settings={"source": m.get("source"), "attacks": m.get("attacks", []), "twin": m.get("twin"),
+                      "pack_runtime": m.get("runtime"), "pack_seconds": m.get("seconds")},
+            queries=n, per_sample=flags))
     inference_s = time.perf_counter() - t_inf
     parity = ParityReport(clean=compare(pack.logits_clean, logits_clean), per_attack=per_attack_parity)
     k_det = min(DETERMINISM_IMAGES, n)
@@ -266,19 +293,25 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
 
     worst_transfer = None
     wt_flags = clean_correct.copy()
-    for o in outcomes:
+    transferred = [o for o in outcomes if o.kind == "transfer"]
+    for o in transferred:
         wt_flags &= o.per_sample  # type: ignore[arg-type]
-    if outcomes:
-        worst_transfer = {"label": worst_case_label([o.to_dict() for o in outcomes]), "acc": float(wt_flags.mean()),
-                          "n": n, "attacks": [o.label for o in outcomes],
+    if transferred:
+        worst_transfer = {"label": worst_case_label([o.to_dict() for o in transferred]),
+                          "acc": float(wt_flags.mean()), "n": n, "attacks": [o.label for o in transferred],
                           "reference_acc": ref.get("worst_case_acc")}
+    full_flags = wt_flags.copy()  # every tier that covers all samples: transfer and white-box on the artifact
+    for o in outcomes:
+        if o.kind == "whitebox":
+            full_flags &= o.per_sample  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- Square, live on the runtime
     square_idx = None
     square_s = 0.0
-    worst_case = dict(worst_transfer) if worst_transfer else None
-    if worst_case:
-        worst_case.pop("reference_acc", None)
+    worst_case = None
+    if outcomes:
+        worst_case = {"label": worst_case_label([o.to_dict() for o in outcomes]), "acc": float(full_flags.mean()),
+                      "n": n, "attacks": [o.label for o in outcomes]}
     if square_queries:
         square_idx = stratified_subset(y, k, seed)
         attack = square_attack(square_queries, pack.eps, seed=seed, batch_size=batch_size, p_init=square_p_init)
@@ -296,11 +329,13 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
             settings={**settings, "seed": seed, "batch_seeds": "seed + batch index", "batch_size": batch_size,
                       "started_from": "clean images", "attacked": int(len(targets)),
                       "subset": "all" if k == n else f"{k} of {n}, class-stratified",
-                      "implementation": "ART SquareAttack + BlackBoxClassifierNeuralNetwork on the runtime's logits"},
+                      "implementation": "ciard_deploy.attacks.square (numpy; equal-margin steps accepted)"},
             queries=queries, per_sample=flags, indices=square_idx, origin=origin))
-        all_flags = wt_flags[square_idx] & flags
+        all_flags = full_flags[square_idx] & flags
         worst_case = {"label": worst_case_label([o.to_dict() for o in outcomes]), "acc": float(all_flags.mean()),
                       "n": k, "attacks": [o.label for o in outcomes]}
+    if worst_case is not None:
+        worst_case.update(coverage(outcomes, section, is_source))
     stats = backend.stats
     timings = {"clean_s": round(clean_s, 4), "transfer_s": round(inference_s - clean_s, 4),
                "inference_s": round(inference_s, 4), "inference_images": total_inf,
@@ -312,6 +347,30 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
     return RuntimeEvaluation(n=n, clean_acc=float(clean_correct.mean()), clean_correct=clean_correct,
                              attacks=outcomes, worst_transfer=worst_transfer, worst_case=worst_case, parity=parity,
                              timings=timings, square_indices=square_idx, determinism=determinism, logits=logits)
+
+
+#: How each tier is named in reports.
+TIER_NAMES = {"whitebox": "white-box on this artifact", "transfer": "transferred from PyTorch",
+              "query": "query-only on the runtime"}
+
+
+def coverage(outcomes: list[AttackOutcome], section: ArtifactSection | None, is_source: bool) -> dict[str, Any]:
+    """Which tiers a worst case covers, and whether it is only an upper bound on the artifact's robustness.
+
+    The number is an upper bound unless white-box attacks ran on this artifact (through its twin)
+    or the artifact is the pack's own PyTorch model (then the transferred attacks are white-box).
+    """
+    tiers = {kind: [o.label for o in outcomes if o.kind == kind] for kind in TIER_NAMES}
+    upper = not (tiers["whitebox"] or (is_source and tiers["transfer"]))
+    if section is None:
+        why = "the pack holds no white-box attack made on this artifact"
+    elif section.skipped:
+        why = f"no white-box attack was possible on this artifact: {section.skipped}"
+    else:
+        why = None
+    covers = "; ".join(f"{TIER_NAMES[k]} ({', '.join(v)})" for k, v in tiers.items() if v)
+    return {"tiers": tiers, "covers": covers, "upper_bound": upper,
+            "upper_bound_reason": (why or "no white-box attack on this artifact") if upper else None}
 
 
 def _run_square(backend: Any, pack: RobustnessPack, attack: Any, targets: np.ndarray, *, seed: int, batch_size: int,
@@ -409,6 +468,7 @@ def metrics_of(ev: RuntimeEvaluation, pack: RobustnessPack) -> dict[str, float |
         "reference_clean_acc": float(ref["clean_acc"]),
         "reference_worst_case_acc": ref.get("worst_case_acc"),
         "square_acc": square.robust_acc if square else None,
+        "whitebox_acc": ev.whitebox[0].robust_acc if ev.whitebox else None,
     }
 
 
@@ -503,10 +563,6 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
     open_s = time.perf_counter() - t0
     try:
         num_classes = checks.check_compatible(p.input_shape, p.num_classes, backend, artifact)
-        if square_queries:
-            from ciard_deploy.attacks.square import _import_art
-
-            _import_art()  # ART missing is exit 3 before any inference
         metadata = dict(backend.metadata or {})
         if getattr(backend, "name", "") == "torch" and not metadata.get("source_sha256"):
             from ciard_deploy.io import resolve_checkpoint, sha256_file
@@ -526,9 +582,11 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
                                         info={"artifact": str(artifact), "pack": str(p.path) if p.path else None,
                                               "threads": threads, "versions": library_versions()},
                                         mismatch_hint=MISMATCH_HINT)
+        section = p.artifact_for(prov.get("sha256"))
         ev = evaluate_runtime(backend, p, square_queries=square_queries, square_n=square_n, batch_size=batch_size,
                               seed=seed, square_p_init=square_p_init, progress=progress, state=state,
-                              on_state=on_state, save_every=save_every)
+                              on_state=on_state, save_every=save_every, section=section,
+                              is_source=getattr(backend, "name", "") == "torch")
         runtime = backend.describe()
     finally:
         backend.close()
@@ -550,6 +608,10 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         sq = ev.query[0]
         subset = {o.label: float(o.per_sample[idx].mean()) for o in ev.transfer}  # type: ignore[index]
         found.append(checks.check_square(sq.label, sq.robust_acc, subset, len(idx)))
+    if ev.whitebox and ev.transfer:
+        wb = ev.whitebox[0]
+        found.append(checks.check_whitebox(wb.label, wb.robust_acc, {o.label: o.robust_acc for o in ev.transfer}, ev.n))
+    found += checks.check_coverage(ev.worst_case, section)
     if not ev.attacks:
         found.append(checks.finding("no_adversarial_evaluation", "no attack ran: the pack holds none and Square is off",
                                     "info"))

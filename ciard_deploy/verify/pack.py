@@ -11,6 +11,11 @@ numpy only). One ``.npz`` file, written atomically, never pickled::
     logits_adv_<i>   float32 (N, K)                   the PyTorch model's logits on adv_<i>
     ref_correct      bool    (1 + A, N)               row 0: clean correct; row 1 + i: correct on clean
                                                       and on adv_<i> (AutoAttack's per-sample flags)
+    art_<j>_adv      float32 (N, C, H, W)             (schema 2) white-box attacks on exported artifact j: per sample
+                                                      the first image its runtime misclassified (else the clean one)
+    art_<j>_logits   float32 (N, K)                   that runtime's logits on art_<j>_adv when the pack was built
+    art_<j>_logits_clean float32 (N, K)               that runtime's logits on x
+    art_<j>_found_by int8    (N,)                     index of the attack that broke the sample; -1 robust, -2 clean wrong
     meta             <U      (1,)                     JSON metadata (below)
     checksum         <U      (1,)                     "sha256:<hex>" over every other array
 
@@ -19,8 +24,12 @@ checkpoint, sha256, metadata_sha256, arch, recipe_hash, role, num_classes, class
 input_shape, dataset, eps); ``data`` (dataset, split, n, seed, sampling, indices); ``eps``,
 ``eps_label``; ``attacks`` (index, name, label, eps, settings, seconds, source);
 ``reference`` (backend, device, precision, clean_acc, robust_acc by label,
-worst_case_label, worst_case_acc); ``versions``. Attack ``i`` is ``adv_<i>``: labels such
-as ``pgd20@8/255`` hold a ``/`` and are not used as array names.
+worst_case_label, worst_case_acc); ``versions``; (schema 2) ``artifacts``: one record per
+exported artifact the pack attacked white-box (``name``, ``sha256``, ``precision``, ``runtime``,
+``eps``, ``label``, ``attacks`` with per-attack records, ``twin`` with its measured fidelity,
+``clean_acc``, ``robust_acc``, ``seconds``; a record with ``skipped`` says why no white-box
+attack was possible, e.g. an op the twin cannot reproduce). Schema 1 packs are still read.
+Attack ``i`` is ``adv_<i>``: labels such as ``pgd20@8/255`` hold a ``/`` and are not used as array names.
 
 Building is resumable at attack granularity (``build_pack(resume_dir=...)``): each finished
 attack's images, reference logits and record are saved to a partial-results folder (by default
@@ -58,7 +67,7 @@ from ciard_deploy.errors import ArtifactError, UsageError
 log = logging.getLogger(__name__)
 
 FORMAT = "ciard-robustness-pack"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: slack on the L-inf budget for float32 rounding of ``x +- eps`` (as in attacks.cascade)
 EPS_TOLERANCE = 1e-6
 
@@ -112,6 +121,7 @@ class RobustnessPack:
     path: Path | None = None
     checksum: str = ""
     file_sha256: str = field(default="", repr=False)
+    artifacts: list["ArtifactSection"] = field(default_factory=list)
 
     # ---------------------------------------------------------------- views
     @property
@@ -151,6 +161,12 @@ class RobustnessPack:
         """(1 + A, N) bool per-sample reference flags (clean correct; robust under each attack)."""
         return reference_flags(self.y, self.logits_clean, self.logits_adv)
 
+    def artifact_for(self, sha256: str | None) -> "ArtifactSection | None":
+        """The white-box section made for the artifact with this sha256 (None: the pack has none)."""
+        if not sha256:
+            return None
+        return next((a for a in self.artifacts if a.sha256 == sha256), None)
+
     def summary(self) -> dict[str, Any]:
         """Everything but the arrays: for reports (path, hashes, sample, model, attacks, reference)."""
         return {"path": str(self.path) if self.path else None, "file_sha256": self.file_sha256 or None,
@@ -159,7 +175,8 @@ class RobustnessPack:
                 "eps_label": self.meta.get("eps_label"), "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "model": self.meta["model"],
                 "data": {k: v for k, v in self.meta["data"].items() if k != "indices"},
-                "attacks": self.attacks, "reference": self.reference, "versions": self.meta.get("versions", {}),
+                "attacks": self.attacks, "artifacts": list(self.meta.get("artifacts", [])),
+                "reference": self.reference, "versions": self.meta.get("versions", {}),
                 "created": self.meta.get("created"), "tool": self.meta.get("tool")}
 
     # ---------------------------------------------------------------- arrays
@@ -170,8 +187,56 @@ class RobustnessPack:
             out[f"adv_{i}"] = a
             out[f"logits_adv_{i}"] = la
         out["ref_correct"] = self.ref_flags
+        for sec in self.artifacts:
+            if sec.x_adv is not None:
+                out.update(sec.arrays())
         out["meta"] = np.array([json.dumps(self.meta, sort_keys=True)])
         return out
+
+
+@dataclass
+class ArtifactSection:
+    """White-box attacks made for one exported artifact (``meta["artifacts"][index]``, arrays ``art_<index>_*``).
+
+    Attributes:
+        meta: the record (name, sha256, precision, runtime, eps, label, attacks, twin, ...; or ``skipped``).
+        x_adv: per sample the first image the artifact's runtime misclassified (else the clean one); None
+            when the section is ``skipped``.
+        logits: the runtime's logits on ``x_adv`` when the pack was built.
+        logits_clean: the runtime's logits on the clean images then.
+        found_by: int8 per sample: the attack index that broke it, -1 robust, -2 clean already wrong.
+    """
+
+    meta: dict[str, Any]
+    x_adv: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    logits_clean: np.ndarray | None = None
+    found_by: np.ndarray | None = None
+
+    @property
+    def index(self) -> int:
+        return int(self.meta["index"])
+
+    @property
+    def sha256(self) -> str:
+        return str(self.meta.get("sha256") or "")
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or "")
+
+    @property
+    def skipped(self) -> str | None:
+        """Why no white-box attack was made for the artifact (None: it was)."""
+        return self.meta.get("skipped") or None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        j = self.index
+        return {f"art_{j}_adv": self.x_adv, f"art_{j}_logits": self.logits,  # type: ignore[dict-item]
+                f"art_{j}_logits_clean": self.logits_clean, f"art_{j}_found_by": self.found_by}
+
+
+ARTIFACT_ARRAYS = ("adv", "logits", "logits_clean", "found_by")
 
 
 # --------------------------------------------------------------------------- checksum
@@ -312,13 +377,70 @@ def _validate(p: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> R
         adv.append(xa)
         ladv.append(arrays[kl])
     listed = {f"adv_{i}" for i in range(len(attacks))} | {f"logits_adv_{i}" for i in range(len(attacks))}
-    extra = sorted(key for key in arrays if key.startswith(("adv_", "logits_adv_")) and key not in listed)
+    sections = _validate_artifacts(p, arrays, meta, x, y, k)
+    listed |= {key for sec in sections if sec.x_adv is not None for key in sec.arrays()}
+    extra = sorted(key for key in arrays if key.startswith(("adv_", "logits_adv_", "art_")) and key not in listed)
     if extra:
         raise _bad(p, f"has arrays {', '.join(extra)} that its metadata does not list")
-    pack = RobustnessPack(x=x, y=y, logits_clean=lc, adv=adv, logits_adv=ladv, meta=meta, path=p)
+    pack = RobustnessPack(x=x, y=y, logits_clean=lc, adv=adv, logits_adv=ladv, meta=meta, path=p, artifacts=sections)
     if "ref_correct" in arrays and not np.array_equal(arrays["ref_correct"].astype(bool), pack.ref_flags):
         raise _bad(p, "stored per-sample reference flags disagree with the stored logits")
     return pack
+
+
+def _validate_artifacts(p: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any], x: np.ndarray, y: np.ndarray,
+                        k: int) -> list[ArtifactSection]:
+    """The ``artifacts`` records and their arrays, each checked (shapes, range, eps ball, flags vs logits)."""
+    records = meta.get("artifacts", [])
+    if not isinstance(records, list):
+        raise _bad(p, "metadata 'artifacts' is not a list")
+    n = len(x)
+    pack_eps = float(meta["eps"])
+    out, seen = [], set()
+    for j, rec in enumerate(records):
+        if not isinstance(rec, dict) or rec.get("index") != j or not isinstance(rec.get("sha256"), str):
+            raise _bad(p, f"artifact record {j} is malformed (needs index {j} and a sha256)")
+        if rec["sha256"] in seen:
+            raise _bad(p, f"two artifact records for sha256 {rec['sha256'][:12]}")
+        seen.add(rec["sha256"])
+        name = rec.get("name") or f"artifact {j}"
+        keys = {f"art_{j}_{a}" for a in ARTIFACT_ARRAYS}
+        if rec.get("skipped"):
+            if keys & set(arrays):
+                raise _bad(p, f"{name}: marked skipped but has arrays")
+            out.append(ArtifactSection(meta=rec))
+            continue
+        missing = sorted(keys - set(arrays))
+        if missing:
+            raise _bad(p, f"lists white-box attacks on {name} but has no {', '.join(missing)} arrays")
+        xa, la, lc = arrays[f"art_{j}_adv"], arrays[f"art_{j}_logits"], arrays[f"art_{j}_logits_clean"]
+        fb = arrays[f"art_{j}_found_by"]
+        if xa.dtype != np.float32 or xa.shape != x.shape:
+            raise _bad(p, f"{name} white-box images must be float32 {x.shape}, got {xa.dtype} {xa.shape}")
+        _check_images(p, f"{name} white-box images", xa)
+        try:
+            eps = float(rec["eps"])
+        except (KeyError, TypeError, ValueError):
+            raise _bad(p, f"{name}: white-box record has no valid eps") from None
+        if not np.isfinite(eps) or eps < 0 or eps > pack_eps + EPS_TOLERANCE:
+            raise _bad(p, f"{name}: white-box eps {eps!r} is not within the pack's eps {pack_eps:.6g}")
+        dist = np.abs(xa - x).reshape(n, -1).max(axis=1)
+        over = np.flatnonzero(dist > eps + EPS_TOLERANCE)
+        if len(over):
+            raise _bad(p, f"{len(over)} {name} white-box image(s) lie outside eps {eps:.6g} of their clean image "
+                          f"(max L-inf distance {float(dist.max()):.6g}); not a valid attack")
+        _check_logits(p, f"art_{j}_logits", la, n, k)
+        _check_logits(p, f"art_{j}_logits_clean", lc, n, k)
+        if fb.dtype != np.int8 or fb.shape != (n,):
+            raise _bad(p, f"art_{j}_found_by must be int8 of shape ({n},), got {fb.dtype} {fb.shape}")
+        n_attacks = len(rec.get("attacks") or [])
+        clean_ok = lc.argmax(1) == y
+        adv_ok = la.argmax(1) == y
+        expect = np.where(~clean_ok, -2, np.where(adv_ok, -1, 0))
+        if ((fb < -2) | (fb >= n_attacks)).any() or not np.array_equal(np.minimum(fb, 0), expect):
+            raise _bad(p, f"art_{j}_found_by disagrees with the stored runtime logits of {name}")
+        out.append(ArtifactSection(meta=rec, x_adv=xa, logits=la, logits_clean=lc, found_by=fb))
+    return out
 
 
 def _check_images(p: Path, what: str, a: np.ndarray) -> None:
@@ -573,6 +695,47 @@ class _Partial:
         self.on_state(StateEvent("reused", rec.label, rec.total, rec.total, rec.seconds, self.path))
         return xa, la, rec
 
+    def take_section(self, job: "_SectionJob", x: np.ndarray, y: np.ndarray) -> ArtifactSection | None:
+        """A finished white-box section for ``job``'s artifact and attacks, or None when it has to run."""
+        rec = self.state.record(job.label)
+        if rec is None:
+            return None
+        try:
+            keys = ("meta", *ARTIFACT_ARRAYS)
+            arrays = _read_npz(self.folder / _attack_file(rec.label), keys)
+            meta = json.loads(str(arrays["meta"].reshape(-1)[0]))
+            if not isinstance(meta, dict) or meta.get("sha256") != job.sha256:
+                raise ValueError(f"{_attack_file(rec.label)} holds another artifact's section")
+            meta["index"] = job.index
+            pack_arrays = {"x": x, "y": y} | {f"art_{job.index}_{k}": arrays[k] for k in ARTIFACT_ARRAYS}
+            (section,) = _validate_artifacts(self.folder, pack_arrays, {"eps": self.key.eps, "artifacts": [meta]},
+                                             x, y, int(arrays["logits"].shape[1]))
+            if not np.array_equal(section.found_by == -1, rec.per_sample):  # type: ignore[union-attr]
+                raise ValueError(f"{rec.label} flags disagree with {PARTIAL_STATE}")
+        except (ValueError, ArtifactError, json.JSONDecodeError, IndexError) as e:
+            self._refuse(str(e))
+            log.info("partial pack results in %s: %s; %s runs again", self.folder, e, job.label)
+            self.on_state(StateEvent("discarded", job.label, 0, len(y), 0.0, self.path))
+            self.state.attacks = [r for r in self.state.attacks if r.label != rec.label]
+            return None
+        self.on_state(StateEvent("reused", rec.label, rec.total, rec.total, rec.seconds, self.path))
+        return section
+
+    def save_section(self, job: "_SectionJob", section: ArtifactSection, y: np.ndarray, device: str,
+                     batch_size: int) -> None:
+        """Saves one finished white-box section: its arrays and record, then its state record (the commit point)."""
+        if section.x_adv is None:
+            return  # a skipped section costs nothing to make again
+        arrays = {k: a for k, a in zip(ARTIFACT_ARRAYS, section.arrays().values())}
+        _write_npz(self.folder / _attack_file(job.label),
+                   {**arrays, "meta": np.array([json.dumps(section.meta, sort_keys=True)])})
+        n = len(y)
+        self.state.put(AttackRecord(label=job.label, name="artifact", eps=float(job.eps), settings=job.describe(),
+                                    total=n, done=n, seconds=float(section.meta.get("seconds", 0.0)),
+                                    per_sample=section.found_by == -1, device=device,  # type: ignore[operator]
+                                    batch_size=batch_size))
+        self.state.save()
+
     def save(self, attack: Any, xa: np.ndarray, la: np.ndarray, y: np.ndarray, lc: np.ndarray, seconds: float,
              device: str, batch_size: int) -> None:
         """Saves one finished attack: clean logits (once), its arrays, then its record (the commit point)."""
@@ -588,6 +751,26 @@ class _Partial:
                                     settings=attack.describe(), total=n, done=n, seconds=seconds,
                                     per_sample=flags[1], device=device, batch_size=batch_size))
         self.state.save()
+
+
+@dataclass
+class _SectionJob:
+    """One artifact's white-box section as the partial folder knows it: a label and settings to compare."""
+
+    index: int
+    path: Path
+    sha256: str
+    eps: float
+    attacks: Sequence[Any]
+    allow_untrusted_twin: bool
+
+    @property
+    def label(self) -> str:
+        return f"artifact {self.sha256[:16]}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"artifact_sha256": self.sha256, "attacks": [a.describe() for a in self.attacks],
+                "allow_untrusted_twin": self.allow_untrusted_twin}
 
 
 # --------------------------------------------------------------------------- build (needs torch)
@@ -612,7 +795,9 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
                arch: str | None = None, step_size: float | str | None = None,
                progress: Progress | None = None, resume_dir: str | os.PathLike | None = None,
                on_mismatch: OnMismatch = "refuse",
-               on_state: Callable[[StateEvent], None] | None = None) -> RobustnessPack:
+               on_state: Callable[[StateEvent], None] | None = None,
+               artifacts: Sequence[str | os.PathLike] = (), artifact_attacks: Sequence[str] | None = None,
+               allow_untrusted_twin: bool = False, threads: int | None = None) -> RobustnessPack:
     """Builds a pack on the machine with PyTorch: sample, attack, record the reference.
 
     With ``resume_dir`` the build is resumable at attack granularity: after each finished attack
@@ -654,6 +839,12 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
         on_mismatch: ``"refuse"`` or ``"discard"`` a ``resume_dir`` made for another pack (above).
         on_state: ``callback(StateEvent)`` for each attack taken from ``resume_dir`` (``"reused"``)
             or found there damaged and run again (``"discarded"``).
+        artifacts: exported files (``.onnx``) to attack white-box through their twins, each scored on
+            its own runtime (``verify.pack_artifacts``); each gets a section keyed by its sha256.
+        artifact_attacks: the white-box cascade on each artifact (default
+            ``attacks.artifact.ARTIFACT_ATTACKS``: apgd-ce, apgd-t, fab-t, mtpgd100).
+        allow_untrusted_twin: attack through a twin below the fidelity threshold instead of refusing.
+        threads: onnxruntime threads for the artifacts' runtimes (None: its default).
 
     Returns:
         the pack (not yet saved: ``save_pack``).
@@ -691,6 +882,15 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
             raise UsageError(f"--step-size must be positive, got {step_size}")
     specs = [s.strip() for s in attacks if s and s.strip()]
     atks = [_make_attack(s, eps_value, seed, step) for s in specs]  # names checked before loading anything
+    from ciard_deploy.verify.pack_artifacts import build_section, check_artifacts
+
+    artifact_paths = check_artifacts(artifacts)
+    art_atks: list[Any] = []
+    if artifact_paths:
+        from ciard_deploy.attacks.artifact import ARTIFACT_ATTACKS, create_artifact_attacks
+
+        art_atks = create_artifact_attacks(ARTIFACT_ATTACKS if artifact_attacks is None else artifact_attacks,
+                                           eps_value, seed)
     labels = [a.label for a in atks]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
@@ -706,12 +906,14 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     total = len(y)
     x_np, y_np = x.numpy(), y.numpy()
     indices = [int(i) for i in ds.indices.tolist()] if ds.indices is not None else None
+    jobs = [_SectionJob(j, a, sha256_file(a), eps_value, art_atks, bool(allow_untrusted_twin))
+            for j, a in enumerate(artifact_paths)]
     partial = None
     if folder is not None:
         key = PackKey.create(x_np, y_np, model_sha256=model_sha, arch=meta.arch, dataset=ds_name, split="test",
                              seed=seed, eps=eps_value, indices=indices, batch_size=int(batch_size), device=dev.type,
                              torch_version=str(torch.__version__))
-        partial = _Partial(folder, key, atks, on_mismatch, on_state,
+        partial = _Partial(folder, key, [*atks, *jobs], on_mismatch, on_state,
                            info={"model_source": str(source), "versions": library_versions()})
 
     def report(done: int, stage: str) -> None:
@@ -760,6 +962,21 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
                         "settings": attack.describe(), "seconds": round(seconds, 3), "source": source_note})
         if partial is not None:
             partial.save(attack, adv[-1], logits_adv[-1], y_np, logits_clean, seconds, dev.type, batch_size)
+    sections: list[ArtifactSection] = []
+    for job in jobs:
+        section = partial.take_section(job, x_np, y_np) if partial is not None else None
+        if section is None:
+            report(0, f"white-box on {job.path.name}")
+            section = build_section(
+                job.index, job.path, x_np, y_np, eps=eps_value, model_sha256=model_sha,
+                num_classes=int(meta.num_classes), attacks=art_atks, seed=seed, batch_size=batch_size,
+                device=dev.type, threads=threads, adversarial=adv[0] if adv else None,
+                allow_untrusted_twin=allow_untrusted_twin,
+                progress=(lambda d, t, stage=None, _n=job.path.name: progress(d, t, stage=f"{_n}: {stage}"))
+                if progress is not None else None)
+            if partial is not None:
+                partial.save_section(job, section, y_np, dev.type, batch_size)
+        sections.append(section)
     model_info = {"source": str(source), "checkpoint": str(ckpt), "sha256": model_sha,
                   "metadata_sha256": sha256_file(meta_file) if meta_file.is_file() and ckpt.suffix == ".safetensors"
                   else None, "arch": meta.arch, "recipe_hash": meta.recipe_hash, "role": meta.role,
@@ -769,12 +986,14 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     data_info = {"dataset": ds_name, "split": "test", "n": total, "seed": seed, "sampling": "class-stratified",
                  "indices": indices}
     return pack_from_arrays(x_np, y_np, logits_clean, records, adv, logits_adv, model=model_info,
-                            data=data_info, eps=eps_value, device=str(dev), tool=f"ciard-deploy {__version__}")
+                            data=data_info, eps=eps_value, device=str(dev), tool=f"ciard-deploy {__version__}",
+                            artifacts=sections)
 
 
 def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, attacks: Sequence[dict[str, Any]],
                      adv: Sequence[np.ndarray], logits_adv: Sequence[np.ndarray], *, model: dict[str, Any],
-                     data: dict[str, Any], eps: float, device: str = "cpu", tool: str | None = None) -> RobustnessPack:
+                     data: dict[str, Any], eps: float, device: str = "cpu", tool: str | None = None,
+                     artifacts: Sequence[ArtifactSection] = ()) -> RobustnessPack:
     """Assembles a pack from arrays made elsewhere (``build_pack`` uses it; so can other frameworks).
 
     Args:
@@ -787,6 +1006,7 @@ def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, att
         eps: the pack's L-inf budget.
         device: where the reference ran.
         tool: the producing tool (default: this ciard-deploy).
+        artifacts: white-box sections made on exported artifacts (``verify.pack_artifacts``), in index order.
 
     The result is not validated until saved and loaded again (``load_pack``).
     """
@@ -810,11 +1030,11 @@ def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, att
     meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "tool": tool or f"ciard-deploy {__version__}",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": dict(model), "data": {"n": len(ys), **data},
             "eps": float(eps), "eps_label": format_eps(float(eps)), "attacks": records, "reference": reference,
-            "versions": library_versions()}
-    return RobustnessPack(x=xs, y=ys, logits_clean=lc, adv=advs, logits_adv=ladv, meta=meta)
+            "versions": library_versions(), "artifacts": [dict(a.meta) for a in artifacts]}
+    return RobustnessPack(x=xs, y=ys, logits_clean=lc, adv=advs, logits_adv=ladv, meta=meta, artifacts=list(artifacts))
 
 
-__all__ = ["EPS_TOLERANCE", "FORMAT", "OnMismatch", "PARTIAL_KIND", "PackKey", "PackPartial", "SCHEMA_VERSION",
+__all__ = ["ARTIFACT_ARRAYS", "ArtifactSection", "EPS_TOLERANCE", "FORMAT", "OnMismatch", "PARTIAL_KIND", "PackKey", "PackPartial", "SCHEMA_VERSION",
            "RobustnessPack", "build_pack", "check_output", "check_partial_dir", "checksum_arrays", "discard_partial",
            "load_pack", "pack_from_arrays", "partial_dir", "read_partial", "reference_flags", "save_pack",
            "worst_case_label"]
