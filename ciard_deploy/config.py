@@ -327,9 +327,15 @@ DeployGates = _make_gates_section()
 
 
 class DeployPack(Section):
-    attacks: list[str] = Field(default_factory=lambda: ["pgd20", "fgsm"],
+    attacks: list[str] = Field(default_factory=lambda: ["apgd-ce", "apgd-t"],
                                description="white-box attacks crafted on the PyTorch student and stored in the "
                                            "robustness pack (transferred to every artifact)")
+    artifact_attacks: list[str] = Field(
+        default_factory=lambda: ["apgd-ce", "apgd-t", "fab-t", "mtpgd100"],
+        description="white-box attacks run on each exported ONNX artifact itself (gradients from its twin, every "
+                    "iterate scored on its runtime); [] leaves verify with an upper bound (transfer + query-only)")
+    allow_untrusted_twin: bool = Field(False, description="attack an artifact through a twin that agrees with its "
+                                                          "runtime on < 99.5 % of images instead of failing")
     n: int = Field(1000, gt=0, description="test images in the pack (seeded, class-stratified; all of the test "
                                            "split if it has fewer)")
     eps: float | None = Field(None, description="L-inf budget of the pack's attacks and of Square (null: the "
@@ -341,9 +347,22 @@ class DeployPack(Section):
     @classmethod
     def _attacks(cls, v: list[str]) -> list[str]:
         if not v:
-            raise ValueError("give at least one attack (e.g. [pgd20, fgsm])")
+            raise ValueError("give at least one attack (e.g. [apgd-ce, apgd-t])")
         for spec in v:
             _check_attack_spec(spec)
+        if len(set(v)) != len(v):
+            raise ValueError(f"attack listed twice in {v}")
+        return v
+
+    @field_validator("artifact_attacks")
+    @classmethod
+    def _artifact_attacks(cls, v: list[str]) -> list[str]:
+        from ciard_deploy.attacks.base import GRADIENTS, parse_attack_spec
+
+        for spec in v:
+            _check_attack_spec(spec)
+            if GRADIENTS not in parse_attack_spec(spec)[0].requires:
+                raise ValueError(f"{spec} is query-only: it runs live in verify (square_queries), not on the twin")
         if len(set(v)) != len(v):
             raise ValueError(f"attack listed twice in {v}")
         return v

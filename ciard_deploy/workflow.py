@@ -42,7 +42,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
@@ -354,8 +354,11 @@ def stage_inputs(stage: str, recipe: "RecipeBase", layout: Layout, teachers: Map
                                                 "calib_n": d.calib_n, "calib_method": d.calib_method,
                                                 "parity_n": d.parity_n, "seed": d.seed, "provider": d.provider}}
     if stage == "pack":
-        return {"checkpoint": ckpt, "pack": {"attacks": list(d.pack.attacks), "n": d.pack.n, "eps": _pack_eps(recipe),
-                                             "step_size": d.pack.step_size, "seed": d.seed}}
+        return {"checkpoint": ckpt, "artifacts": _attacked_artifacts(state),
+                "pack": {"attacks": list(d.pack.attacks), "n": d.pack.n, "eps": _pack_eps(recipe),
+                         "step_size": d.pack.step_size, "seed": d.seed,
+                         "artifact_attacks": list(d.pack.artifact_attacks),
+                         "allow_untrusted_twin": d.pack.allow_untrusted_twin}}
     if stage == "verify":
         exported = dict((state or {}).get("stages", {}).get("export", {}).get("outputs", {}))
         return {"artifacts": {k: v for k, v in exported.items() if not k.endswith("manifest.json")},
@@ -364,6 +367,14 @@ def stage_inputs(stage: str, recipe: "RecipeBase", layout: Layout, teachers: Map
                              "provider": d.provider},
                 "gates": d.gates_mapping()}
     raise UsageError(f"unknown stage {stage!r}")
+
+
+def _attacked_artifacts(state: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The exported files the pack stage attacks white-box (the ONNX ones), with their sha256 from the export stage."""
+    from ciard_deploy.verify.pack_artifacts import TWIN_SUFFIXES
+
+    exported = dict((state or {}).get("stages", {}).get("export", {}).get("outputs", {}))
+    return {k: v for k, v in sorted(exported.items()) if Path(k).suffix.lower() in TWIN_SUFFIXES}
 
 
 # --------------------------------------------------------------------------- the stages
@@ -375,6 +386,7 @@ class _Context:
     threads: int | None
     train_callbacks: list[Any]
     progress: Progress | None
+    state: Mapping[str, Any] = field(default_factory=dict)  # workflow.json's data, as the stages update it
 
     def progress_for(self, name: str) -> Progress | None:
         """A progress callback whose stage labels start with ``name`` (``export check onnx``)."""
@@ -455,11 +467,15 @@ def _run_pack(ctx: _Context) -> list[Path]:
         else:
             log.info("pack: %s in %s is damaged: it runs again", ev.stage, ctx.layout.rel(partial))
 
+    artifacts = [ctx.layout.root / name for name in _attacked_artifacts(ctx.state)] \
+        if d.pack.artifact_attacks else []
     pack = build_pack(ctx.layout.run, dataset=r.data.dataset, data_root=r.data.data_root, download=r.data.download,
                       n=d.pack.n, attacks=list(d.pack.attacks), eps=_pack_eps(r), seed=d.seed,
                       device=ctx.device or r.train.device, step_size=d.pack.step_size,
                       batch_size=r.data.eval_batch_size, progress=ctx.progress_for("pack"),
-                      resume_dir=partial, on_mismatch="discard", on_state=on_state)
+                      resume_dir=partial, on_mismatch="discard", on_state=on_state, artifacts=artifacts,
+                      artifact_attacks=list(d.pack.artifact_attacks),
+                      allow_untrusted_twin=d.pack.allow_untrusted_twin, threads=ctx.threads)
     save_pack(pack, ctx.layout.pack, force=True)
     discard_partial(partial)
     return [ctx.layout.pack]
@@ -596,7 +612,9 @@ def summarize(layout: Layout) -> tuple[list[dict[str, Any]], dict[str, Any], lis
             "name": a.name, "file": f"export/{a.file}", "format": a.format, "precision": a.precision,
             "runtime": rep.artifact.get("backend"), "size": a.size, "sha256": a.sha256,
             "clean": rep.metrics.get("clean_acc"),
-            "worst_case": {"label": wc.get("label"), "acc": wc.get("acc"), "n": wc.get("n")},
+            "worst_case": {"label": wc.get("label"), "acc": wc.get("acc"), "n": wc.get("n"),
+                           "covers": wc.get("covers"), "upper_bound": wc.get("upper_bound"),
+                           "upper_bound_reason": wc.get("upper_bound_reason")},
             "worst_case_transfer": rep.results.get("worst_case_transfer"),
             "agreement": rep.metrics.get("agreement_clean"),
             "agreement_adversarial": rep.metrics.get("agreement_adversarial"),
@@ -656,10 +674,6 @@ def _check_environment(recipe: Any) -> None:
         status = provider_status(d.provider)
         if status != "ok":
             raise BackendUnavailable(f"deploy.provider {d.provider}: {status.removeprefix('unavailable: ')}")
-    if d.square_queries:
-        from ciard_deploy.attacks.square import _import_art
-
-        _import_art()
 
 
 def load_deploy_recipe(recipe: "RecipeBase | str | Path", overrides: Sequence[str] = ()) -> "RecipeBase":
@@ -731,7 +745,7 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
     atomic_write_text(layout.recipe, f"# the recipe of this workflow{src}, resolved (training hash {rec.short_hash})\n"
                                      f"# ciard run {layout.recipe} --out {layout.root}\n" + rec.to_yaml())
 
-    ctx = _Context(rec, layout, device, threads, list(train_callbacks), progress)
+    ctx = _Context(rec, layout, device, threads, list(train_callbacks), progress, sf.data)
     emit = on_event or (lambda ev: None)
     outcomes: dict[str, StageOutcome] = {}
     forced = False

@@ -83,15 +83,23 @@ def render_result(result: Any) -> None:
         else:
             verdict = f"[green]pass {g['passed']}/{g['total']}[/]"
         mark = "" if len(labels) == 1 else f" ({labels.index(str(r['worst_case']['label'])) + 1})"
+        bound = "‡" if r["worst_case"].get("upper_bound") else ""
         t.add_row(Path(r["file"]).name, r["precision"], _size(r["size"]), _pct(r["clean"]),
-                  _pct(r["worst_case"]["acc"]) + mark, _pct(r["agreement"]), verdict)
+                  _pct(r["worst_case"]["acc"]) + bound + mark, _pct(r["agreement"]), verdict)
     console.print(t)
     n_sq = ", ".join(str(n) for n in sorted({r["worst_case"]["n"] for r in rows}))
     named = labels[0] if len(labels) == 1 else "; ".join(f"({i + 1}) {lab}" for i, lab in enumerate(labels))
-    console.print(Text(f"* worst case on the runtime, per sample: {named} (the pack's attacks transferred from "
-                       f"PyTorch, Square live on the runtime; n={n_sq})\n"
+    covers = sorted({str(r["worst_case"].get("covers") or "") for r in rows} - {""})
+    how = (f"covering {covers[0]}" if len(covers) == 1 else
+           "white-box attacks on each artifact where the pack has them, the pack's attacks transferred from "
+           "PyTorch, Square live on the runtime")
+    bounds = [r for r in rows if r["worst_case"].get("upper_bound")]
+    bound_line = (f"\n‡ upper bound only: {bounds[0]['worst_case'].get('upper_bound_reason')} "
+                  "(transferred and query-only attacks)" if bounds else "")
+    console.print(Text(f"* worst case on the runtime, per sample: {named} ({how}; n={n_sq})\n"
                        f"† PyTorch on the pack: {ref['worst_case']['label']} (white-box, n={ref.get('n')}); "
-                       f"agree: top-1 agreement with PyTorch on clean images", style="dim"), soft_wrap=True)
+                       f"agree: top-1 agreement with PyTorch on clean images{bound_line}", style="dim"),
+                  soft_wrap=True)
     for r in rows:
         if r["gates"]["failed"]:
             rep = VerifyReport.from_json(result.out_dir / r["reports"]["json"])

@@ -106,13 +106,30 @@ def pack_cmd(
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture, for a plain state dict without metadata."),
     step_size: Optional[str] = typer.Option(None, "--step-size",
                                             help="Step of pgd/cw (default 2/255, made for 8/255; use about eps/4 at larger eps)."),
+    artifact: Optional[list[Path]] = typer.Option(
+        None, "--artifact",
+        help="An exported .onnx file (repeatable) to attack white-box itself: a torch twin of its graph gives the "
+             "gradients, its runtime scores every iterate; `ciard verify` of that file then measures the artifact, "
+             "not only attacks transferred from PyTorch."),
+    artifact_attacks: str = typer.Option(
+        "apgd-ce,apgd-t,fab-t,mtpgd100", "--artifact-attacks",
+        help="The white-box cascade run on each --artifact (AutoAttack's gradient attacks at reference strength and a "
+             "multi-targeted margin PGD)."),
+    allow_untrusted_twin: bool = typer.Option(
+        False, "--allow-untrusted-twin",
+        help="Attack through a twin that agrees with the runtime on fewer than 99.5 % of images instead of refusing "
+             "(reports say so)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads for the --artifact runtimes."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the pack's metadata as JSON."),
     quiet: QuietOption = False,
 ) -> None:
-    """Build a robustness pack: test images, adversarial images crafted on the PyTorch model, its logits.
+    """Build a robustness pack: test images, adversarial images crafted on the PyTorch model, its logits,
+    and white-box attacks on each exported --artifact.
 
-    Run it where PyTorch is; copy the pack to the device and run `ciard verify` there.
+    Run it where PyTorch is; copy the pack to the device and run `ciard verify` there. Without
+    --artifact for a file, verify of that file can only report an upper bound (transferred and
+    query-only attacks).
 
     Resumable: each finished attack (images, logits, record) is saved to OUT.partial/ beside --out.
     After Ctrl-C or a killed job, run the same command again: the finished attacks are reused, not
@@ -133,14 +150,17 @@ def pack_cmd(
         setup_logging(State.verbose, quiet=True)  # the discard log line too
     check_output(out, force)
     partial = check_partial_dir(partial_dir(out))
-    check_report_paths({"--json": json_out}, {"--out": out, "SOURCE": source})
+    check_report_paths({"--json": json_out}, {"--out": out, "SOURCE": source,
+                                              **{f"--artifact {a}": a for a in artifact or []}})
     names = [a.strip() for a in attacks.split(",") if a.strip()]
+    art_names = [a.strip() for a in artifact_attacks.split(",") if a.strip()]
     try:
         with StagedProgress("pack") as update:
             pack = build_pack(source, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed, data_root=data_root,
                               download=download, device=device, batch_size=batch_size, arch=arch,
                               step_size=step_size, progress=update, resume_dir=partial, on_mismatch="discard",
-                              on_state=_partial_line)
+                              on_state=_partial_line, artifacts=artifact or [], artifact_attacks=art_names,
+                              allow_untrusted_twin=allow_untrusted_twin, threads=threads)
     except KeyboardInterrupt:
         _interrupted_pack(partial)
         raise typer.Exit(130) from None

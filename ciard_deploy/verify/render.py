@@ -26,12 +26,12 @@ def results_table(report: VerifyReport) -> Table:
     t.add_column("evaluation", overflow="fold")
     t.add_column("n", justify="right")
     t.add_column("runtime", justify="right")
-    t.add_column("PyTorch", justify="right")
+    t.add_column("reference", justify="right")
     t.add_column("drop pt", justify="right")
     t.add_row("clean", str(r.get("n")), _pct(r.get("clean_acc")), _pct(r.get("reference_clean_acc")),
               _pts(m.get("clean_drop")))
     for att in r.get("attacks", []):
-        kind = "transfer" if att["kind"] == "transfer" else "live"
+        kind = KIND_NAMES.get(att["kind"], att["kind"])
         if att.get("origin", "ran") != "ran":
             kind += f", {att['origin']}"  # continued from, or taken from, a --state file
         t.add_row(f"{att['label']} ({kind})", str(att["n"]), _pct(att["robust_acc"]), _pct(att.get("reference_acc")),
@@ -41,8 +41,19 @@ def results_table(report: VerifyReport) -> Table:
         t.add_row(f"{wt['label']} (transfer)", str(wt["n"]), _pct(wt["acc"]), _pct(wt.get("reference_acc")),
                   _pts(m.get("robust_drop")))
     if wc and (not wt or wc["label"] != wt["label"]):
-        t.add_row(f"[bold]{wc['label']}[/]", str(wc["n"]), f"[bold]{_pct(wc['acc'])}[/]", "", "")
+        bound = " [yellow](upper bound)[/]" if wc.get("upper_bound") else ""
+        t.add_row(f"[bold]{wc['label']}[/]{bound}", str(wc["n"]), f"[bold]{_pct(wc['acc'])}[/]", "", "")
+    if wc and wc.get("covers"):
+        t.caption = (f"worst case covers: {wc['covers']}"
+                     + (f"; UPPER BOUND: {wc.get('upper_bound_reason')}" if wc.get("upper_bound") else "")
+                     + ". reference: PyTorch (clean, transfer), the artifact's runtime where the pack was built "
+                       "(white-box)")
+        t.caption_justify = "left"
     return t
+
+
+#: how each kind of attack is named in tables
+KIND_NAMES = {"whitebox": "white-box on this artifact", "transfer": "transferred from PyTorch", "query": "query-only"}
 
 
 def parity_table(report: VerifyReport) -> Table:
@@ -105,6 +116,21 @@ def render_pack(summary: Mapping[str, Any], console: Console) -> None:
     if ref.get("worst_case_label"):
         t.add_row(f"[bold]{ref['worst_case_label']}[/]", f"[bold]{_pct(ref['worst_case_acc'])}[/]", "")
     console.print(t)
+    arts = summary.get("artifacts") or []
+    if arts:
+        w = Table(title="white-box on each artifact (twin gradients, every iterate scored on its runtime)",
+                  title_justify="left")
+        for col in ("artifact", "attacks", "clean", "robust", "twin agreement", "seconds"):
+            w.add_column(col, justify="left" if col in ("artifact", "attacks") else "right", overflow="fold")
+        for a in arts:
+            if a.get("skipped"):
+                w.add_row(a.get("name", "?"), f"[yellow]none: {a['skipped']}[/]", "", "", "", "")
+                continue
+            fid = (a.get("twin") or {}).get("fidelity") or {}
+            trusted = "" if (a.get("twin") or {}).get("trusted", True) else " [yellow](untrusted)[/]"
+            w.add_row(a.get("name", "?"), str(a.get("label")), _pct(a.get("clean_acc")), _pct(a.get("robust_acc")),
+                      _pct(fid.get("agreement")) + trusted, f"{a.get('seconds', 0):.1f}")
+        console.print(w)
     console.print(Text(f"pack checksum {str(summary.get('checksum'))[:19]}..., model sha256 "
                        f"{str(summary['model'].get('sha256'))[:12]}...", style="dim"))
 

@@ -211,11 +211,12 @@ class VerifyReport:
                  f"{a.get('backend')} ({a.get('provider') or 'default'}), {a.get('precision')}, "
                  f"n={r.get('n')} from `{Path(str(self.pack.get('path') or 'pack')).name}` "
                  f"({self.pack.get('data', {}).get('dataset')}, seed {self.pack.get('data', {}).get('seed')})", "",
-                 "| evaluation | runtime | PyTorch reference | drop |", "|---|---:|---:|---:|",
+                 "| evaluation | runtime | reference | drop |", "|---|---:|---:|---:|",
                  f"| clean | {_pct(r.get('clean_acc'))} | {_pct(r.get('reference_clean_acc'))} | "
                  f"{_pts(m.get('clean_drop'))} |"]
+        kinds = {"whitebox": "white-box on this artifact", "transfer": "transferred from PyTorch"}
         for att in r.get("attacks", []):
-            how = "transfer" if att["kind"] == "transfer" else f"live, n={att['n']}"
+            how = kinds.get(att["kind"], f"query-only, n={att['n']}")
             lines.append(f"| {att['label']} ({how}) | {_pct(att['robust_acc'])} | {_pct(att.get('reference_acc'))} | "
                          f"{_pts(att.get('drop'))} |")
         wt, wc = r.get("worst_case_transfer"), r.get("worst_case")
@@ -223,7 +224,13 @@ class VerifyReport:
             lines.append(f"| {wt['label']} (transfer) | {_pct(wt['acc'])} | {_pct(wt.get('reference_acc'))} | "
                          f"{_pts(m.get('robust_drop'))} |")
         if wc and (not wt or wc["label"] != wt["label"]):
-            lines.append(f"| **{wc['label']}** (n={wc['n']}) | **{_pct(wc['acc'])}** | | |")
+            bound = " (upper bound)" if wc.get("upper_bound") else ""
+            lines.append(f"| **{wc['label']}**{bound} (n={wc['n']}) | **{_pct(wc['acc'])}** | | |")
+        if wc and wc.get("covers"):
+            lines += ["", f"Worst case covers: {wc['covers']}."
+                          + (f" **Upper bound**: {wc.get('upper_bound_reason')}." if wc.get("upper_bound") else "")
+                          + " Reference: PyTorch for clean and transferred attacks; for white-box, the artifact's "
+                            "runtime where the pack was built."]
         pc, pa = self.parity.get("clean") or {}, self.parity.get("adversarial")
         parity = (f"Parity with PyTorch: top-1 agreement {_pct(pc.get('top1_agreement'))} clean "
                   f"({pc.get('flips')} flips)")

@@ -118,8 +118,10 @@ def test_create_attack_rejects_bad_options_and_values():
 
 
 def test_registry_lists_every_family():
-    assert list_attacks() == ["aa", "aa-fast", "cw<K>", "fgsm", "pgd<K>", "pgdt<K>", "square<Q>"]
-    assert set(ATTACKS.names()) == {"aa", "aa-fast", "cw", "fgsm", "pgd", "pgdt", "square"}
+    assert list_attacks() == ["aa", "aa-fast", "apgd-ce<K>", "apgd-t<K>", "cw<K>", "fab-t<K>", "fgsm", "mtpgd<K>",
+                              "pgd<K>", "pgdt<K>", "square<Q>"]
+    assert set(ATTACKS.names()) == {"aa", "aa-fast", "apgd-ce", "apgd-t", "cw", "fab-t", "fgsm", "mtpgd", "pgd", "pgdt",
+                                   "square"}
     assert all(entry.description for _, entry in ATTACKS.items())
     assert attack_requires("square100") == {"scores"} and attack_requires("aa") == {"gradients"}
     for family, entry in ATTACKS.items():  # the registry knows what each attack needs without importing it

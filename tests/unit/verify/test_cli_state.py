@@ -57,7 +57,7 @@ def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path, linear_onnx, 
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("state:")]
     assert len(lines) == 1 and lines[0].startswith("state: resuming square30@0.1 at 16/"), res.stderr
-    assert "(live, resumed)" in res.stdout
+    assert "(query-only, resumed)" in res.stdout
     res = invoke("verify", linear_onnx, "--pack", pack_file, *SQUARE, "--json", tmp_path / "whole.json", "-q")
     assert res.exit_code == 0, res.output
     assert _numbers(tmp_path / "r.json") == _numbers(tmp_path / "whole.json")

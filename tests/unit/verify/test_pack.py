@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.verify.pack import (FORMAT, RobustnessPack, checksum_arrays, load_pack, reference_flags, save_pack,
+from ciard_deploy.verify.pack import (FORMAT, SCHEMA_VERSION, RobustnessPack, checksum_arrays, load_pack, reference_flags, save_pack,
                                       worst_case_label)
 
 pytestmark = pytest.mark.unit
@@ -47,7 +47,7 @@ def test_round_trip(pack_file, linear, test_xy, h):
         assert set(z.files) == {"x", "y", "logits_clean", "adv_0", "logits_adv_0", "adv_1", "logits_adv_1",
                                 "ref_correct", "meta", "checksum"}
         meta = json.loads(str(z["meta"][0]))
-    assert meta["format"] == FORMAT and meta["schema_version"] == 1 and "versions" in meta
+    assert meta["format"] == FORMAT and meta["schema_version"] == SCHEMA_VERSION and "versions" in meta
     summary = pack.summary()
     assert summary["n"] == 120 and "indices" not in summary["data"] and summary["checksum"] == pack.checksum
 

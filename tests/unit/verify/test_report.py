@@ -71,7 +71,7 @@ def test_junit(report, tmp_path):
 def test_markdown_is_short_and_complete(report, tmp_path):
     md = report.write_markdown(tmp_path / "r.md").read_text()
     assert md.startswith("### ciard verify: `linear.onnx` ❌ **failed** (3/4 gates)")
-    for needle in ("| clean |", "pgd10@0.1 (transfer)", "square30@0.1 (live, n=20)", "worst(pgd10+fgsm+square30)@0.1",
+    for needle in ("| clean |", "pgd10@0.1 (transferred from PyTorch)", "square30@0.1 (query-only, n=20)", "worst(pgd10+fgsm+square30)@0.1",
                    "| min_robust |", "top-1 agreement"):
         assert needle in md
     assert len(md.splitlines()) < 40 and len(md) < 4000
