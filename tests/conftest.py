@@ -105,6 +105,18 @@ def digits_robust_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def digits_robust_exports(digits_robust_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The export folder of ``digits_robust_run``: model.onnx, model.fp16.onnx, model.int8.onnx (mixed
+    calibration) and manifest.json, made once per session by ``export.run``. Read-only for every test."""
+    from ciard_deploy import export
+
+    out = tmp_path_factory.mktemp("digits_robust_exports") / "export"
+    export.run(digits_robust_run, out, ["onnx", "onnx-fp16", "onnx-int8"], n=64, calib="mixed", calib_n=128,
+               threads=1)
+    return out
+
+
 # --------------------------------------------------------------------------- small models trained on digits
 @pytest.fixture(scope="session")
 def train_on_digits() -> Callable[..., torch.nn.Module]:
@@ -139,13 +151,13 @@ def train_on_digits() -> Callable[..., torch.nn.Module]:
 
 
 # --------------------------------------------------------------------------- running the CLI where torch cannot be imported
-#: Prelude of a subprocess script that hides torch, as on an edge device with numpy + onnxruntime +
-#: ART but no PyTorch. Every finder on ``sys.meta_path`` is wrapped so that ``torch`` (and
+#: Prelude of a subprocess script that hides torch, as on an edge device with numpy + onnxruntime
+#: but no PyTorch. Every finder on ``sys.meta_path`` is wrapped so that ``torch`` (and
 #: torchvision, functorch, torchgen) is simply *not found*, and ``import torch`` raises
 #: ``ModuleNotFoundError`` (an ``ImportError``), as on a device without it. A finder that *raises*
-#: from ``find_spec`` would not do: ART probes ``importlib.util.find_spec("torch")``, which returns
-#: None on a real torch-free device but would raise there. Setting ``sys.modules["torch"] = None``
-#: breaks scipy. ``importlib.metadata`` does not list the torch distributions either. The prelude
+#: from ``find_spec`` would not do: libraries probe ``importlib.util.find_spec("torch")`` (ART
+#: does), which returns None on a real torch-free device but would raise there. Setting
+#: ``sys.modules["torch"] = None`` breaks scipy. ``importlib.metadata`` does not list the torch distributions either. The prelude
 #: checks that torch really is hidden, then empties ``ATTEMPTS``, where the hook records every later
 #: attempt to import torch. The script's own code follows it.
 HIDE_TORCH_PRELUDE = textwrap.dedent('''

@@ -232,7 +232,7 @@ class AttackEntry:
         except ImportError as exc:
             missing = getattr(exc, "name", None) or str(exc)
             raise EnvironmentMissing(f"attack {self.pattern} needs {missing}, which is not installed here "
-                                     f"({exc}); query-only attacks (square<Q>) need only numpy and ART") from None
+                                     f"({exc}); query-only attacks (square<Q>) need only numpy") from None
 
 
 ATTACKS: Registry[AttackEntry] = Registry("attack")
@@ -264,7 +264,7 @@ for _entry in (
                 description="multi-targeted PGD on the margin z_t - z_y, K steps per target class, 9 targets"),
     AttackEntry("square", "square<Q>", "ciard_deploy.attacks.square:SquareAttack", "queries", 5000,
                 requires=frozenset({SCORES}),
-                description="Square: score-based random search, Q queries (Andriushchenko et al. 2020), via ART"),
+                description="Square: score-based random search, Q queries (Andriushchenko et al. 2020), numpy, equal-margin steps accepted"),
 ):
     ATTACKS.add(_entry.family, _entry)
 

@@ -1,7 +1,7 @@
 """`ciard pack` (on the machine with PyTorch) and `ciard verify` (on the runtime, torch-free).
 
 Nothing here imports torch, at module level or inside ``verify``: the CLI must start and verify
-an ONNX file or engine on a device that has only numpy, the runtime and ART.
+an ONNX file or engine on a device that has only numpy and the runtime.
 """
 
 from __future__ import annotations

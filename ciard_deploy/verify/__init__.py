@@ -10,7 +10,7 @@
     report = verify.run("model.onnx", "pack.npz", state_path="verify.state.json")       # resumable (Ctrl-C, CI kill)
 
 Nothing in this package imports torch at module level: ``build_pack`` imports it when called;
-everything else runs on a device that has only numpy, onnxruntime (or TensorRT) and ART.
+everything else runs on a device that has only numpy, onnxruntime (or TensorRT).
 """
 
 from __future__ import annotations

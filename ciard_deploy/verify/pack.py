@@ -882,7 +882,7 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
             raise UsageError(f"--step-size must be positive, got {step_size}")
     specs = [s.strip() for s in attacks if s and s.strip()]
     atks = [_make_attack(s, eps_value, seed, step) for s in specs]  # names checked before loading anything
-    from ciard_deploy.verify.pack_artifacts import build_section, check_artifacts
+    from ciard_deploy.verify.pack_artifacts import build_section, check_artifacts, preflight
 
     artifact_paths = check_artifacts(artifacts)
     art_atks: list[Any] = []
@@ -906,6 +906,8 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     total = len(y)
     x_np, y_np = x.numpy(), y.numpy()
     indices = [int(i) for i in ds.indices.tolist()] if ds.indices is not None else None
+    preflight(artifact_paths, model_sha256=model_sha, input_shape=x_np.shape[1:], num_classes=int(meta.num_classes),
+              threads=threads, clean=x_np, eps=eps_value, seed=seed, allow_untrusted_twin=allow_untrusted_twin)
     jobs = [_SectionJob(j, a, sha256_file(a), eps_value, art_atks, bool(allow_untrusted_twin))
             for j, a in enumerate(artifact_paths)]
     partial = None

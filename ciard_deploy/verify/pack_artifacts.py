@@ -51,6 +51,72 @@ def check_artifacts(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def preflight(paths: Sequence[Path], *, model_sha256: str, input_shape: Sequence[int], num_classes: int,
+              threads: int | None = None, clean: np.ndarray | None = None, eps: float | None = None, seed: int = 0,
+              allow_untrusted_twin: bool = False) -> None:
+    """Before any attack runs: each artifact opens in its runtime, fits the pack and comes from its model,
+    and (given ``clean`` images and ``eps``) its twin agrees with the runtime on them and on random points
+    of the eps ball.
+
+    Raises:
+        ArtifactError: an artifact that does not open, takes other images, outputs another number
+            of classes, records another source checkpoint, or whose twin is below the fidelity
+            threshold without ``allow_untrusted_twin`` (exit 2, nothing written).
+        BackendUnavailable: its runtime is not installed here (exit 3).
+    """
+    from ciard_deploy.runtime import open_backend
+    from ciard_deploy.verify import checks
+
+    for path in paths:
+        backend = open_backend(path, **({"threads": threads} if threads else {}))
+        try:
+            checks.check_compatible(tuple(input_shape), num_classes, backend, path)
+            _check_source(path.name, (backend.metadata or {}).get("source_sha256"), model_sha256)
+            if clean is not None and eps is not None and path.suffix.lower() in TWIN_SUFFIXES:
+                twin = _twin_or_none(path)
+                if twin is not None:
+                    sets = {"clean": clean, "random_in_ball": _fidelity().random_in_ball(clean, eps, seed)}
+                    _trusted_or_refuse(path.name, twin, backend.predict, sets, allow_untrusted_twin)
+        finally:
+            backend.close()
+
+
+def _fidelity() -> Any:
+    from ciard_deploy.twin import fidelity
+
+    return fidelity
+
+
+def _twin_or_none(path: Path) -> Any:
+    """The artifact's twin, or None (with a log line) where it has an op the twin cannot reproduce."""
+    from ciard_deploy.twin import TwinUnsupported, build_twin
+
+    try:
+        return build_twin(path)
+    except TwinUnsupported as e:
+        log.warning("%s; the pack holds no white-box attack for it", e)
+        return None
+
+
+def _trusted_or_refuse(name: str, twin: Any, predict: Callable[..., Any], sets: dict[str, np.ndarray],
+                       allow_untrusted: bool, batch_size: int = 256) -> Any:
+    """The twin's ``TwinFidelity`` on ``sets``; ArtifactError below ``TRUST_THRESHOLD`` unless allowed."""
+    fid_mod = _fidelity()
+    fidelity = fid_mod.measure_fidelity(twin, predict, sets, batch_size=batch_size)
+    fidelity.threshold = fid_mod.TRUST_THRESHOLD  # read now: a caller may have changed it
+    if not fidelity.trusted and not allow_untrusted:
+        raise ArtifactError(f"--artifact {name}: its twin is not faithful to the runtime ({fidelity.line()}); "
+                            "white-box attacks through it would not measure this artifact. Pass "
+                            "--allow-untrusted-twin to attack through it anyway (reports say so)")
+    return fidelity
+
+
+def _check_source(name: str, source: str | None, model_sha256: str) -> None:
+    if source and model_sha256 and source != model_sha256:
+        raise ArtifactError(f"--artifact {name} was exported from another model (source sha256 {source[:12]}, "
+                            f"the pack's checkpoint {model_sha256[:12]}): build its pack from its own checkpoint")
+
+
 def section_label(names: Sequence[str], eps: float) -> str:
     """``wb(apgd-ce+apgd-t+fab-t+mtpgd100)@0.15``: white-box on the artifact, by attack and budget."""
     from ciard_deploy.attacks.base import format_eps
@@ -97,9 +163,7 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
         checks.check_compatible(tuple(x.shape[1:]), num_classes, backend, artifact)
         meta = dict(backend.metadata or {})
         source = meta.get("source_sha256")
-        if source and model_sha256 and source != model_sha256:
-            raise ArtifactError(f"--artifact {name} was exported from another model (source sha256 {source[:12]}, "
-                                f"the pack's checkpoint {model_sha256[:12]}): build its pack from its own checkpoint")
+        _check_source(name, source, model_sha256)
         if not source:
             log.warning("%s records no source checkpoint; it is assumed to be exported from the pack's model", name)
         runtime = backend.describe()
@@ -112,7 +176,6 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
             return ArtifactSection(meta={**record, "skipped": f"no twin can be built from a {artifact.suffix} file; "
                                                              "attack its ONNX file instead"})
         from ciard_deploy.twin import TwinUnsupported, build_twin
-        from ciard_deploy.twin.fidelity import measure_fidelity, random_in_ball
 
         try:
             twin = build_twin(artifact)
@@ -122,14 +185,10 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
         sets = {"clean": x}
         if adversarial is not None:
             sets["adversarial"] = adversarial
-        sets["random_in_ball"] = random_in_ball(x, eps, seed)
+        sets["random_in_ball"] = _fidelity().random_in_ball(x, eps, seed)
         t0 = time.perf_counter()
-        fidelity = measure_fidelity(twin, backend.predict, sets, batch_size=batch_size)
+        fidelity = _trusted_or_refuse(name, twin, backend.predict, sets, allow_untrusted_twin, batch_size)
         fid = {**fidelity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
-        if not fidelity.trusted and not allow_untrusted_twin:
-            raise ArtifactError(f"--artifact {name}: its twin is not faithful to the runtime ({fidelity.line()}); "
-                                "white-box attacks through it would not measure this artifact. Pass "
-                                "--allow-untrusted-twin to attack through it anyway (reports say so)")
         result = attack_artifact(twin, backend.predict, x, y, attacks, seed=seed, batch_size=batch_size,
                                  device=device, progress=progress)
     finally:
@@ -147,4 +206,4 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
                            found_by=result.found_by)
 
 
-__all__ = ["TWIN_SUFFIXES", "build_section", "check_artifacts", "section_label"]
+__all__ = ["TWIN_SUFFIXES", "build_section", "check_artifacts", "preflight", "section_label"]

@@ -40,7 +40,7 @@ def results_table(report: VerifyReport) -> Table:
     if wt:
         t.add_row(f"{wt['label']} (transfer)", str(wt["n"]), _pct(wt["acc"]), _pct(wt.get("reference_acc")),
                   _pts(m.get("robust_drop")))
-    if wc and (not wt or wc["label"] != wt["label"]):
+    if wc and (not wt or wc["label"] != wt["label"] or wc.get("upper_bound")):
         bound = " [yellow](upper bound)[/]" if wc.get("upper_bound") else ""
         t.add_row(f"[bold]{wc['label']}[/]{bound}", str(wc["n"]), f"[bold]{_pct(wc['acc'])}[/]", "", "")
     if wc and wc.get("covers"):
@@ -118,8 +118,9 @@ def render_pack(summary: Mapping[str, Any], console: Console) -> None:
     console.print(t)
     arts = summary.get("artifacts") or []
     if arts:
-        w = Table(title="white-box on each artifact (twin gradients, every iterate scored on its runtime)",
-                  title_justify="left")
+        w = Table(title="white-box on each artifact", title_justify="left",
+                  caption="gradients from each artifact's twin, every iterate scored on its own runtime",
+                  caption_justify="left")
         for col in ("artifact", "attacks", "clean", "robust", "twin agreement", "seconds"):
             w.add_column(col, justify="left" if col in ("artifact", "attacks") else "right", overflow="fold")
         for a in arts:

@@ -223,7 +223,7 @@ class VerifyReport:
         if wt:
             lines.append(f"| {wt['label']} (transfer) | {_pct(wt['acc'])} | {_pct(wt.get('reference_acc'))} | "
                          f"{_pts(m.get('robust_drop'))} |")
-        if wc and (not wt or wc["label"] != wt["label"]):
+        if wc and (not wt or wc["label"] != wt["label"] or wc.get("upper_bound")):
             bound = " (upper bound)" if wc.get("upper_bound") else ""
             lines.append(f"| **{wc['label']}**{bound} (n={wc['n']}) | **{_pct(wc['acc'])}** | | |")
         if wc and wc.get("covers"):

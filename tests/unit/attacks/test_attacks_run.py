@@ -162,9 +162,10 @@ def test_square_runs_on_a_numpy_logits_function(trained_tiny, digits_test):
 
 
 def test_square_rejects_images_too_small_for_its_squares():
+    # squares are capped at side - 1 (as in the reference), so only a side of 1 leaves no room
     with pytest.raises(UsageError, match="too small"):
         SquareAttack(0.1, queries=10).run_numpy(lambda a: np.zeros((len(a), 3), np.float32),
-                                                np.zeros((2, 1, 3, 3), np.float32), np.zeros(2))
+                                                np.zeros((2, 1, 1, 3), np.float32), np.zeros(2))
 
 
 def test_pgd_beats_fgsm_and_worst_case_is_a_lower_bound(trained_tiny, digits_test):

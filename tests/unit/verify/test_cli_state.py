@@ -120,7 +120,7 @@ def test_bad_state_inputs_exit_2_and_leave_files_alone(tmp_path, linear_onnx, pa
 RESUME_WITHOUT_TORCH = '''
     import ciard_deploy.cli
     from ciard_deploy.cli.verify import StagedProgress
-    import_attempts = list(ATTEMPTS)  # later ones are ART probing for frameworks, guarded
+    import_attempts = list(ATTEMPTS)  # attempts made while importing the CLI (none may be)
 
     args = json.loads(sys.argv[1])
     real, seen = StagedProgress.__call__, {"batches": 0}

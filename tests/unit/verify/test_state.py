@@ -1,5 +1,5 @@
 """The resumable verify state: JSON round trip, key mismatches, and `run`/`evaluate_runtime` interrupted
-during Square and resumed, on the real onnxruntime linear model with ART's Square really running.
+during Square and resumed, on the real onnxruntime linear model with the numpy Square really running.
 
 Ctrl-C is stood in for by a progress callback (after N finished Square batches) or by a backend
 wrapper that raises in the middle of a batch; neither touches the attack. The resumed report's
