@@ -76,6 +76,7 @@ def preflight(paths: Sequence[Path], *, model_sha256: str, input_shape: Sequence
                 twin = _twin_or_none(path)
                 if twin is not None:
                     sets = {"clean": clean, "random_in_ball": _fidelity().random_in_ball(clean, eps, seed)}
+                    twin = best_twin(path, twin, backend.predict, sets)
                     _trusted_or_refuse(path.name, twin, backend.predict, sets, allow_untrusted_twin)
         finally:
             backend.close()
@@ -96,6 +97,27 @@ def _twin_or_none(path: Path) -> Any:
     except TwinUnsupported as e:
         log.warning("%s; the pack holds no white-box attack for it", e)
         return None
+
+
+def best_twin(path: Path, twin: Any, predict: Callable[..., Any], sets: dict[str, np.ndarray],
+              batch_size: int = 256) -> Any:
+    """For an FP16 graph, the half-precision mode whose twin agrees best with this runtime.
+
+    onnxruntime's CPU provider runs FP16 graphs in float32 on the float16 weights (no float16
+    kernels for these ops on x86), CUDA/TensorRT compute in float16: the twin's ``"float32"`` and
+    ``"emulate"`` modes reproduce one each, so both are measured on ``sets`` and the closer one
+    (agreement first, then the largest logit difference) is kept. Other precisions: ``twin``.
+    """
+    if getattr(twin, "precision", "") != "fp16":
+        return twin
+    from ciard_deploy.twin import build_twin
+
+    fid = _fidelity()
+    candidates = [twin, build_twin(path, half="emulate" if twin.half_mode != "emulate" else "float32")]
+    scored = [(fid.measure_fidelity(t, predict, sets, batch_size=batch_size), t) for t in candidates]
+    best = max(scored, key=lambda ft: (ft[0].agreement, -ft[0].max_abs_diff))
+    log.debug("fp16 twin of %s: %s", path.name, ", ".join(f"{t.half_mode} {f.line()}" for f, t in scored))
+    return best[1]
 
 
 def _trusted_or_refuse(name: str, twin: Any, predict: Callable[..., Any], sets: dict[str, np.ndarray],
@@ -187,6 +209,8 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
             sets["adversarial"] = adversarial
         sets["random_in_ball"] = _fidelity().random_in_ball(x, eps, seed)
         t0 = time.perf_counter()
+        twin = best_twin(artifact, twin, backend.predict, {k: sets[k] for k in ("clean", "random_in_ball")},
+                         batch_size)
         fidelity = _trusted_or_refuse(name, twin, backend.predict, sets, allow_untrusted_twin, batch_size)
         fid = {**fidelity.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
         result = attack_artifact(twin, backend.predict, x, y, attacks, seed=seed, batch_size=batch_size,
@@ -197,6 +221,7 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
     clean_ok = result.found_by != -2
     record.update({"label": section_label(names, eps), "attacks": result.records,
                    "twin": {"builder": "ciard_deploy.twin (ONNX graph re-executed in torch)",
+                            "precision": getattr(twin, "precision", None), "half_mode": getattr(twin, "half_mode", None),
                             "trusted": bool(fidelity.trusted), "fidelity": fid},
                    "clean_acc": float(clean_ok.mean()) if len(y) else 0.0, "robust_acc": result.robust_acc,
                    "seconds": round(result.seconds, 3), "device": str(device),
@@ -206,4 +231,4 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
                            found_by=result.found_by)
 
 
-__all__ = ["TWIN_SUFFIXES", "build_section", "check_artifacts", "preflight", "section_label"]
+__all__ = ["TWIN_SUFFIXES", "best_twin", "build_section", "check_artifacts", "preflight", "section_label"]

@@ -196,3 +196,25 @@ def test_a_tampered_artifact_section_is_refused(artifact_pack, tmp_path):
         with pytest.raises(ArtifactError, match=needle):
             load_pack(path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_fp16_twin_follows_what_the_cpu_runtime_computes(digits_robust_exports):
+    """onnxruntime's CPU provider runs an FP16 graph in float32 on float16 weights: of the twin's half
+    modes, ``float32`` reproduces it (max logit difference ~1e-6, against ~1e-2 when emulating float16)."""
+    from ciard_deploy.data.digits import load_digits_split
+    from ciard_deploy.runtime import open_backend
+    from ciard_deploy.twin import build_twin
+    from ciard_deploy.twin.fidelity import measure_fidelity, random_in_ball
+    from ciard_deploy.verify.pack_artifacts import best_twin
+
+    path = digits_robust_exports / "model.fp16.onnx"
+    x = load_digits_split("test").tensors()[0][:64].numpy()
+    sets = {"clean": x, "random_in_ball": random_in_ball(x, EPS, 0)}
+    backend = open_backend(path, threads=1)
+    try:
+        for start in ("float32", "emulate"):
+            twin = best_twin(path, build_twin(path, half=start), backend.predict, sets)
+            assert twin.half_mode == "float32"
+            assert measure_fidelity(twin, backend.predict, sets).max_abs_diff < 1e-4
+    finally:
+        backend.close()
