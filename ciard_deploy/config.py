@@ -33,15 +33,18 @@ import copy
 import difflib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_serializer,
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_serializer,
                       field_validator, model_validator)
 
 from ciard_deploy.errors import CiardError, RecipeError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 RecipeKind = Literal["distill", "train"]
@@ -338,8 +341,8 @@ class DeployPack(Section):
                                                           "runtime on < 99.5 % of images instead of failing")
     n: int = Field(1000, gt=0, description="test images in the pack (seeded, class-stratified; all of the test "
                                            "split if it has fewer)")
-    eps: float | None = Field(None, description="L-inf budget of the pack's attacks and of Square (null: the "
-                                                "recipe's attack.eps)")
+    eps: float | None = Field(None, description="L-inf budget of the pack's attacks and of the live attacks (null: "
+                                                "the recipe's attack.eps)")
     step_size: float | None = Field(None, gt=0, description="step of the iterative pack attacks (null: each "
                                                             "attack's default, max(2/255, eps/4))")
 
@@ -362,7 +365,7 @@ class DeployPack(Section):
         for spec in v:
             _check_attack_spec(spec)
             if GRADIENTS not in parse_attack_spec(spec)[0].requires:
-                raise ValueError(f"{spec} is query-only: it runs live in verify (square_queries), not on the twin")
+                raise ValueError(f"{spec} is query-only: it runs live in verify (deploy.live_attacks), not on the twin")
         if len(set(v)) != len(v):
             raise ValueError(f"attack listed twice in {v}")
         return v
@@ -375,6 +378,19 @@ class DeployPack(Section):
     @field_serializer("eps", "step_size")
     def _write(self, v: float | None) -> str | float | None:
         return None if v is None else _eps_text(v)
+
+
+def _default_live() -> list[str]:
+    from ciard_deploy.verify.live import DEFAULT_LIVE
+
+    return list(DEFAULT_LIVE)
+
+
+def _live_text(queries: Any) -> str:
+    """``square_queries: 300`` as the new key reads it (``live_attacks: [square300]``)."""
+    if isinstance(queries, int) and not isinstance(queries, bool) and queries >= 0:
+        return f"live_attacks: [{f'square{queries}' if queries else ''}]"
+    return f"live_attacks from {queries!r}"
 
 
 class DeployConfig(Section):
@@ -392,13 +408,17 @@ class DeployConfig(Section):
     parity_n: int = Field(512, gt=0, description="test images of the export's parity check against PyTorch")
     pack: DeployPack = Field(default_factory=DeployPack, description="the robustness pack built on the PyTorch "
                                                                       "student")
-    square_queries: int = Field(1000, ge=0, description="queries per image of the live Square attack on each "
-                                                        "runtime (0: off)")
-    square_n: int | None = Field(None, gt=0, description="images Square attacks (seeded class-stratified subset "
-                                                         "of the pack; null: all)")
+    live_attacks: list[str] = Field(
+        default_factory=_default_live, validation_alias=AliasChoices("square_queries", "live_attacks"),
+        description="query-only attacks run live on each runtime by verify (registered attacks that need no "
+                    "gradients: square<Q>), e.g. [square1000]; [] turns them off (verify's --live). The old key "
+                    "square_queries: N still reads as [square<N>] (0: []) and wins over live_attacks")
+    live_n: int | None = Field(None, gt=0, validation_alias=AliasChoices("square_n", "live_n"),
+                               description="images the live attacks attack (one seeded class-stratified subset of "
+                                           "the pack; null: all; verify's --live-n; the old key square_n reads as it)")
     provider: Literal["cpu", "cuda", "tensorrt"] = Field(
         "cpu", description="onnxruntime execution provider of the export check and of verify")
-    seed: int = Field(0, description="seed of the parity/pack samples, calibration, attacks and Square")
+    seed: int = Field(0, description="seed of the parity/pack samples, calibration, attacks and live attacks")
     gates: DeployGates = Field(default_factory=DeployGates,  # type: ignore[valid-type]
                                description="release gates, judged on every artifact (verify's --min-clean, ...)")
 
@@ -422,12 +442,40 @@ class DeployConfig(Section):
             raise ValueError(f"opset must lie in {MIN_OPSET}..{MAX_OPSET}")
         return v
 
-    @field_validator("square_queries")
+    @model_validator(mode="before")
     @classmethod
-    def _queries(cls, v: int) -> int:
-        if v == 1:
-            raise ValueError("Square needs at least 2 queries per image (0 turns it off)")
-        return v
+    def _old_live_keys(cls, data: Any) -> Any:
+        """The old keys (``square_queries``, ``square_n``) win over the new ones when both are given (an
+        old ``--set deploy.square_queries=0`` on a recipe that has ``live_attacks``); validation maps them."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        for old, new in (("square_queries", "live_attacks"), ("square_n", "live_n")):
+            if old in data:
+                also = f", over {new}: {data.pop(new)!r}" if new in data else ""
+                log.info("deploy.%s is the old name of deploy.%s: read as %s%s", old, new,
+                         _live_text(data[old]) if old == "square_queries" else f"{new}: {data[old]!r}", also)
+        return data
+
+    @field_validator("live_attacks", mode="before")
+    @classmethod
+    def _live(cls, v: Any) -> Any:
+        from ciard_deploy.verify.live import live_from_square_queries, parse_live
+
+        if isinstance(v, int) and not isinstance(v, bool):  # the old key: square_queries: N
+            if v == 1:
+                raise ValueError("Square needs at least 2 queries per image (0 turns it off)")
+            try:
+                return live_from_square_queries(v, "square_queries")
+            except CiardError as e:
+                raise ValueError(str(e)) from None
+        if v is None or isinstance(v, str):
+            raise ValueError("give a list of query-only attacks, e.g. [square1000] ([] turns them off)")
+        try:
+            return parse_live(v, "", pack_hint="white-box attacks belong in deploy.pack.attacks (or "
+                                                           "deploy.pack.artifact_attacks for the artifacts themselves)")
+        except CiardError as e:
+            raise ValueError(str(e)) from None
 
     def gates_mapping(self) -> dict[str, float]:
         """The set gates as ``{name: threshold}`` (for ``verify.gates_from_mapping``)."""

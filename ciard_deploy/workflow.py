@@ -22,7 +22,7 @@ the upstream files it consumes), the sha256 of its outputs, its status and its t
 run skips every stage whose inputs are unchanged and whose outputs are still there with the
 recorded hashes; an interrupted distill stage resumes from its last checkpoint (the trainer's own
 resume); an interrupted pack stage reuses the attacks it finished (``build_pack(resume_dir=...)``);
-an interrupted verify stage continues each artifact's Square from its state file
+an interrupted verify stage continues each artifact's live attacks from its state file
 (``verify.run(state_path=...)``); a stage whose only changed input is the gates is re-judged
 from its stored reports (``VerifyReport.rejudge``) instead of measured again. ``from_stage``
 forces a stage and every stage after it.
@@ -363,7 +363,7 @@ def stage_inputs(stage: str, recipe: "RecipeBase", layout: Layout, teachers: Map
         exported = dict((state or {}).get("stages", {}).get("export", {}).get("outputs", {}))
         return {"artifacts": {k: v for k, v in exported.items() if not k.endswith("manifest.json")},
                 "pack": _file_hashes(layout, [layout.pack]),
-                "settings": {"square_queries": d.square_queries, "square_n": d.square_n, "seed": d.seed,
+                "settings": {"live_attacks": list(d.live_attacks), "live_n": d.live_n, "seed": d.seed,
                              "provider": d.provider},
                 "gates": d.gates_mapping()}
     raise UsageError(f"unknown stage {stage!r}")
@@ -532,8 +532,8 @@ def _run_verify(ctx: _Context) -> list[Path]:
     """Verifies every artifact of the manifest; resumable: each keeps a state at DIR/verify/<name>.state.json.
 
     An interrupted verify stage (Ctrl-C, a killed job) leaves those states behind; the next call
-    continues each artifact's Square where it stopped (an artifact that finished takes its Square
-    whole from its state), provided the state is for the same artifact, pack and settings; any
+    continues each artifact's live attacks where they stopped (finished ones are taken whole from
+    its state), provided the state is for the same artifact, pack and settings; any
     other state is the workflow's own stale file and is started over. Once the stage is done the
     states are removed: the stage's outputs (hashed in ``workflow.json``) are the reports only.
     """
@@ -552,7 +552,7 @@ def _run_verify(ctx: _Context) -> list[Path]:
             log.info("verify %s: %s %s at %d/%d from %s", name, ev.kind, ev.stage, ev.done, ev.total, ev.path)
 
         options = dict(gates=gates, provider=d.provider if a.format == "onnx" else None,
-                       square_queries=d.square_queries, square_n=d.square_n, seed=d.seed, threads=ctx.threads,
+                       live=list(d.live_attacks), live_n=d.live_n, seed=d.seed, threads=ctx.threads,
                        progress=ctx.progress_for(f"verify {a.name}"), state_path=states[a.name], on_state=on_state)
         try:
             report = verify_run(ctx.layout.export / a.file, ctx.layout.pack, **options)

@@ -49,6 +49,10 @@ is extracted from it (or ``--cifar-root``), a small_cnn is TRADES-trained for a 
 smoke recipe (``ciard train``), exported to FP32/FP16/INT8 (``ciard export``) and packed
 (``ciard pack``, pgd20 at 8/255); a few minutes on 2 CPU cores.
 
+``--verify-set NAME=VALUE`` passes a keyword to verify's ``run()`` (a new tier's switch, a
+Square budget). To measure another revision of the product (e.g. ``git archive HEAD ciard_deploy``
+unpacked in DIR), run from outside the checkout with ``PYTHONPATH=DIR``.
+
 Exit codes: 0 every gap within ``--target``; 1 a gap above it; 2 bad usage (an existing
 ``--json`` without ``--force``, missing inputs); 3 torchattacks / onnx2torch / torch missing.
 """
@@ -138,9 +142,10 @@ def verify_flags(per_sample: Mapping[str, Any], n: int) -> VerifyFlags:
     """Per-sample worst case from a verify report's ``per_sample`` section, for any attack labels.
 
     Keys: ``clean`` (n bits), any number of attack labels (bit strings), and index lists named
-    ``*indices`` (``square_indices``: the pack positions a subset attack covered, in order). An
-    attack with n bits covers every sample; a shorter one is mapped through the one index list
-    of its length; one that fits none is skipped (and named in ``skipped``).
+    ``*indices`` (``live_indices``; ``square_indices`` in schema-1 reports: the pack positions a
+    subset attack covered, in order). An attack with n bits covers every sample; a shorter one is
+    mapped through the one index list of its length; one that fits none is skipped (and named in
+    ``skipped``).
     """
     if "clean" not in per_sample:
         raise ValueError("the report's per_sample has no 'clean' flags")
@@ -206,6 +211,28 @@ def compare(verify_acc: float | None, vf: VerifyFlags, independent: np.ndarray) 
             "broken_only_by_verify": int((~vf.flags & ind)[cov].sum())}
 
 
+def eps_label(eps: float | None) -> str:
+    """``8/255`` where eps is a whole number of 255ths, else ``0.15``."""
+    if eps is None:
+        return "—"
+    k = eps * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-4 and round(k) > 0 else f"{eps:.4g}"
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``["square_p_init=0.5", "whitebox=true"]`` -> keyword arguments (values read as JSON, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise Usage(f"--verify-set {item!r}: expected NAME=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
@@ -222,7 +249,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], target_pt: float = TARGET_PT
     for r in rows:
         gap = r.get("gap_pt")
         body.append([str(r.get("dataset", "")), str(r.get("artifact", "")), str(r.get("n", "")),
-                     _num(r.get("eps"), ".4g"), _pct(r.get("verify_acc")), _pct(r.get("independent_acc")),
+                     eps_label(r.get("eps")), _pct(r.get("verify_acc")), _pct(r.get("independent_acc")),
                      _pct(r.get("union_acc")), _num(gap, "+.1f"), _num(r.get("gap_union_pt"), "+.1f"),
                      _num(r.get("verify_s"), ".1f"), _num(r.get("independent_s"), ".1f"),
                      "—" if gap is None else ("yes" if abs(gap) <= target_pt else "NO")])
@@ -465,7 +492,8 @@ def independent_worst_case(artifact: Path, fallbacks: Sequence[Path], x: np.ndar
     ids = np.flatnonzero(broken)
     unconfirmed = 0
     if len(ids):
-        assert np.abs(cand[ids] - x[ids]).max() <= eps + EPS_TOL and cand.min() >= 0 and cand.max() <= 1
+        if np.abs(cand[ids] - x[ids]).max() > eps + EPS_TOL or cand.min() < 0 or cand.max() > 1:
+            raise RuntimeError("a candidate left the eps-ball or [0, 1] (a bug here)")
         still = runtime(cand[ids]).argmax(1) != y[ids]
         unconfirmed = int((~still).sum())
         broken[ids[~still]] = False
@@ -480,8 +508,9 @@ def run_verify(artifact: Path, pack_path: Path, args: argparse.Namespace) -> tup
     from ciard_deploy.verify.evaluate import run as verify_run
 
     t0 = time.perf_counter()
-    report = verify_run(str(artifact), str(pack_path), square_queries=args.verify_square_queries,
-                        square_n=args.verify_square_n, seed=args.seed, threads=args.threads)
+    kwargs = {"square_queries": args.verify_square_queries, "square_n": args.verify_square_n, "seed": args.seed,
+              "threads": args.threads, **args.verify_set}
+    report = verify_run(str(artifact), str(pack_path), **kwargs)
     seconds = time.perf_counter() - t0
     d = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
     return d, seconds
@@ -514,7 +543,8 @@ def measure(dataset: str, fmt: str, artifact: Path, fallbacks: Sequence[Path], p
     if ind["unconfirmed"]:
         notes.append(f"{ind['unconfirmed']} candidates did not fool the runtime when scored again (not counted)")
     row.update({"verify_s": round(verify_s, 2), "independent_s": ind["seconds"], "verify_coverage": cov,
-                "verify_labels_used": vf.used, "verify_clean_acc": (report.get("results") or {}).get("clean_acc"),
+                "verify_labels_used": vf.used, "verify_settings": report.get("settings"),
+                "verify_clean_acc": (report.get("results") or {}).get("clean_acc"),
                 "independent_clean_acc": ind["clean_acc"], "independent_acc_all": ind["acc"],
                 "independent_attacks": ind["attacks"], "surrogate": ind["surrogate"],
                 "independent_runtime_queries": ind["runtime_queries"], "notes": notes,
@@ -555,8 +585,10 @@ def digits_inputs(args: argparse.Namespace, say: Callable[[str], None]) -> tuple
             p = work / "export-fp16" / FORMATS["fp16"]
             if not p.exists():
                 say(f"digits: exporting FP16 from {run_dir / 'run'} into {p.parent}")
-                ciard("export", run_dir / "run", "--out", p.parent, "--fp16", "--n", "360", threads=args.threads,
-                      say=say, ok=(0, 1))
+                from ciard_deploy.verify.pack import load_pack
+
+                ciard("export", run_dir / "run", "--out", p.parent, "--fp16", "--n", load_pack(pack).n,
+                      threads=args.threads, say=say, ok=(0, 1))
         if p.exists():
             arts[fmt] = p
         else:
@@ -640,6 +672,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=500, help="images per attack call")
     p.add_argument("--verify-square-queries", type=int, default=1000, help="verify's own Square budget")
     p.add_argument("--verify-square-n", type=int, default=None, help="verify's Square subset (default: all)")
+    p.add_argument("--verify-set", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra keyword for verify's run() (repeatable; value read as JSON), e.g. a new tier's switch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     p.add_argument("--skip-cifar", action="store_true", help="digits only")
@@ -656,6 +690,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     a.attacks = [s.strip() for s in a.attacks.split(",") if s.strip()]
+    a.verify_set = parse_settings(a.verify_set)
     if bad := [f for f in a.formats if f not in FORMATS]:
         raise Usage(f"--formats: unknown {', '.join(bad)}; valid: {', '.join(FORMATS)}")
     if bad := [s for s in a.attacks if s not in ATTACKS]:

@@ -25,6 +25,7 @@ from ciard_deploy.attacks.base import (
     AttackEntry,
     Budget,
     MissingCapability,
+    QueryAttack,
     attack_requires,
     create_attack,
     ensure_capabilities,
@@ -60,7 +61,8 @@ __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 __all__ = [
     "ATTACKS", "Attack", "AttackEntry", "AttackResult", "AutoAttackAdapter", "Budget", "CAPABILITIES", "CWInf",
-    "EvalResult", "FGSM", "GRADIENTS", "MissingCapability", "PGD", "SCORES", "SquareAttack", "TORCH_CAPABILITIES",
+    "EvalResult", "FGSM", "GRADIENTS", "MissingCapability", "PGD", "QueryAttack", "SCORES", "SquareAttack",
+    "TORCH_CAPABILITIES",
     "attack_requires", "create_attack", "cw_margin_loss", "ensure_capabilities", "evaluate", "format_eps",
     "frozen_eval", "list_attacks", "parse_attack_spec", "parse_eps", "pgd_linf", "project_linf",
 ]

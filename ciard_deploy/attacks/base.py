@@ -190,6 +190,57 @@ class Attack(abc.ABC):
         return f"{type(self).__name__}({self.label}{', ' if opts else ''}{opts})"
 
 
+class QueryAttack(Attack):
+    """An attack that needs only a model's scores (no gradients): it runs live on any runtime, torch-free.
+
+    ``ciard verify --live SPEC`` (recipe ``deploy.live_attacks``) runs any registered attack whose
+    ``requires`` lacks ``gradients`` through one batched, seeded, resumable runner
+    (``verify.live``). Adding a new query-only attack takes two things and nothing else: its own
+    module with a subclass of this class, and its ``AttackEntry`` in ``ATTACKS`` below with
+    ``requires=frozenset({SCORES})``; the CLI, the recipe, the verify state and the report pick
+    it up by its spec (``square1000``) and its ``describe()``.
+
+    What the runner relies on:
+
+    * the constructor takes ``eps`` (and the entry's ``count_arg``), ``seed`` (an int, or None)
+      and ``batch_size`` (images per call of the logits function);
+    * ``seed`` is a plain attribute read when ``run_numpy`` starts: the runner sets it to
+      ``seed + i`` before batch ``i`` (so each batch's outcome depends on its own seed only, and a
+      resumed run equals an uninterrupted one) and puts the original back afterwards;
+    * ``run_numpy(predict, x, y, num_classes)`` returns images within ``eps`` (L-inf) of ``x``
+      and in [0, 1], one per image, using only ``predict`` (float32 NCHW -> logits);
+    * ``last_queries`` (optional) counts the images the last call sent to ``predict``; the
+      runner counts the queries itself as well;
+    * ``describe()`` names every setting that changes its outcome: a resumable verify state
+      reuses a record only under an equal ``describe()``. Importing its module must not need torch.
+    """
+
+    requires = frozenset({SCORES})
+    seed: int | None = 0
+    last_queries: int = 0
+
+    @abc.abstractmethod
+    def run_numpy(self, predict: Any, x: Any, y: Any, num_classes: int | None = None) -> Any:
+        """Adversarial images for float32 NCHW ``x`` in [0, 1] and labels ``y``, through ``predict`` only."""
+
+    def run(self, model: "torch.nn.Module", x: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
+        """Attacks a torch model through its logits only (the same code path as ``run_numpy``)."""
+        import torch
+
+        from ciard_deploy.attacks.common import check_inputs, frozen_eval, project_linf
+
+        check_inputs(x, y)
+        device = x.device
+
+        def predict(batch: Any) -> Any:
+            with torch.no_grad():
+                return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+
+        with frozen_eval(model):
+            x_adv = self.run_numpy(predict, x.detach().cpu().numpy(), y.detach().cpu().numpy())
+        return project_linf(torch.from_numpy(x_adv).to(device=device, dtype=x.dtype), x.detach(), self.budget.eps)
+
+
 def ensure_capabilities(attacks: Attack | Iterable[Attack], available: Iterable[str]) -> None:
     """Checks one attack or several before any work starts; raises ``MissingCapability`` on the first
     that cannot run (``Attack.ensure_capabilities`` is the one-attack form)."""
@@ -262,6 +313,7 @@ for _entry in (
                 description="FAB-T alone: targeted FAB, 9 target classes, K iterations (default 100) (pyautoattack)"),
     AttackEntry("mtpgd", "mtpgd<K>", "ciard_deploy.attacks.pgd:MultiTargetPGD", "steps", 100,
                 description="multi-targeted PGD on the margin z_t - z_y, K steps per target class, 9 targets"),
+    # query-only (no GRADIENTS in requires): runs live in `ciard verify --live` too (see QueryAttack)
     AttackEntry("square", "square<Q>", "ciard_deploy.attacks.square:SquareAttack", "queries", 5000,
                 requires=frozenset({SCORES}),
                 description="Square: score-based random search, Q queries (Andriushchenko et al. 2020), numpy, equal-margin steps accepted"),
@@ -305,6 +357,16 @@ def parse_attack_spec(spec: str) -> tuple[AttackEntry, int | None]:
 def attack_requires(spec: str) -> frozenset[str]:
     """Capabilities an attack spec needs, without importing its implementation (or torch)."""
     return parse_attack_spec(spec)[0].requires
+
+
+def is_query_only(spec: str) -> bool:
+    """True when the attack spec needs no gradients (it runs live on a runtime: ``square1000``)."""
+    return GRADIENTS not in attack_requires(spec)
+
+
+def query_only_patterns() -> list[str]:
+    """The spec patterns of the registered query-only attacks (``square<Q>``, ...)."""
+    return [e.pattern for _, e in ATTACKS.items() if GRADIENTS not in e.requires]
 
 
 def create_attack(spec: str, eps: float | str, **overrides: Any) -> Attack:
@@ -356,7 +418,7 @@ def _check_positive(name: str, value: float | int | None, allow_zero: bool = Fal
 
 
 __all__ = [
-    "ATTACKS", "Attack", "AttackEntry", "Budget", "CAPABILITIES", "GRADIENTS", "MissingCapability", "SCORES",
-    "TORCH_CAPABILITIES", "attack_requires", "create_attack", "ensure_capabilities", "format_eps", "list_attacks",
-    "parse_attack_spec", "parse_eps",
+    "ATTACKS", "Attack", "AttackEntry", "Budget", "CAPABILITIES", "GRADIENTS", "MissingCapability", "QueryAttack",
+    "SCORES", "TORCH_CAPABILITIES", "attack_requires", "create_attack", "ensure_capabilities", "format_eps",
+    "is_query_only", "list_attacks", "parse_attack_spec", "parse_eps", "query_only_patterns",
 ]

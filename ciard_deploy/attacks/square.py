@@ -2,23 +2,21 @@
 
 This module imports nothing but numpy and our own modules at module level:
 ``SquareAttack.run_numpy`` is what ``ciard verify`` calls on an edge device that has only numpy
-and a runtime (onnxruntime, TensorRT). ``SquareAttack.run`` wraps a torch model into the same
-numpy path (importing torch inside the method), so torch and exported runtimes are attacked by
-exactly the same code.
+and a runtime (onnxruntime, TensorRT). ``SquareAttack.run`` (from ``QueryAttack``) wraps a torch
+model into the same numpy path (importing torch inside the method), so torch and exported runtimes
+are attacked by exactly the same code. Registered as ``square<Q>`` in ``attacks.base``; that entry
+is all ``ciard verify --live`` needs to run it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from ciard_deploy.attacks.base import SCORES, Attack, Budget, _check_positive
+from ciard_deploy.attacks.base import SCORES, Budget, QueryAttack, _check_positive
 from ciard_deploy.errors import UsageError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
@@ -44,7 +42,7 @@ def square_side(p: float, h: int, w: int) -> int:
     return min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
 
 
-class SquareAttack(Attack):
+class SquareAttack(QueryAttack):
     """Square Attack (Andriushchenko et al., "Square Attack: a query-efficient black-box
     adversarial attack via random search", ECCV 2020), L-inf, score-based black-box.
 
@@ -232,24 +230,6 @@ class SquareAttack(Attack):
             x_best[a] = x_new[accept]
             margin[a], fooled[a] = m_new[accept], f_new[accept]
         return x_best, fooled
-
-    # ------------------------------------------------------------------ torch models
-    def run(self, model: "torch.nn.Module", x: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
-        """Attacks a torch model through its logits only (the same code path as ``run_numpy``)."""
-        import torch
-
-        from ciard_deploy.attacks.common import check_inputs, frozen_eval, project_linf
-
-        check_inputs(x, y)
-        device = x.device
-
-        def predict(batch: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return model(torch.from_numpy(batch).to(device)).float().cpu().numpy()
-
-        with frozen_eval(model):
-            x_adv = self.run_numpy(predict, x.detach().cpu().numpy(), y.detach().cpu().numpy())
-        return project_linf(torch.from_numpy(x_adv).to(device=device, dtype=x.dtype), x.detach(), self.budget.eps)
 
 
 def numpy_predict_from_session(session: Any, input_name: str | None = None,

@@ -424,6 +424,14 @@ class ResumableState:
                 raise ValueError(f"{a.label}: robust flags on samples that are wrong on clean")
 
     # ---- JSON
+    @classmethod
+    def upgrade(cls, d: dict[str, Any], version: int) -> dict[str, Any]:
+        """The JSON of an older schema ``version`` in this schema's form (raise ValueError if it cannot be read).
+
+        The base reads older files as they are; a subclass whose schema changed overrides it.
+        """
+        return d
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.KIND, "schema_version": self.SCHEMA_VERSION, "key": self.key.to_dict(),
                 "info": _plain(self.info),
@@ -440,6 +448,8 @@ class ResumableState:
         if version > cls.SCHEMA_VERSION:
             raise ValueError(f"{cls.WHAT} state schema {version} is newer than this ciard-deploy reads "
                              f"({cls.SCHEMA_VERSION}); upgrade ciard-deploy")
+        if version < cls.SCHEMA_VERSION:
+            d = cls.upgrade(dict(d), version)
         key = cls.KEY.from_dict(d.get("key") or {})
         n = int(key.n)  # type: ignore[attr-defined]
         clean = d.get("clean_correct")

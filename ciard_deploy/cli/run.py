@@ -92,7 +92,7 @@ def render_result(result: Any) -> None:
     covers = sorted({str(r["worst_case"].get("covers") or "") for r in rows} - {""})
     how = (f"covering {covers[0]}" if len(covers) == 1 else
            "white-box attacks on each artifact where the pack has them, the pack's attacks transferred from "
-           "PyTorch, Square live on the runtime")
+           "PyTorch, the live query-only attacks on the runtime")
     bounds = [r for r in rows if r["worst_case"].get("upper_bound")]
     bound_line = (f"\n‡ upper bound only: {bounds[0]['worst_case'].get('upper_bound_reason')} "
                   "(transferred and query-only attacks)" if bounds else "")
@@ -176,7 +176,7 @@ def run_cmd(
 
     Writes DIR/run (training), DIR/export (artifacts + manifest.json), DIR/pack.npz, DIR/verify/<format>.{json,xml,md}
     and DIR/workflow.json (each stage's input and output hashes). An interrupted stage resumes on the next call:
-    training from its last saved step, the pack from its finished attacks, verify from Square's last saved batch.
+    training from its last saved step, the pack from its finished attacks, verify from its live attacks' last batches.
 
     Exit codes: 0 every gate passed, 1 a gate or export check failed, 2 bad input, 3 environment missing.
     """

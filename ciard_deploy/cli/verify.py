@@ -21,7 +21,7 @@ from ciard_deploy.errors import GateFailed
 
 class StagedProgress:
     """A progress callback ``(done, total, stage=...)`` that opens one bar per stage, so each bar's
-    images/s is that stage's own (inference on the pack vs Square's live queries)."""
+    images/s is that stage's own (inference on the pack vs each live attack's queries)."""
 
     def __init__(self, description: str) -> None:
         self.description = description
@@ -46,7 +46,7 @@ class StagedProgress:
 
 
 def _state_line(ev: Any) -> None:
-    """One stderr line when `verify --state` takes Square from the state file (not with --quiet)."""
+    """One stderr line when `verify --state` takes a live attack from the state file (not with --quiet)."""
     if ev.kind == "reused":
         note(f"state: reusing {ev.stage} from {ev.path} (finished earlier in {ev.seconds:.1f} s; not re-run; "
              "clean and transferred attacks measured again)")
@@ -178,8 +178,16 @@ def verify_cmd(
     artifact: Path = typer.Argument(..., help="Exported model: .onnx (onnxruntime), .engine/.plan (TensorRT), or a checkpoint (PyTorch)."),
     pack: Path = typer.Option(..., "--pack", "-p", help="Robustness pack built by `ciard pack`."),
     provider: Optional[str] = typer.Option(None, "--provider", help="onnxruntime execution provider: cpu (default), cuda, tensorrt."),
-    square_queries: int = typer.Option(1000, "--square-queries", help="Square's queries per image on the runtime; 0 turns it off."),
-    square_n: Optional[int] = typer.Option(None, "--square-n", help="Images Square attacks (seeded class-stratified subset; default: all)."),
+    live: Optional[str] = typer.Option(
+        None, "--live",
+        help="Comma-separated query-only attacks run live on the runtime, each a registered attack that needs no "
+             "gradients (square<Q>: e.g. square5000, or square1000,square5000); none (or \"\") turns them off. "
+             "Default: square1000. White-box attacks belong in the pack."),
+    live_n: Optional[int] = typer.Option(None, "--live-n", help="Images the live attacks attack (one seeded "
+                                                                "class-stratified subset of the pack; default: all)."),
+    square_queries: Optional[int] = typer.Option(None, "--square-queries",
+                                                 help="Deprecated: --live square<N> (0: --live none)."),
+    square_n: Optional[int] = typer.Option(None, "--square-n", help="Deprecated: --live-n."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per runtime call."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: its own choice)."),
     min_clean: Optional[float] = typer.Option(None, "--min-clean", help="Gate: clean accuracy on the runtime >= this (0..1)."),
@@ -192,34 +200,36 @@ def verify_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
     junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file (one testcase per gate)."),
     md_out: Optional[Path] = typer.Option(None, "--markdown", help="Write a short Markdown report (for a PR comment)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of Square and its subset."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the live attacks and their subset (batch i: seed + i)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     state: Optional[Path] = typer.Option(
         None, "--state",
-        help="Resumable verify state (JSON; none unless given). Created if absent and saved as Square goes "
-             "(after its finished batches, at most every ~10 s, and on Ctrl-C). If it exists it must hold the same "
-             "verification (artifact sha256, pack checksum, runtime and provider, Square queries, n, seed, eps, "
-             "batch size): the clean and transferred attacks are measured again (seconds) and Square continues "
-             "after its last saved batch, or is reused if it finished (a line on stderr says so); the report's "
-             "numbers equal an uninterrupted run's. A different verification is an error (exit 2) and the file is "
-             "left as it is."),
+        help="Resumable verify state (JSON; none unless given). Created if absent and saved as the live attacks go "
+             "(after their finished batches, at most every ~10 s, and on Ctrl-C). If it exists it must hold the same "
+             "verification (artifact sha256, pack checksum, runtime and provider, live n, seed, eps, batch size, and "
+             "each live attack's settings): the clean and transferred attacks are measured again (seconds) and each "
+             "live attack continues after its last saved batch, or is reused if it finished (a line on stderr says "
+             "so); live attacks the file lacks run. The report's numbers equal an uninterrupted run's. A different "
+             "verification is an error (exit 2) and the file is left as it is."),
     fresh: bool = typer.Option(False, "--fresh",
                                help="With --state: discard what the state file holds and start over."),
 ) -> None:
-    """Measure robustness on the runtime: clean, transferred attacks, live Square, worst case, parity, gates.
+    """Measure robustness on the runtime: clean, transferred attacks, live query-only attacks, worst case, parity, gates.
 
-    With --state FILE, an interrupted verify (Ctrl-C, a killed CI job) continues where Square
-    stopped when the same command runs again.
+    With --state FILE, an interrupted verify (Ctrl-C, a killed CI job) continues where its live
+    attacks stopped when the same command runs again.
 
     Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input, 3 runtime missing, 130 interrupted.
     """
     from ciard_deploy.verify.evaluate import run
     from ciard_deploy.verify.gates import Gates, load_gates
+    from ciard_deploy.verify.live import resolve_live
     from ciard_deploy.verify.render import render_report
     from ciard_deploy.verify.report import check_report_paths
 
     if quiet:
         State.quiet = True
+    specs, n_live = resolve_live(live, live_n, square_queries=square_queries, square_n=square_n)
     check_report_paths({"--state": state, "--json": json_out, "--junit": junit_out, "--markdown": md_out},
                        {"--pack": pack, "ARTIFACT": artifact, "--gates": gates_file})
     flags = {"min_clean": min_clean, "min_robust": min_robust, "max_clean_drop": max_clean_drop,
@@ -229,8 +239,8 @@ def verify_cmd(
     gates = gates.merged(Gates.create(**{k: v for k, v in flags.items() if v is not None}))
     try:
         with StagedProgress("verify") as update:
-            report = run(artifact, pack, provider=provider, gates=gates, square_queries=square_queries,
-                         square_n=square_n, batch_size=batch_size, seed=seed, threads=threads, progress=update,
+            report = run(artifact, pack, provider=provider, gates=gates, live=specs, live_n=n_live,
+                         batch_size=batch_size, seed=seed, threads=threads, progress=update,
                          state_path=state, fresh=fresh, on_state=_state_line)
     except KeyboardInterrupt:
         if state is not None and state.is_file():

@@ -8,6 +8,7 @@
     report.passed, report.metrics["worst_case_acc"]
     report.write_json("verify.json"); report.write_junit("verify.xml"); report.write_markdown("verify.md")
     report = verify.run("model.onnx", "pack.npz", state_path="verify.state.json")       # resumable (Ctrl-C, CI kill)
+    report = verify.run("model.onnx", "pack.npz", live=["square1000", "square5000"], live_n=500)  # query-only, live
 
 Nothing in this package imports torch at module level: ``build_pack`` imports it when called;
 everything else runs on a device that has only numpy, onnxruntime (or TensorRT).

@@ -32,11 +32,12 @@ class CheckInfo:
 
 #: every check verify runs: code -> what it means (README's "verify warnings" section mirrors this)
 CHECKS: dict[str, CheckInfo] = {c.code: c for c in (
-    CheckInfo("V101", "square_beats_transfer", "Square on the runtime beats every transferred attack",
-              "A query-only attack run on the runtime itself found more adversarial examples than every white-box "
-              "attack crafted on the PyTorch model and transferred. The transferred numbers overstate robustness: "
-              "a transfer gap (common for INT8/FP16: FP32 attacks transfer poorly to quantized models) or gradient "
-              "masking in the reference. Trust the worst case, which includes Square."),
+    CheckInfo("V101", "live_beats_transfer", "A query-only attack on the runtime beats every transferred attack",
+              "A query-only attack run live on the runtime itself (--live, e.g. Square) found more adversarial "
+              "examples than every white-box attack crafted on the PyTorch model and transferred. The transferred "
+              "numbers overstate robustness: a transfer gap (common for INT8/FP16: FP32 attacks transfer poorly to "
+              "quantized models) or gradient masking in the reference. Trust the worst case, which includes the "
+              "live attacks."),
     CheckInfo("V102", "parity_below_threshold", "Top-1 agreement with PyTorch below threshold",
               "The runtime's predictions differ from the PyTorch reference on more images than the precision "
               "allows (FP32 0.999, FP16 0.99, INT8 0.97 unless the manifest or --min-agreement says otherwise). "
@@ -64,7 +65,7 @@ CHECKS: dict[str, CheckInfo] = {c.code: c for c in (
               "The pack was built on another dataset, other class names, or at a different eps than the artifact "
               "records. The numbers are measured correctly but may not be the ones you meant to gate on."),
     CheckInfo("V110", "no_adversarial_evaluation", "No attack was run",
-              "The pack holds no attacks and Square is off (--square-queries 0): only clean accuracy and parity "
+              "The pack holds no attacks and no live attack ran (--live none): only clean accuracy and parity "
               "were measured."),
     CheckInfo("V111", "whitebox_beats_transfer", "White-box attacks on the artifact beat the transferred ones",
               "The pack's attacks crafted on this artifact itself (through its twin, scored on its runtime) leave "
@@ -248,14 +249,21 @@ def check_probabilities(logits: np.ndarray) -> Finding | None:
     return None
 
 
-def check_square(square_label: str, square_acc: float, transfer: Mapping[str, float], n: int) -> Finding | None:
-    """Square beats every transferred attack on the same images: transfer overstates robustness."""
+def check_live(live_label: str, live_acc: float, transfer: Mapping[str, float], n: int) -> Finding | None:
+    """The strongest live (query-only) attack beats every transferred attack on the same images (V101).
+
+    Args:
+        live_label: the live attack that left the fewest samples robust (``square1000@8/255``).
+        live_acc: its robust accuracy on the live subset.
+        transfer: each transferred attack's robust accuracy on the same subset.
+        n: samples in the subset.
+    """
     if not transfer:
         return None
     best_label, best = min(transfer.items(), key=lambda kv: kv[1])
-    if square_acc < best:
-        return finding("square_beats_transfer",
-                       f"{square_label} on the runtime leaves {square_acc:.2%} robust, below every transferred attack "
+    if live_acc < best:
+        return finding("live_beats_transfer",
+                       f"{live_label} on the runtime leaves {live_acc:.2%} robust, below every transferred attack "
                        f"(best: {best_label} {best:.2%}) on the same {n} images: the transferred numbers overstate "
                        "robustness (transfer gap or gradient masking)")
     return None
@@ -314,5 +322,5 @@ def agreement_threshold(precision: str, manifest_thresholds: Mapping[str, float]
 
 
 __all__ = ["CHECKS", "CheckInfo", "DEFAULT_AGREEMENT", "Finding", "agreement_threshold", "check_compatible",
-           "check_determinism", "check_parity", "check_probabilities", "check_square", "finding",
+           "check_determinism", "check_live", "check_parity", "check_probabilities", "finding",
            "metadata_mismatches", "provenance"]

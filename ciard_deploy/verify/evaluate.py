@@ -6,17 +6,18 @@
 2. transfer: its predictions on each attack's adversarial images from the pack (crafted on the
    PyTorch model), so a sample is robust under an attack if it is correct on clean *and* on
    that attack's image (AutoAttack's per-sample flags);
-3. query-only: Square run live against the runtime (scores only, no gradients, no torch),
-   started from the clean images of the samples the runtime classifies correctly, batched
-   across images, batch ``i`` seeded ``seed + i``;
+3. live (query-only): each of the ``live`` attacks (``square1000``; any registered attack that
+   needs no gradients) run against the runtime (scores only, no torch) on one seeded
+   class-stratified subset, started from the clean images of the samples the runtime classifies
+   correctly, batched across images, batch ``i`` seeded ``seed + i`` (``verify.live``);
 4. the per-sample worst case over all of them, and parity with the pack's reference logits.
 
 ``run`` wraps it: checks gates, pack and artifact before any work, then evaluates, runs the
 sanity checks, judges the gates and returns a ``VerifyReport``. Nothing here imports torch.
 
-Resumable (``verify.state``): with a ``VerifyState`` (``run(..., state_path=FILE)``) Square's
-finished batches are saved as it goes and a later call continues after the last one (or
-takes a finished Square whole); steps 1-2 are cheap and always measured again (the state
+Resumable (``verify.state``): with a ``VerifyState`` (``run(..., state_path=FILE)``) each live
+attack's finished batches are saved as it goes and a later call continues after the last one (or
+takes a finished attack whole); steps 1-2 are cheap and always measured again (the state
 module's docstring says why). Per-batch seeds make a resumed report's numbers equal an
 uninterrupted run's.
 """
@@ -28,16 +29,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.state import SAVE_EVERY_S, AttackRecord, StateEvent, state_hooks
+from ciard_deploy.attacks.state import SAVE_EVERY_S, StateEvent, settings_differences, state_hooks
 from ciard_deploy.errors import UsageError
 from ciard_deploy.runtime.parity import Parity, compare
-from ciard_deploy.verify.pack import EPS_TOLERANCE, ArtifactSection, RobustnessPack, worst_case_label
+from ciard_deploy.verify.live import (create_live_attacks, family_of, live_families, live_size, resolve_live,
+                                      run_live_attack)
+from ciard_deploy.verify.pack import ArtifactSection, RobustnessPack, worst_case_label
 from ciard_deploy.verify.parity import ParityReport
-from ciard_deploy.verify.state import VerifyState, square_size
+from ciard_deploy.verify.state import VerifyState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ciard_deploy.verify.gates import Gates
@@ -45,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: ``progress(done, total, stage=...)``: stage ``"inference"`` (clean + transferred images) or Square's label
+#: ``progress(done, total, stage=...)``: stage ``"inference"`` (clean + transferred images) or a live attack's label
 Progress = Callable[..., None]
 
 DEFAULT_BATCH = 256
@@ -67,17 +70,17 @@ class AttackOutcome:
             on its runtime), ``"transfer"`` (the pack's images crafted on the PyTorch model) or
             ``"query"`` (run live on the runtime).
         eps: L-inf budget.
-        n: samples it covers (all pack samples for transfer; Square's subset otherwise).
+        n: samples it covers (all pack samples for transfer and white-box; the live subset for query).
         robust_acc: fraction of those samples correct on clean and under the attack.
         reference_acc: the pack's number for the same images: the PyTorch model's (transfer), the
             artifact's runtime on the machine that built the pack (whitebox); None for query.
-        seconds: wall time (inference for transfer; the whole attack for Square).
+        seconds: wall time (inference for transfer; the whole attack for a live one).
         settings: the attack's settings (budget, options) as recorded in the pack or run here.
         queries: forward passes (images) the runtime served for this attack.
         per_sample: bool flags, one per covered sample.
         indices: pack positions of the covered samples (None: all, in order).
-        origin: ``"ran"`` (measured by this call), ``"resumed"`` (Square continued from a state
-            file's finished batches) or ``"reused"`` (Square taken whole from a state file); the
+        origin: ``"ran"`` (measured by this call), ``"resumed"`` (a live attack continued from a
+            state file's finished batches) or ``"reused"`` (taken whole from a state file); the
             numbers are the same either way, ``seconds`` counts every call that worked on it.
     """
 
@@ -117,7 +120,7 @@ class RuntimeEvaluation:
     worst_case: dict[str, Any] | None
     parity: ParityReport
     timings: dict[str, Any]
-    square_indices: np.ndarray | None = None
+    live_indices: np.ndarray | None = None
     determinism: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     logits: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -169,64 +172,63 @@ def _predict_all(backend: Any, x: np.ndarray, batch_size: int, tick: Callable[[i
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def square_attack(queries: int, eps: float, *, seed: int = 0, batch_size: int = DEFAULT_BATCH,
-                  p_init: float = 0.8) -> Any:
-    """The Square attack ``verify`` runs live (``square<queries>`` at ``eps``; see ``attacks.square``)."""
-    from ciard_deploy.attacks.base import create_attack
-
-    return create_attack(f"square{int(queries)}", eps, seed=seed, batch_size=batch_size, p_init=p_init)
-
-
-def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int = 1000, square_n: int | None = None,
-                     batch_size: int = DEFAULT_BATCH, seed: int = 0, square_p_init: float = 0.8,
+def evaluate_runtime(backend: Any, pack: RobustnessPack, *, live: str | Sequence[str] | None = None,
+                     live_n: int | None = None, batch_size: int = DEFAULT_BATCH, seed: int = 0,
                      progress: Progress | None = None, state: VerifyState | None = None,
                      on_state: Callable[[StateEvent], None] | None = None,
                      save_every: float = SAVE_EVERY_S, section: ArtifactSection | None = None,
-                     is_source: bool = False) -> RuntimeEvaluation:
+                     is_source: bool = False, square_queries: int | None = None,
+                     square_n: int | None = None) -> RuntimeEvaluation:
     """Clean, transferred and query-only robustness of ``backend`` on ``pack``, AutoAttack-style.
 
-    With a ``state`` (``verify.state.VerifyState`` for these settings) Square is resumable: the
-    clean and transfer phase is measured (it is cheap), its clean flags are stored, and Square
-    continues after the state's last finished batch (or is taken whole when it finished). When
-    the state has a ``path`` it is saved there (atomically) after the transfer phase, after
-    Square's finished batches (at most every ``save_every`` seconds), when Square ends, and when
-    it is interrupted (Ctrl-C or an error), so at most the batch in flight is lost. If the
-    runtime's clean flags differ from the state's (a non-deterministic runtime), the saved Square
-    batches no longer apply: they are discarded and Square runs again.
+    With a ``state`` (``verify.state.VerifyState`` for these settings) the live attacks are
+    resumable: the clean and transfer phase is measured (it is cheap), its clean flags are stored,
+    and each live attack continues after the state's last finished batch of it (or is taken whole
+    when it finished). When the state has a ``path`` it is saved there (atomically) after the
+    transfer phase, after finished batches (at most every ``save_every`` seconds), when an attack
+    ends, and when it is interrupted (Ctrl-C or an error), so at most the batch in flight is lost.
+    If the runtime's clean flags differ from the state's (a non-deterministic runtime), the saved
+    batches no longer apply: they are discarded and the live attacks run again.
 
     Args:
         backend: an open runtime backend (``predict(images) -> logits``).
         pack: a loaded, validated pack whose shape and classes fit the backend.
-        square_queries: Square's query budget per image; 0 turns Square off.
-        square_n: images Square attacks (a seeded class-stratified subset of the pack; None: all).
-        batch_size: images per runtime call (and per Square batch).
-        seed: seed of the Square subset; Square's batch ``i`` (of the attacked samples, in pack
+        live: query-only attack specs run live, in order (``["square1000"]``, or ``"square1000,square5000"``);
+            None: ``verify.live.DEFAULT_LIVE``; ``[]`` or ``"none"``: none.
+        live_n: images the live attacks attack (one seeded class-stratified subset of the pack; None: all).
+        batch_size: images per runtime call (and per live-attack batch).
+        seed: seed of the live subset; each live attack's batch ``i`` (of the attacked samples, in pack
             order) is seeded ``seed + i``, so each batch's outcome does not depend on the others.
-        square_p_init: Square's initial square size (fraction of pixels).
         progress: ``callback(done, total, stage=...)``.
         state: optional ``VerifyState`` whose key has these settings; updated in place.
-        on_state: optional ``callback(StateEvent)`` when Square is taken from the state
+        on_state: optional ``callback(StateEvent)`` when a live attack is taken from the state
             (``"reused"``, ``"resumed"``) or its saved batches are dropped (``"discarded"``).
-        save_every: seconds between saves of Square's finished batches (0: after every batch).
+        save_every: seconds between saves of finished batches (0: after every batch).
         section: the pack's white-box section for this very artifact (``RobustnessPack.artifact_for``),
             scored here as the "white-box on this artifact" tier; None: the pack has none.
         is_source: the backend runs the pack's own source model (PyTorch), for which the
             transferred attacks are white-box: the worst case is then not an upper bound.
+        square_queries: deprecated alias: ``live=[square<N>]`` (0: none).
+        square_n: deprecated alias of ``live_n``.
 
     Returns:
         the ``RuntimeEvaluation``.
 
     Raises:
-        UsageError: a bad batch size, or a ``state`` made with other settings.
+        UsageError: bad live attacks or sizes, a bad batch size, or a ``state`` made with other settings.
     """
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    specs, live_n = resolve_live(live, live_n, square_queries=square_queries, square_n=square_n)
     n, y = pack.n, pack.y
-    k = square_size(n, square_queries, square_n)
+    k = live_size(n, live_n)
+    attacks = create_live_attacks(specs, pack.eps, seed=seed, batch_size=batch_size)
     if state is not None:
-        diffs = state.key.settings_differences(n=n, eps=pack.eps, square_queries=int(square_queries), square_n=k,
-                                               square_p_init=float(square_p_init), seed=int(seed),
-                                               batch_size=int(batch_size))
+        diffs = state.key.settings_differences(n=n, eps=pack.eps, live_n=k, seed=int(seed), batch_size=int(batch_size))
+        for attack in attacks:
+            rec = state.record(attack.label)
+            if rec is not None:
+                diffs += [f"{attack.label} {d}" for d in settings_differences(rec.settings, attack.describe())]
         if diffs:
             raise UsageError(f"the verify state is for other settings: {'; '.join(diffs)}")
     has_wb = section is not None and section.x_adv is not None
@@ -283,7 +285,7 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
     determinism = (logits_clean[:k_det], backend.predict(pack.x[:k_det], batch_size=batch_size))
     if state is not None:
         if state.clean_correct is not None and not np.array_equal(state.clean_correct, clean_correct):
-            for rec in state.attacks:  # Square attacked other samples then: its batches do not apply
+            for rec in state.attacks:  # the live attacks attacked other samples then: their batches do not apply
                 announce("discarded", rec.label, 0, rec.total, rec.seconds)
                 log.debug("%s in %s was measured on other clean predictions than the runtime gives now "
                           "(a non-deterministic runtime?): it runs again", rec.label, state.path)
@@ -305,33 +307,36 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
         if o.kind == "whitebox":
             full_flags &= o.per_sample  # type: ignore[arg-type]
 
-    # ---------------------------------------------------------------- Square, live on the runtime
-    square_idx = None
-    square_s = 0.0
+    # ---------------------------------------------------------------- live attacks, query-only on the runtime
+    live_idx = None
+    live_s = 0.0
     worst_case = None
     if outcomes:
         worst_case = {"label": worst_case_label([o.to_dict() for o in outcomes]), "acc": float(full_flags.mean()),
                       "n": n, "attacks": [o.label for o in outcomes]}
-    if square_queries:
-        square_idx = stratified_subset(y, k, seed)
-        attack = square_attack(square_queries, pack.eps, seed=seed, batch_size=batch_size, p_init=square_p_init)
-        settings = attack.describe()  # before the batches re-seed it
-        targets = square_idx[clean_correct[square_idx]]
-        robust_t, queries, square_s, origin = _run_square(
-            backend, pack, attack, targets, seed=seed, batch_size=batch_size,
-            num_classes=int(logits_clean.shape[1]), progress=progress, state=state, announce=announce, save=save,
-            save_every=save_every)
-        flags = np.zeros(k, dtype=bool)
-        flags[np.searchsorted(square_idx, targets)] = robust_t
-        outcomes.append(AttackOutcome(
-            name=attack.name, label=attack.label, kind="query", eps=pack.eps, n=k, robust_acc=float(flags.mean()),
-            reference_acc=None, seconds=square_s,
-            settings={**settings, "seed": seed, "batch_seeds": "seed + batch index", "batch_size": batch_size,
-                      "started_from": "clean images", "attacked": int(len(targets)),
-                      "subset": "all" if k == n else f"{k} of {n}, class-stratified",
-                      "implementation": "ciard_deploy.attacks.square (numpy; equal-margin steps accepted)"},
-            queries=queries, per_sample=flags, indices=square_idx, origin=origin))
-        all_flags = full_flags[square_idx] & flags
+    if attacks:
+        live_idx = stratified_subset(y, k, seed)
+        targets = live_idx[clean_correct[live_idx]]
+        all_flags = full_flags[live_idx].copy()
+        for attack in attacks:
+            settings = attack.describe()  # before the batches re-seed it
+            robust_t, queries, seconds, origin = run_live_attack(
+                backend, pack, attack, targets, seed=seed, batch_size=batch_size,
+                num_classes=int(logits_clean.shape[1]), progress=progress, state=state, announce=announce, save=save,
+                save_every=save_every)
+            flags = np.zeros(k, dtype=bool)
+            flags[np.searchsorted(live_idx, targets)] = robust_t
+            all_flags &= flags
+            live_s += seconds
+            outcomes.append(AttackOutcome(
+                name=attack.name, label=attack.label, kind="query", eps=pack.eps, n=k, robust_acc=float(flags.mean()),
+                reference_acc=None, seconds=seconds,
+                settings={**settings, "seed": seed, "batch_seeds": "seed + batch index", "batch_size": batch_size,
+                          "started_from": "clean images", "attacked": int(len(targets)),
+                          "subset": "all" if k == n else f"{k} of {n}, class-stratified",
+                          "implementation": f"{type(attack).__module__}.{type(attack).__name__} (numpy, live on "
+                                            "the runtime)"},
+                queries=queries, per_sample=flags, indices=live_idx, origin=origin))
         worst_case = {"label": worst_case_label([o.to_dict() for o in outcomes]), "acc": float(all_flags.mean()),
                       "n": k, "attacks": [o.label for o in outcomes]}
     if worst_case is not None:
@@ -340,13 +345,13 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, square_queries: int 
     timings = {"clean_s": round(clean_s, 4), "transfer_s": round(inference_s - clean_s, 4),
                "inference_s": round(inference_s, 4), "inference_images": total_inf,
                "inference_images_per_s": round(total_inf / inference_s, 1) if inference_s > 0 else None,
-               "square_s": round(square_s, 4),
-               "square_s_per_100_images": round(100 * square_s / len(square_idx), 4)
-               if square_idx is not None and len(square_idx) else None,
+               "live_s": round(live_s, 4),
+               "live_s_per_100_images": round(100 * live_s / len(live_idx), 4)
+               if live_idx is not None and len(live_idx) else None,
                "runtime": stats.to_dict() if hasattr(stats, "to_dict") else None}
     return RuntimeEvaluation(n=n, clean_acc=float(clean_correct.mean()), clean_correct=clean_correct,
                              attacks=outcomes, worst_transfer=worst_transfer, worst_case=worst_case, parity=parity,
-                             timings=timings, square_indices=square_idx, determinism=determinism, logits=logits)
+                             timings=timings, live_indices=live_idx, determinism=determinism, logits=logits)
 
 
 #: How each tier is named in reports.
@@ -373,89 +378,24 @@ def coverage(outcomes: list[AttackOutcome], section: ArtifactSection | None, is_
             "upper_bound_reason": (why or "no white-box attack on this artifact") if upper else None}
 
 
-def _run_square(backend: Any, pack: RobustnessPack, attack: Any, targets: np.ndarray, *, seed: int, batch_size: int,
-                num_classes: int, progress: Progress | None, state: VerifyState | None,
-                announce: Callable[..., None], save: Callable[[], None],
-                save_every: float) -> tuple[np.ndarray, int, float, str]:
-    """Square on the pack positions ``targets``, batch ``i`` seeded ``seed + i``, continuing ``state``'s record.
-
-    Returns ``(robust flag per target, queries, seconds, origin)``; queries and seconds include
-    the work a state file holds.
-    """
-    y, total, label = pack.y, len(targets), attack.label
-    robust = np.zeros(total, dtype=bool)
-    first, queries_before, seconds_before, origin = 0, 0, 0.0, "ran"
-    rec = state.record(label) if state is not None else None
-    if rec is not None and rec.total != total:  # cannot happen with equal keys and clean flags; never trust it
-        announce("discarded", label, 0, rec.total, rec.seconds)
-        rec = None
-    if rec is not None and rec.done > 0:
-        robust[:rec.done] = rec.per_sample[targets[:rec.done]]
-        first, queries_before, seconds_before = rec.done, int(rec.queries or 0), rec.seconds
-        origin = "reused" if rec.finished else "resumed"
-        announce(origin, label, rec.done, total, rec.seconds)
-        log.debug("%s: %s at %d/%d from %s", label, origin, rec.done, total, state.path)  # type: ignore[union-attr]
-        if rec.finished:
-            if progress is not None:
-                progress(total, total, stage=label)
-            return robust, queries_before, seconds_before, origin
-    if state is not None:
-        per_sample = np.zeros(pack.n, dtype=bool)
-        per_sample[targets[:first]] = robust[:first]
-        rec = AttackRecord(label, attack.name, attack.eps, attack.describe(), total, first, seconds_before, per_sample,
-                           device=str(state.key.provider or state.key.backend), batch_size=batch_size,
-                           queries=queries_before)
-        state.put(rec)
-    queries = [0]
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        queries[0] += len(batch)
-        return backend.predict(batch, batch_size=batch_size)
-
-    t0 = last_save = time.perf_counter()
-    unsaved = False
-    if progress is not None:
-        progress(first, total, stage=label)
-    try:
-        for s in range(first, total, batch_size):
-            pos = targets[s:s + batch_size]
-            attack.seed = seed + s // batch_size  # each batch its own seeded random search: resumable
-            xb = pack.x[pos]
-            x_adv = attack.run_numpy(predict, xb, y[pos], num_classes=num_classes)
-            dist = float(np.abs(x_adv - xb).max()) if len(xb) else 0.0
-            if dist > pack.eps + EPS_TOLERANCE or (len(x_adv) and (x_adv.min() < 0 or x_adv.max() > 1)):
-                raise RuntimeError(f"{label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {pack.eps:.3g})")
-            done = s + len(pos)
-            robust[s:done] = predict(x_adv).argmax(1) == y[pos]
-            if rec is not None:
-                rec.per_sample[pos] = robust[s:done]
-                rec.done, rec.queries = done, queries_before + queries[0]
-                rec.seconds = seconds_before + time.perf_counter() - t0
-                unsaved = True
-                if done < total and time.perf_counter() - last_save >= save_every:
-                    save()
-                    last_save, unsaved = time.perf_counter(), False
-            if progress is not None:
-                progress(done, total, stage=label)
-    except BaseException:
-        if unsaved:  # Ctrl-C or a failure: keep the batches that finished
-            save()
-        raise
-    finally:
-        attack.seed = seed
-    seconds = seconds_before + time.perf_counter() - t0
-    if rec is not None:
-        rec.done, rec.seconds = total, seconds
-        save()
-    return robust, queries_before + queries[0], seconds, origin
+def _live_worst(ev: RuntimeEvaluation, family: str | None = None) -> float | None:
+    """Per-sample worst case over the live attacks (of one registry ``family``, or all) on their subset."""
+    flags = [o.per_sample for o in ev.query if family is None or family_of(o.name) == family]
+    if not flags:
+        return None
+    return float(np.logical_and.reduce([np.asarray(f, bool) for f in flags]).mean())
 
 
 def metrics_of(ev: RuntimeEvaluation, pack: RobustnessPack) -> dict[str, float | None]:
-    """The flat numbers gates judge (see ``verify.gates``), plus a few for readers."""
+    """The flat numbers gates judge (see ``verify.gates``), plus a few for readers.
+
+    The live attacks give ``live_acc`` (per-sample worst over all of them, on their subset) and one
+    ``<family>_acc`` per query-only family of the registry (``square_acc``: the worst over the
+    Square attacks that ran; None when none did).
+    """
     ref = pack.reference
     adv = ev.parity.adversarial
     wt = ev.worst_transfer
-    square = ev.query[0] if ev.query else None
     return {
         "clean_acc": ev.clean_acc,
         "worst_case_acc": ev.worst_case["acc"] if ev.worst_case else None,
@@ -467,61 +407,68 @@ def metrics_of(ev: RuntimeEvaluation, pack: RobustnessPack) -> dict[str, float |
         "worst_case_transfer_acc": wt["acc"] if wt else None,
         "reference_clean_acc": float(ref["clean_acc"]),
         "reference_worst_case_acc": ref.get("worst_case_acc"),
-        "square_acc": square.robust_acc if square else None,
+        **{f"{family}_acc": _live_worst(ev, family) for family in live_families()},
+        "live_acc": _live_worst(ev),
         "whitebox_acc": ev.whitebox[0].robust_acc if ev.whitebox else None,
     }
 
 
 # --------------------------------------------------------------------------- the entry point
 def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *, provider: str | None = None,
-        gates: Gates | None = None, square_queries: int = 1000, square_n: int | None = None,
-        batch_size: int = DEFAULT_BATCH, seed: int = 0, threads: int | None = None, square_p_init: float = 0.8,
+        gates: Gates | None = None, live: str | Sequence[str] | None = None, live_n: int | None = None,
+        batch_size: int = DEFAULT_BATCH, seed: int = 0, threads: int | None = None,
         progress: Progress | None = None, state_path: str | os.PathLike | None = None, fresh: bool = False,
-        on_state: Callable[[StateEvent], None] | None = None, save_every: float = SAVE_EVERY_S) -> VerifyReport:
+        on_state: Callable[[StateEvent], None] | None = None, save_every: float = SAVE_EVERY_S,
+        square_queries: int | None = None, square_n: int | None = None) -> VerifyReport:
     """Verifies an exported artifact on its runtime against a robustness pack.
 
-    Order of work, so that bad input costs nothing: gates and settings; the state file (if
-    any: a folder or a file that is not a verify state is refused); the pack (fully validated);
-    the artifact opened in its runtime; pack <-> artifact compatibility; the state's key; then
-    the evaluation, the checks and the gates.
+    Order of work, so that bad input costs nothing: gates and settings (the live attacks
+    included); the state file (if any: a folder or a file that is not a verify state is refused);
+    the pack (fully validated); the artifact opened in its runtime; pack <-> artifact
+    compatibility; the state's key; then the evaluation, the checks and the gates.
 
     With ``state_path`` the verification is resumable (see ``verify.state``): the file is created
-    if absent and saved as Square goes (after its finished batches, at most every ``save_every``
-    seconds, and on Ctrl-C). If it exists it must hold the same verification (artifact sha256,
-    pack checksum, backend and provider, Square's queries, n, p_init, seed, eps, batch size):
-    the clean and transfer phase is measured again and Square continues after its last saved
-    batch, or is taken whole if it finished (``on_state`` hears of it). The report's numbers
-    equal an uninterrupted run's. ``fresh`` discards what the file holds and starts over.
+    if absent and saved as the live attacks go (after their finished batches, at most every
+    ``save_every`` seconds, and on Ctrl-C). If it exists it must hold the same verification
+    (artifact sha256, pack checksum, backend and provider, live n, seed, eps, batch size) and,
+    for each live attack it holds that is asked for again, the same settings: the clean and
+    transfer phase is measured again and each live attack continues after its last saved batch,
+    or is taken whole if it finished (``on_state`` hears of it); live attacks the file lacks run.
+    The report's numbers equal an uninterrupted run's. ``fresh`` discards what the file holds and
+    starts over.
 
     Args:
         artifact: ``.onnx`` (onnxruntime), ``.engine``/``.plan`` (TensorRT), or a checkpoint/run dir (PyTorch).
         pack: path of a pack built by ``ciard pack`` (or a loaded ``RobustnessPack``).
         provider: onnxruntime execution provider (``cpu``, ``cuda``, ``tensorrt``) or torch device.
         gates: a ``Gates`` (None: no gates; the report then always passes).
-        square_queries: Square's query budget per image on the runtime; 0 turns it off.
-        square_n: images Square attacks (seeded, class-stratified subset; None: all).
+        live: query-only attacks run live on the runtime (specs: ``["square1000"]`` or
+            ``"square1000,square5000"``; None: ``verify.live.DEFAULT_LIVE``; ``[]``/``"none"``: none).
+        live_n: images the live attacks attack (seeded, class-stratified subset; None: all).
         batch_size: images per runtime call.
-        seed: seed of Square and its subset.
+        seed: seed of the live subset and of the live attacks' batches.
         threads: onnxruntime intra-op threads (None: its default).
-        square_p_init: Square's initial square size.
         progress: ``callback(done, total, stage=...)``.
         state_path: optional state file (JSON) that makes the run resumable.
         fresh: with ``state_path``: discard what the file holds (never a file of another kind).
         on_state: optional ``callback(StateEvent)`` for what is taken from the state; the CLI prints one line.
-        save_every: seconds between saves of Square's finished batches (0: after every batch).
+        save_every: seconds between saves of finished live-attack batches (0: after every batch).
+        square_queries: deprecated alias: ``live=[square<N>]`` (0: none).
+        square_n: deprecated alias of ``live_n``.
 
     Returns:
         the ``VerifyReport`` (``report.passed`` says whether every gate passed; the caller
         decides what a failure means: the CLI exits 1).
 
     Raises:
-        UsageError: bad settings or gates, ``fresh`` without ``state_path``, a state path that is a folder (exit 2).
+        UsageError: bad settings or gates (a live attack that needs gradients among them), ``fresh``
+            without ``state_path``, a state path that is a folder (exit 2).
         ArtifactError: missing/corrupt pack or artifact, a pack for another input shape or class count, or a
             state file that is not a ciard verify state (left as it is) (exit 2).
         StateMismatch: the state file holds a different verification (an ArtifactError naming each
             difference; the file is left as it is) (exit 2).
         BackendUnavailable: the runtime or provider is not installed here (exit 3).
-        KeyboardInterrupt: Ctrl-C; with ``state_path`` Square's finished batches are saved first.
+        KeyboardInterrupt: Ctrl-C; with ``state_path`` the finished live-attack batches are saved first.
     """
     from ciard_deploy import __version__
     from ciard_deploy.io import library_versions
@@ -534,14 +481,9 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
 
     t_start = time.perf_counter()
     gates = gates if gates is not None else Gates()
-    if square_queries < 0 or square_queries == 1:
-        raise UsageError(f"--square-queries must be 0 (off) or >= 2, got {square_queries}")
-    if square_n is not None and square_n < 1:
-        raise UsageError(f"--square-n must be >= 1, got {square_n}")
+    specs, live_n = resolve_live(live, live_n, square_queries=square_queries, square_n=square_n)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 0.0 < square_p_init < 1.0:
-        raise UsageError(f"square p_init must be in (0, 1), got {square_p_init}")
     if fresh and state_path is None:
         raise UsageError("--fresh discards a --state file: give --state too")
     if state_path is not None:
@@ -549,14 +491,13 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
     p = pack if isinstance(pack, RobustnessPack) else load_pack(pack)
     has_attacks = bool(p.adv)
     missing = unmeasurable(gates, {"clean_acc": True, "clean_drop": True, "agreement_clean": True,
-                                   "worst_case_acc": has_attacks or square_queries > 0,
+                                   "worst_case_acc": has_attacks or bool(specs),
                                    "robust_drop": has_attacks and p.reference.get("worst_case_acc") is not None,
                                    "agreement_adversarial": has_attacks})
     if missing:
         raise UsageError(f"{'; '.join(missing)}, which this run cannot measure (the pack holds "
-                         f"{len(p.adv)} attacks{', Square is off' if not square_queries else ''})")
-    square = square_attack(square_queries, p.eps, seed=seed, batch_size=batch_size, p_init=square_p_init) \
-        if square_queries else None  # settings checked before work
+                         f"{len(p.adv)} attacks{', no live attack runs (--live none)' if not specs else ''})")
+    attacks = create_live_attacks(specs, p.eps, seed=seed, batch_size=batch_size)  # settings checked before work
     t0 = time.perf_counter()
     options = {"threads": threads} if threads and Path(artifact).suffix.lower() == ".onnx" else {}
     backend = open_backend(artifact, provider=provider, **options)
@@ -575,16 +516,15 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
             key = VerifyKey.create(
                 artifact_sha256=prov.get("sha256") or metadata.get("source_sha256") or "",
                 pack_checksum=p.checksum or checksum_arrays(p.arrays()), backend=str(backend.name),
-                provider=backend.describe().get("provider", provider), n=p.n, eps=p.eps,
-                square_queries=square_queries, square_n=square_n, square_p_init=square_p_init, seed=seed,
+                provider=backend.describe().get("provider", provider), n=p.n, eps=p.eps, live_n=live_n, seed=seed,
                 batch_size=batch_size)
-            state, _ = VerifyState.open(state_path, key, [square] if square is not None else [], fresh=fresh,
+            state, _ = VerifyState.open(state_path, key, attacks, fresh=fresh,
                                         info={"artifact": str(artifact), "pack": str(p.path) if p.path else None,
                                               "threads": threads, "versions": library_versions()},
                                         mismatch_hint=MISMATCH_HINT)
         section = p.artifact_for(prov.get("sha256"))
-        ev = evaluate_runtime(backend, p, square_queries=square_queries, square_n=square_n, batch_size=batch_size,
-                              seed=seed, square_p_init=square_p_init, progress=progress, state=state,
+        ev = evaluate_runtime(backend, p, live=specs, live_n=live_n, batch_size=batch_size,
+                              seed=seed, progress=progress, state=state,
                               on_state=on_state, save_every=save_every, section=section,
                               is_source=getattr(backend, "name", "") == "torch")
         runtime = backend.describe()
@@ -603,18 +543,18 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
     if ev.determinism is not None:
         found.append(checks.check_determinism(*ev.determinism))
     found.append(checks.check_probabilities(ev.logits["clean"]))
-    if ev.query and ev.transfer and ev.square_indices is not None:
-        idx = ev.square_indices
-        sq = ev.query[0]
+    if ev.query and ev.transfer and ev.live_indices is not None:
+        idx = ev.live_indices
+        best = min(ev.query, key=lambda o: o.robust_acc)  # the strongest live attack
         subset = {o.label: float(o.per_sample[idx].mean()) for o in ev.transfer}  # type: ignore[index]
-        found.append(checks.check_square(sq.label, sq.robust_acc, subset, len(idx)))
+        found.append(checks.check_live(best.label, best.robust_acc, subset, len(idx)))
     if ev.whitebox and ev.transfer:
         wb = ev.whitebox[0]
         found.append(checks.check_whitebox(wb.label, wb.robust_acc, {o.label: o.robust_acc for o in ev.transfer}, ev.n))
     found += checks.check_coverage(ev.worst_case, section)
     if not ev.attacks:
-        found.append(checks.finding("no_adversarial_evaluation", "no attack ran: the pack holds none and Square is off",
-                                    "info"))
+        found.append(checks.finding("no_adversarial_evaluation", "no attack ran: the pack holds none and no live "
+                                                                  "attack runs (--live none)", "info"))
     findings += [f for f in found if f is not None]
     for f in findings:
         log.debug("%s: %s", f.level, f.line())  # the report carries them; the CLI renders them once
@@ -629,14 +569,13 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
     }
     per_sample = {"clean": _bits(ev.clean_correct),
                   **{o.label: _bits(o.per_sample) for o in ev.attacks if o.per_sample is not None},
-                  "square_indices": [int(i) for i in ev.square_indices] if ev.square_indices is not None else None}
+                  "live_indices": [int(i) for i in ev.live_indices] if ev.live_indices is not None else None}
     artifact_path = Path(artifact)
     artifact_section = {"path": str(artifact_path), "name": artifact_path.name, **prov,
                         "backend": runtime.get("backend"), "provider": runtime.get("provider", provider),
                         "precision": precision, "num_classes": num_classes, "input_spec": runtime.get("input_spec"),
                         "active_providers": runtime.get("active_providers"), "metadata": metadata}
-    settings = {"square_queries": int(square_queries), "square_n": square_n, "square_p_init": square_p_init,
-                "batch_size": batch_size, "seed": seed, "provider": provider, "threads": threads,
+    settings = {"live_attacks": list(specs), "live_n": live_n, "batch_size": batch_size, "seed": seed, "provider": provider, "threads": threads,
                 "state": None if state_path is None else str(state_path),
                 "parity_thresholds": {"clean": thr_clean, "adversarial": thr_adv if adv is not None else None}}
     timings = {"open_s": round(open_s, 4), **ev.timings, "total_s": round(time.perf_counter() - t_start, 4)}
@@ -654,4 +593,4 @@ def _bits(flags: np.ndarray | None) -> str:
 
 
 __all__ = ["AttackOutcome", "DEFAULT_BATCH", "MISMATCH_HINT", "RuntimeEvaluation", "evaluate_runtime", "metrics_of",
-           "run", "square_attack", "stratified_subset"]
+           "run", "stratified_subset"]

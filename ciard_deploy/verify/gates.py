@@ -54,7 +54,7 @@ class GateSpec:
 SPECS: dict[str, GateSpec] = {s.name: s for s in (
     GateSpec("min_clean", "clean_acc", ">=", "accuracy", "--min-clean", "clean accuracy on the runtime"),
     GateSpec("min_robust", "worst_case_acc", ">=", "accuracy", "--min-robust",
-             "worst-case robust accuracy on the runtime (every transferred attack and Square, per sample)"),
+             "worst-case robust accuracy on the runtime (every attack of the pack and every live one, per sample)"),
     GateSpec("max_clean_drop", "clean_drop", "<=", "drop", "--max-clean-drop",
              "clean accuracy lost against the PyTorch reference in the pack"),
     GateSpec("max_robust_drop", "robust_drop", "<=", "drop", "--max-robust-drop",

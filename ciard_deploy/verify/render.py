@@ -94,8 +94,9 @@ def render_report(report: VerifyReport, console: Console) -> None:
         parts.append(Text(f"{f.level}: {f.line()}", style=style))
     tm = report.timings
     rate = tm.get("inference_images_per_s")
-    parts.append(Text(f"inference: {tm.get('inference_images', 0)} images at {rate or 0:,.0f} img/s; square: "
-                      f"{tm.get('square_s', 0):.1f} s; total {tm.get('total_s', 0):.1f} s", style="dim"))
+    live_s = tm.get("live_s", tm.get("square_s", 0))  # square_s: a schema-1 report
+    parts.append(Text(f"inference: {tm.get('inference_images', 0)} images at {rate or 0:,.0f} img/s; live attacks: "
+                      f"{live_s or 0:.1f} s; total {tm.get('total_s', 0):.1f} s", style="dim"))
     verdict = report.failure_summary() if report.gate_results else "no gates set"
     parts.append(Text(f"{report.status.upper()}: {verdict}", style="bold green" if report.passed else "bold red"))
     console.print(Group(*parts))

@@ -1,6 +1,6 @@
 """The verify report: data first (a dataclass with a JSON round trip), then JUnit and Markdown writers.
 
-The JSON report (``kind: ciard.verify_report``, ``schema_version: 1``) holds::
+The JSON report (``kind: ciard.verify_report``, ``schema_version: 2``) holds::
 
     kind, schema_version, status ("passed" | "failed"), created, tool
     artifact:  {path, name, sha256, size, backend, provider, precision, num_classes, input_spec,
@@ -11,24 +11,30 @@ The JSON report (``kind: ciard.verify_report``, ``schema_version: 1``) holds::
                 num_classes, model: {...}, data: {dataset, split, n, seed, sampling}, attacks: [...],
                 reference: {clean_acc, robust_acc: {label: acc}, worst_case_label, worst_case_acc, ...},
                 versions, created, tool}
-    settings:  {square_queries, square_n, square_p_init, batch_size, seed, provider, threads,
+    settings:  {live_attacks: [spec, ...], live_n, batch_size, seed, provider, threads,
                 state (the --state file, or null), parity_thresholds: {clean, adversarial}}
     results:   {n, clean_acc, reference_clean_acc,
-                attacks: [{name, label, kind: transfer|query, eps, eps_label, n, robust_acc, reference_acc,
+                attacks: [{name, label, kind: whitebox|transfer|query, eps, eps_label, n, robust_acc, reference_acc,
                            drop, seconds, queries, origin: ran|resumed|reused, settings}],
                 robust_acc: {label: acc}, worst_case: {label, acc, n, attacks},
                 worst_case_transfer: {label, acc, n, attacks, reference_acc}}
     parity:    {clean: {n, top1_agreement, flips, flip_indices, max_abs_diff, mean_abs_diff,
                         max_prob_change, worst_index}, adversarial: {...} | null, per_attack: {label: {...}}}
     metrics:   {clean_acc, worst_case_acc, clean_drop, robust_drop, agreement_clean, agreement_adversarial,
-                worst_case_transfer_acc, reference_clean_acc, reference_worst_case_acc, square_acc}
+                worst_case_transfer_acc, reference_clean_acc, reference_worst_case_acc,
+                <family>_acc per query-only family (square_acc), live_acc, whitebox_acc}
     gates:     {gate: threshold}           the thresholds, so CI can re-judge without re-running
     gate_results: [{name, metric, op, threshold, measured, passed, description, message}]
     warnings:  [{code, check, level, title, message, doc}]
     timings:   {open_s, clean_s, transfer_s, inference_s, inference_images, inference_images_per_s,
-                square_s, square_s_per_100_images, runtime: {images, calls, seconds, images_per_second}, total_s}
+                live_s, live_s_per_100_images, runtime: {images, calls, seconds, images_per_second}, total_s}
     versions:  {python, numpy, onnxruntime, ...}
-    per_sample: {clean: "1101...", "<label>": "...", square_indices: [...] | null}
+    per_sample: {clean: "1101...", "<label>": "...", live_indices: [...] | null}
+
+Each live attack (``kind: query``) covers the ``live_indices`` subset of the pack; the worst case then
+covers that subset too. Schema 1 (before live attacks were a list) had ``settings.square_queries``,
+``square_n``, ``square_p_init``, ``timings.square_s`` and ``per_sample.square_indices``; such reports
+are still read (and re-judged).
 
 ``VerifyReport.rejudge(gates)`` re-runs the gates on the stored metrics. numpy-free and torch-free.
 """
@@ -49,7 +55,7 @@ from ciard_deploy.verify.checks import Finding
 from ciard_deploy.verify.gates import GateResult, Gates, judge
 
 REPORT_KIND = "ciard.verify_report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 log = logging.getLogger(__name__)
 

@@ -107,8 +107,8 @@ def natural_pack(natural_run, work) -> Path:
 def fp32_cli(robust_export, robust_pack, work) -> dict:
     """``ciard verify`` on the FP32 artifact with easy gates and every report."""
     out = work / "fp32_reports"
-    res = invoke("verify", robust_export / "model.onnx", "--pack", robust_pack, "--square-queries", 300,
-                 "--square-n", 100, "--min-clean", 0.5, "--min-robust", 0.2, "--max-clean-drop", 0.02,
+    res = invoke("verify", robust_export / "model.onnx", "--pack", robust_pack, "--live", "square300",
+                 "--live-n", 100, "--min-clean", 0.5, "--min-robust", 0.2, "--max-clean-drop", 0.02,
                  "--max-robust-drop", 0.02, "--min-agreement", 0.99, "--json", out / "r.json", "--junit", out / "r.xml",
                  "--markdown", out / "r.md", "--quiet")
     return {"res": res, "dir": out}
@@ -159,12 +159,12 @@ def test_easy_gates_pass_with_every_report(fp32_cli):
     p = rep["parity"]
     for part in (p["clean"], p["adversarial"], *p["per_attack"].values()):
         assert {"top1_agreement", "flips", "max_abs_diff", "mean_abs_diff"} <= set(part)
-    assert rep["settings"]["seed"] == 0 and rep["settings"]["square_queries"] == 300
+    assert rep["settings"]["seed"] == 0 and rep["settings"]["live_attacks"] == ["square300"]
     assert rep["pack"]["data"]["seed"] == 0 and rep["pack"]["checksum"].startswith("sha256:")
     assert len(rep["artifact"]["sha256"]) == 64 and rep["artifact"]["manifest"]["sha256_matches"] is True
     assert rep["artifact"]["pack_matches_source"] is True
     assert {"onnxruntime", "numpy", "python"} <= set(rep["versions"])
-    assert {"open_s", "inference_s", "inference_images_per_s", "square_s", "total_s"} <= set(rep["timings"])
+    assert {"open_s", "inference_s", "inference_images_per_s", "live_s", "total_s"} <= set(rep["timings"])
     assert rep["gates"] == {"min_clean": 0.5, "min_robust": 0.2, "max_clean_drop": 0.02, "max_robust_drop": 0.02,
                             "min_agreement": 0.99}
     assert all(g["passed"] and g["measured"] is not None for g in rep["gate_results"])

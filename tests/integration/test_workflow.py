@@ -4,7 +4,8 @@ interrupted training resumed; and a kind-train recipe (PGD-AT, no teachers) thro
 --from distill training it again from scratch.
 
 One workflow dir is made per module, for real: the shipped quickstart recipe with its teachers and
-student shortened by ``--set`` (same code path, fewer epochs; a smaller pack and Square budget) so the
+student shortened by ``--set`` (same code path, fewer epochs; a smaller pack with cheap white-box attacks on
+the artifacts, a smaller Square budget) so the
 module stays near a minute on 2 CPU cores. Its training is first stopped after epoch 3 through the
 library's callbacks, so the first CLI call also proves that an interrupted distill stage resumes.
 """
@@ -67,7 +68,8 @@ def sets(tmp_path_factory) -> list[str]:
                                   "train: {epochs: 3, final_attacks: []}\n")
     return [f"teachers.robust.recipe={d / 'robust.yaml'}", f"teachers.clean.recipe={d / 'clean.yaml'}",
             f"train.epochs={EPOCHS}", "train.eval_every=4", "deploy.pack.n=200", "deploy.parity_n=200",
-            "deploy.calib_n=256", "deploy.square_queries=300", "deploy.square_n=100", "deploy.gates.min_robust=0.3"]
+            "deploy.calib_n=256", "deploy.square_queries=300", "deploy.square_n=100", "deploy.gates.min_robust=0.3",
+            "deploy.pack.attacks=[pgd20,fgsm]", "deploy.pack.artifact_attacks=[mtpgd10]"]
 
 
 def run_cli(out: Path, sets: list[str], *extra, recipe: str = RECIPE) -> tuple:
@@ -117,7 +119,8 @@ def test_interrupted_training_resumes_and_the_run_passes(first):
     epochs = [json.loads(ln)["epoch"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, EPOCHS + 1))  # each epoch once: resumed, not restarted
     assert "PASSED" in res.stdout and "model.int8.onnx" in res.stdout
-    assert "worst(pgd20+fgsm+square300)@0.15" in res.stdout and "worst(pgd20+fgsm)@0.15" in res.stdout
+    assert "worst(wb(mtpgd10)+pgd20+fgsm+square300)@0.15" in res.stdout and "worst(pgd20+fgsm)@0.15" in res.stdout
+    assert "covering white-box on this artifact" in res.stdout
 
 
 def test_numbers_a_robust_student_keeps_on_each_runtime(first):
@@ -131,7 +134,8 @@ def test_numbers_a_robust_student_keeps_on_each_runtime(first):
     assert rows["onnx"]["precision"] == "fp32" and rows["onnx-int8"]["precision"] == "int8"
     for r in rows.values():
         assert r["clean"] >= 0.9 and r["worst_case"]["acc"] >= 0.35 and r["worst_case"]["n"] == 100
-        assert r["worst_case"]["label"] == "worst(pgd20+fgsm+square300)@0.15"
+        assert r["worst_case"]["label"] == "worst(wb(mtpgd10)+pgd20+fgsm+square300)@0.15"
+        assert r["worst_case"]["upper_bound"] is False
         assert r["gates"] == {"passed": 6, "total": 6, "failed": []} and r["export_status"] == "passed"
     assert rows["onnx"]["agreement"] >= 0.995 and rows["onnx-int8"]["agreement"] >= 0.97
     assert rows["onnx-int8"]["size"] < rows["onnx"]["size"]  # really quantized
@@ -144,7 +148,7 @@ def test_reports_exist_and_parse(first):
         assert rep["kind"] == "ciard.verify_report" and rep["status"] == "passed"
         assert rep["gates"]["min_robust"] == 0.3 and rep["gates"]["min_clean"] == 0.9  # recipe + --set
         assert rep["artifact"]["manifest"]["sha256_matches"] is True and rep["artifact"]["pack_matches_source"] is True
-        assert rep["settings"]["square_queries"] == 300 and rep["pack"]["n"] == 200
+        assert rep["settings"]["live_attacks"] == ["square300"] and rep["pack"]["n"] == 200
         root = ET.parse(out / "verify" / f"{name}.xml").getroot()
         assert root.get("tests") == "6" and root.get("failures") == "0"
         md = (out / "verify" / f"{name}.md").read_text()
@@ -169,6 +173,10 @@ def test_artifacts_match_their_manifest_and_the_pack_matches_the_student(first):
     assert m.source["sha256"] == student
     pack = load_pack(out / "pack.npz")
     assert pack.model_sha256 == student and pack.n == 200 and pack.attack_labels == ["pgd20@0.15", "fgsm@0.15"]
+    # the pack stage attacked every exported ONNX file white-box, keyed by the sha256 the export stage recorded
+    assert sorted(s.name for s in pack.artifacts) == ["model.int8.onnx", "model.onnx"]
+    for sec in pack.artifacts:
+        assert sec.sha256 == sha256_file(out / "export" / sec.name) and sec.meta["label"] == "wb(mtpgd10)@0.15"
 
 
 def test_workflow_state_records_inputs_and_outputs(first):
@@ -359,7 +367,7 @@ def test_an_interrupted_pack_stage_resumes_from_its_partial_folder(first, sets, 
 
 TRAIN_RECIPE = "quick/digits_pgd_at_none_to_tiny_cnn_linf0.15"  # kind: train, no deploy: section of its own
 TRAIN_SETS = ["deploy.formats=[onnx]", "train.epochs=2", "train.eval_every=2", "train.final_attacks=[]",
-              "deploy.pack.attacks=[fgsm]", "deploy.pack.n=100", "deploy.parity_n=100", "deploy.square_queries=50",
+              "deploy.pack.attacks=[fgsm]", "deploy.pack.artifact_attacks=[mtpgd10]", "deploy.pack.n=100", "deploy.parity_n=100", "deploy.square_queries=50",
               "deploy.square_n=20", "deploy.gates.min_clean=0.5", "deploy.gates.min_agreement=0.99"]
 
 
@@ -373,7 +381,7 @@ def test_a_train_recipe_runs_the_chain_and_from_distill_trains_again_from_scratc
     assert result["state"]["stages"]["distill"]["inputs"]["teachers"] == {}  # nothing to cache or hash
     (row,) = result["artifacts"]
     assert row["name"] == "onnx" and row["clean"] >= 0.5 and row["agreement"] >= 0.99
-    assert row["worst_case"]["label"] == "worst(fgsm+square50)@0.15" and row["gates"]["failed"] == []
+    assert row["worst_case"]["label"] == "worst(wb(mtpgd10)+fgsm+square50)@0.15" and row["gates"]["failed"] == []
     assert json.loads((out / "run" / "teachers.json").read_text()) == {}
     before = snapshot(out)
 

@@ -46,7 +46,7 @@ def test_deploy_section_defaults_parse_and_round_trip(tmp_path):
     r = recipe_from_dict(deep_merge(DISTILL, DEPLOY))
     d = r.deploy
     assert isinstance(d, DeployConfig)
-    assert d.formats == ["onnx", "onnx-int8"] and d.calib == "clean" and d.square_queries == 1000
+    assert d.formats == ["onnx", "onnx-int8"] and d.calib == "clean" and d.live_attacks == ["square1000"]
     assert d.pack.eps is None and d.pack.n == 100
     assert d.gates_mapping() == {"min_clean": 0.9, "min_robust": 0.4}  # "40%" read as verify reads it
     assert gates_from_mapping({"gates": d.gates_mapping()}).min_robust == 0.4
@@ -74,6 +74,16 @@ def test_deploy_is_not_part_of_the_training_hash():
     ({"deploy": {"calib": "noisy"}}, "deploy.calib"),
     ({"deploy": {"opset": 9}}, "deploy.opset: opset must lie in 13..23"),
     ({"deploy": {"square_queries": 1}}, "deploy.square_queries: Square needs at least 2 queries"),
+    ({"deploy": {"live_attacks": ["pgd20"]}}, "deploy.live_attacks: pgd20 needs gradients, which a runtime does not "
+                                              "give, so it cannot run live; white-box attacks belong in "
+                                              "deploy.pack.attacks"),
+    ({"deploy": {"live_attacks": ["sqaure100"]}}, "deploy.live_attacks: unknown attack 'sqaure100'. Did you mean "
+                                                  "'square100'?"),
+    ({"deploy": {"live_attacks": ["square1"]}}, "deploy.live_attacks: attack 'square1': queries must be >= 2"),
+    ({"deploy": {"live_attacks": ["square50", "Square50"]}}, "deploy.live_attacks: square50 listed twice"),
+    ({"deploy": {"live_attacks": "square50"}}, "deploy.live_attacks: give a list of query-only attacks"),
+    ({"deploy": {"live_n": 0}}, "deploy.live_n: Input should be greater than 0"),
+    ({"deploy": {"live_attack": ["square50"]}}, "deploy.live_attack: unknown key (did you mean 'live_attacks'?)"),
     ({"deploy": {"pack": {"attacks": ["pgd20", "foo"]}}}, "deploy.pack.attacks: unknown attack 'foo'"),
     ({"deploy": {"pack": {"attacks": []}}}, "deploy.pack.attacks: give at least one attack"),
     ({"deploy": {"pack": {"eps": "9"}}}, "deploy.pack.eps"),
@@ -87,6 +97,31 @@ def test_deploy_is_not_part_of_the_training_hash():
 def test_deploy_problems_name_the_key(patch, needle):
     text = "\n".join(problems(patch))
     assert needle in text, text
+
+
+def test_deploy_live_attacks_and_the_old_square_keys(tmp_path):
+    r = recipe_from_dict(deep_merge(DISTILL, {"deploy": {"live_attacks": ["Square50", "square80"], "live_n": 30}}))
+    assert r.deploy.live_attacks == ["square50", "square80"] and r.deploy.live_n == 30
+    assert recipe_from_dict(deep_merge(DISTILL, {"deploy": {"live_attacks": []}})).deploy.live_attacks == []
+    # an old recipe's square_queries / square_n are read as the new keys (0: no live attack)
+    old = recipe_from_dict(deep_merge(DISTILL, {"deploy": {"square_queries": 300, "square_n": 100}}))
+    assert old.deploy.live_attacks == ["square300"] and old.deploy.live_n == 100
+    assert recipe_from_dict(deep_merge(DISTILL, {"deploy": {"square_queries": 0}})).deploy.live_attacks == []
+    # the old key given over a recipe with the new one (an old `--set`) wins: it was given last
+    new = deep_merge(DISTILL, {"deploy": {"live_attacks": ["square1000"], "live_n": 200}})
+    over = recipe_from_dict(new, ["deploy.square_queries=0", "deploy.square_n=50"])
+    assert over.deploy.live_attacks == [] and over.deploy.live_n == 50
+    # written back, the recipe has only the new keys and reads the same
+    p = tmp_path / "r.yaml"
+    p.write_text(old.to_yaml())
+    text = p.read_text()
+    assert "live_attacks:\n  - square300" in text and "square_queries" not in text and "square_n" not in text
+    assert load_recipe(p).deploy == old.deploy
+    # the verify stage's inputs name the live attacks
+    layout = Layout(tmp_path)
+    (tmp_path / "pack.npz").write_bytes(b"pack")
+    settings = stage_inputs("verify", old, layout, state={})["settings"]
+    assert settings == {"live_attacks": ["square300"], "live_n": 100, "seed": 0, "provider": "cpu"}
 
 
 def test_every_deploy_problem_at_once():

@@ -102,6 +102,14 @@ def test_table(bf):
     assert "transfer: pgd20" in text and "apgd-ce -125" in text and "note: a note" in text
 
 
+def test_eps_label_and_verify_settings(bf):
+    assert bf.eps_label(8 / 255) == "8/255" and bf.eps_label(0.15) == "0.15" and bf.eps_label(None) == "—"
+    assert bf.parse_settings(["square_n=null", "whitebox=true", "tier=white-box"]) == \
+        {"square_n": None, "whitebox": True, "tier": "white-box"}
+    with pytest.raises(bf.Usage):
+        bf.parse_settings(["no-equals"])
+
+
 def test_missing_modules_line(bf):
     have = {"torch", "onnx"}
     missing = bf.missing_modules({"torch": "torch", "torchattacks": "torchattacks", "onnx2torch": "onnx2torch"},
@@ -120,3 +128,11 @@ def test_json_guard_and_write(bf, tmp_path):
     bf.check_json_target(out, force=True)
     assert bf.main(["--run-dir", str(tmp_path), "--json", str(out)]) == 2  # refused before any work
     assert bf.main(["--run-dir", str(tmp_path), "--formats", "fp64"]) == 2
+
+
+def test_exit_3_names_what_to_install(bf, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bf, "missing_modules", lambda: ["torchattacks", "onnx2torch"])
+    assert bf.main(["--run-dir", str(tmp_path), "--skip-cifar"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bench_fidelity: missing torchattacks, onnx2torch: pip install torchattacks onnx2torch "
+                   "(tool-only, not a ciard-deploy dependency)"]

@@ -10,7 +10,7 @@ import pytest
 from ciard_deploy.export.manifest import ArtifactRecord, Manifest
 from ciard_deploy.io import sha256_file
 from ciard_deploy.verify import run
-from ciard_deploy.verify.checks import (CHECKS, check_determinism, check_parity, check_probabilities, check_square,
+from ciard_deploy.verify.checks import (CHECKS, check_determinism, check_parity, check_probabilities, check_live,
                                         finding, metadata_mismatches, provenance)
 
 pytestmark = pytest.mark.unit
@@ -25,7 +25,7 @@ def write_manifest(folder, artifact, sha=None, source_sha="cd" * 32, status="pas
 
 def test_codes_are_unique_and_documented():
     assert len({c.name for c in CHECKS.values()}) == len(CHECKS)
-    f = finding("square_beats_transfer", "msg")
+    f = finding("live_beats_transfer", "msg")
     assert f.code == "V101" and f.doc.endswith("-v101") and f.line() == "[V101] msg"
     assert f.to_dict()["title"] == CHECKS["V101"].title
     with pytest.raises(KeyError):
@@ -78,11 +78,11 @@ def test_runtime_behaviour_checks():
     assert check_parity("clean", 0.999, 1, 1000, 0.999) is None
 
 
-def test_square_vs_transfer():
-    f = check_square("square100@0.1", 0.30, {"pgd20@0.1": 0.40, "fgsm@0.1": 0.50}, 100)
+def test_live_vs_transfer():
+    f = check_live("square100@0.1", 0.30, {"pgd20@0.1": 0.40, "fgsm@0.1": 0.50}, 100)
     assert f.code == "V101" and "pgd20@0.1 40.00%" in f.message
-    assert check_square("square100@0.1", 0.45, {"pgd20@0.1": 0.40}, 100) is None
-    assert check_square("square100@0.1", 0.10, {}, 100) is None
+    assert check_live("square100@0.1", 0.45, {"pgd20@0.1": 0.40}, 100) is None
+    assert check_live("square100@0.1", 0.10, {}, 100) is None
 
 
 def test_metadata_mismatches():

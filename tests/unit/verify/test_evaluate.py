@@ -51,11 +51,11 @@ def test_square_on_the_runtime(linear_onnx, pack_file):
         ev = evaluate_runtime(backend, pack, square_queries=60, square_n=40, batch_size=16, seed=3,
                               progress=lambda d, t, stage: calls.append((d, t, stage)))
     sq = ev.query[0]
-    assert sq.label == "square60@0.1" and sq.kind == "query" and sq.n == 40 and len(ev.square_indices) == 40
+    assert sq.label == "square60@0.1" and sq.kind == "query" and sq.n == 40 and len(ev.live_indices) == 40
     assert sq.queries > 40 and sq.settings["seed"] == 3 and sq.settings["started_from"] == "clean images"
     assert sq.robust_acc < ev.clean_acc  # a linear digits model is not robust at 0.1
     # the worst case covers Square's subset and is no better than any attack on it
-    idx = ev.square_indices
+    idx = ev.live_indices
     wc = ev.worst_case
     assert wc["n"] == 40 and wc["label"] == "worst(pgd10+fgsm+square60)@0.1"
     assert wc["acc"] <= min(sq.robust_acc, *(o.per_sample[idx].mean() for o in ev.transfer)) + 1e-12
@@ -80,7 +80,7 @@ def test_run_returns_a_complete_report(linear_onnx, pack_file):
     assert rep.artifact["backend"] == "onnxruntime" and rep.artifact["precision"] == "fp32"
     assert rep.artifact["pack_matches_source"] is True  # metadata source_sha256 == the pack's model sha
     assert rep.metrics["clean_acc"] == rep.results["clean_acc"] and rep.metrics["square_acc"] is not None
-    assert rep.settings["square_queries"] == 30 and rep.per_sample["square_indices"] is not None
+    assert rep.settings["live_attacks"] == ["square30"] and rep.per_sample["live_indices"] is not None
     assert len(rep.per_sample["clean"]) == 120
     codes = {f.code for f in rep.warnings}
     assert "V104" not in codes and "V106" not in codes

@@ -30,7 +30,7 @@ def test_verdict(report):
 def test_json_round_trip(report, tmp_path):
     path = report.write_json(tmp_path / "r.json")
     d = json.loads(path.read_text())
-    assert d["kind"] == "ciard.verify_report" and d["schema_version"] == 1 and d["status"] == "failed"
+    assert d["kind"] == "ciard.verify_report" and d["schema_version"] == 2 and d["status"] == "failed"
     assert d["gates"] == {"min_clean": 0.5, "min_robust": 0.99, "max_clean_drop": 0.01, "min_agreement": 0.999}
     back = VerifyReport.from_json(path)
     assert back.to_dict() == report.to_dict()
@@ -39,6 +39,10 @@ def test_json_round_trip(report, tmp_path):
         VerifyReport.from_dict({"kind": "other"})
     with pytest.raises(UsageError, match="newer"):
         VerifyReport.from_dict({**d, "schema_version": 99})
+    # a schema-1 report (Square's own keys) is still read and re-judged
+    old = {**d, "schema_version": 1, "settings": {"square_queries": 30, "square_n": 20, "square_p_init": 0.8},
+           "timings": {"square_s": 1.5, "total_s": 2.0}}
+    assert VerifyReport.from_dict(old).rejudge().schema_version == 1
 
 
 def test_rejudge_without_rerunning(report):

@@ -13,12 +13,12 @@ import json
 import numpy as np
 import pytest
 
+from ciard_deploy.attacks.base import create_attack
 from ciard_deploy.attacks.state import AttackRecord, EvaluationState, StateMismatch
 from ciard_deploy.errors import EXIT_BAD_INPUT, ArtifactError, UsageError
 from ciard_deploy.runtime import open_backend
 from ciard_deploy.verify import VerifyKey, VerifyState, evaluate_runtime, load_pack, run
-from ciard_deploy.verify.evaluate import square_attack
-from ciard_deploy.verify.state import square_size
+from ciard_deploy.verify.live import live_size
 
 pytestmark = pytest.mark.unit
 
@@ -26,9 +26,13 @@ pytestmark = pytest.mark.unit
 SQUARE = dict(square_queries=30, square_n=60, batch_size=8, seed=2)
 
 
+def square_attack(queries: int, eps: float, **options):
+    return create_attack(f"square{queries}", eps, **options)
+
+
 def _key(**changes) -> VerifyKey:
     base = dict(artifact_sha256="a" * 64, pack_checksum="sha256:" + "b" * 64, backend="onnxruntime", provider="cpu",
-                n=120, eps=0.1, square_queries=30, square_n=60, square_p_init=0.8, seed=2, batch_size=8)
+                n=120, eps=0.1, live_n=60, seed=2, batch_size=8)
     base.update(changes)
     return VerifyKey.create(**base)
 
@@ -89,8 +93,8 @@ def test_state_json_round_trip_and_atomic_save(tmp_path):
     path = state.save(tmp_path / "sub" / "v.state.json")
     assert sorted(p.name for p in path.parent.iterdir()) == ["v.state.json"]  # no temp file left behind
     d = json.loads(path.read_text())
-    assert d["kind"] == "ciard.verify_state" and d["schema_version"] == 1
-    assert d["key"]["square_n"] == 60 and d["key"]["pack_checksum"].startswith("sha256:")
+    assert d["kind"] == "ciard.verify_state" and d["schema_version"] == 2
+    assert d["key"]["live_n"] == 60 and d["key"]["pack_checksum"].startswith("sha256:")
     assert d["attacks"][0]["queries"] == 1234 and d["attacks"][0]["done"] == 16
     back = VerifyState.load(path)
     assert back.key == state.key and back.to_dict() == state.to_dict() and back.path == path
@@ -101,16 +105,16 @@ def test_state_json_round_trip_and_atomic_save(tmp_path):
 
 def test_key_differences_name_every_field():
     key = _key()
-    assert key.square_n == 60 and _key(square_n=None).square_n == 120 and _key(square_queries=0).square_n == 0
-    assert square_size(120, 30, 500) == 120
+    assert key.live_n == 60 and _key(live_n=None).live_n == 120 and _key(live_n=500).live_n == 120
+    assert live_size(120, 500) == 120 and live_size(120, None) == 120 and live_size(120, 7) == 7
     assert key.differences(_key()) == []
     assert key.differences(_key(seed=3, batch_size=16)) == ["seed 2 (file) vs 3 (now)",
                                                             "batch size 8 (file) vs 16 (now)"]
     assert key.differences(_key(artifact_sha256="c" * 64, pack_checksum="sha256:" + "d" * 64)) == [
         "artifact sha256 aaaaaaaaaaaa... (file) vs cccccccccccc... (now)",
         "pack checksum sha256:bbbbbbbbbbbb... (file) vs sha256:dddddddddddd... (now)"]
-    assert key.differences(_key(provider="cuda", square_queries=60)) == [
-        "provider \"cpu\" (file) vs \"cuda\" (now)", "Square queries 30 (file) vs 60 (now)"]
+    assert key.differences(_key(provider="cuda", live_n=50)) == [
+        "provider \"cpu\" (file) vs \"cuda\" (now)", "live n 60 (file) vs 50 (now)"]
     assert key.settings_differences(eps=0.2) == ["eps 0.1 (file) vs 0.2 (now)"]
 
 
@@ -147,7 +151,7 @@ def test_open_creates_reuses_refuses_and_never_overwrites(tmp_path):
 
 
 @pytest.mark.parametrize("edit,needle", [
-    (lambda d: d.update(schema_version=2), "verify state schema 2 is newer"),
+    (lambda d: d.update(schema_version=3), "verify state schema 3 is newer"),
     (lambda d: d["key"].pop("batch_size"), "key lacks batch_size"),
     (lambda d: d["attacks"][0].update(done=13), "done 13 is not a whole number of batches of 8"),
     (lambda d: d["attacks"][0].update(total=81, done=16), "total 81 is more than the 80 clean-correct"),
@@ -218,7 +222,7 @@ def test_ctrl_c_inside_a_batch_keeps_the_finished_ones_and_resumes_with_fewer_qu
         assert (a.label, a.robust_acc, a.queries) == (b.label, b.robust_acc, b.queries)
         np.testing.assert_array_equal(a.per_sample, b.per_sample)
     assert resumed.worst_case == whole.worst_case and resumed.query[0].origin == "resumed"
-    np.testing.assert_array_equal(resumed.square_indices, whole.square_indices)
+    np.testing.assert_array_equal(resumed.live_indices, whole.live_indices)
     # only the unfinished batches were attacked again: fewer runtime images than a whole run
     square_images = whole.query[0].queries
     assert full.images - second.images == pytest.approx(rec.queries) and rec.queries < square_images
@@ -228,13 +232,13 @@ def test_a_state_for_other_settings_or_other_clean_predictions(tmp_path, linear_
     pack = load_pack(pack_file)
     with open_backend(linear_onnx) as backend:
         state = VerifyState(_key(pack_checksum=pack.checksum))
-        with pytest.raises(UsageError, match=r"other settings: Square queries 30 \(file\) vs 40 \(now\)"):
-            evaluate_runtime(backend, pack, **{**SQUARE, "square_queries": 40}, state=state)
+        with pytest.raises(UsageError, match=r"other settings: live n 60 \(file\) vs 50 \(now\)"):
+            evaluate_runtime(backend, pack, **{**SQUARE, "square_n": 50}, state=state)
         whole = evaluate_runtime(backend, pack, state=state, **SQUARE)
         assert state.record("square30@0.1").finished
         # the runtime now "classifies" one sample outside Square's subset differently: the saved batches
         # were made on other clean flags and are dropped (a non-deterministic runtime), Square runs again
-        outside = next(i for i in range(pack.n) if i not in set(whole.square_indices.tolist()))
+        outside = next(i for i in range(pack.n) if i not in set(whole.live_indices.tolist()))
         state.clean_correct = state.clean_correct.copy()
         state.clean_correct[outside] = ~state.clean_correct[outside]
         events = []
@@ -256,8 +260,8 @@ def test_run_refuses_bad_state_files_before_any_work(tmp_path, linear_onnx, pack
         run(linear_onnx, pack_file, state_path=pack_file, **SQUARE)
     assert pack_file.read_bytes() == before
     path = tmp_path / "v.state.json"
-    run(linear_onnx, pack_file, state_path=path, **{**SQUARE, "square_queries": 20})
+    run(linear_onnx, pack_file, state_path=path, **{**SQUARE, "seed": 3})
     saved = path.read_bytes()
-    with pytest.raises(StateMismatch, match=r"Square queries 20 \(file\) vs 30 \(now\).*pass --fresh"):
+    with pytest.raises(StateMismatch, match=r"seed 3 \(file\) vs 2 \(now\).*pass --fresh"):
         run(linear_onnx, pack_file, state_path=path, **SQUARE)
     assert path.read_bytes() == saved

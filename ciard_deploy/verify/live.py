@@ -1,0 +1,251 @@
+"""The live phase of ``ciard verify``: query-only attacks run on the runtime itself, torch-free.
+
+Which attacks: any registered attack whose ``requires`` lacks ``gradients`` (today ``square<Q>``),
+named by spec on the CLI (``--live square1000,square5000``) or in a recipe
+(``deploy.live_attacks: [square1000]``); ``parse_live`` reads and checks both. A white-box spec
+is refused: it needs gradients, which a runtime does not give, so it belongs in the pack.
+
+How they run: ``run_live_attack`` is the one runner for all of them. Every live attack attacks the
+same seeded, class-stratified subset of the pack (``live_n`` images; the samples of it the
+runtime classifies correctly, in pack order), in batches of ``batch_size``, batch ``i`` seeded
+``seed + i`` (so a batch's outcome does not depend on the others). With a ``VerifyState`` each
+attack keeps its own record, keyed by its label and checked against its ``describe()``: finished
+batches are saved as they go, and a later call continues after the last one, or takes a finished
+attack whole. A new query-only attack needs its module and its registry entry
+(``attacks.base.QueryAttack`` says what the runner relies on), nothing here.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from ciard_deploy.attacks.base import (GRADIENTS, QueryAttack, create_attack, parse_attack_spec,
+                                       query_only_patterns)
+from ciard_deploy.attacks.state import AttackRecord
+from ciard_deploy.errors import CiardError, UsageError
+from ciard_deploy.verify.pack import EPS_TOLERANCE, RobustnessPack
+
+log = logging.getLogger(__name__)
+
+#: the live attacks of ``ciard verify`` and of a recipe's ``deploy:`` when none are given
+DEFAULT_LIVE: tuple[str, ...] = ("square1000",)
+
+#: words that turn the live attacks off (``--live none``, ``--live ""``)
+NONE_WORDS = ("", "none", "off")
+
+#: where a white-box attack goes instead (the end of the refusal)
+PACK_HINT = "white-box attacks belong in the pack (ciard pack --attacks, or --artifact-attacks for the artifact itself)"
+
+
+def _patterns() -> str:
+    return ", ".join(query_only_patterns())
+
+
+def check_live_spec(spec: str, what: str = "--live", pack_hint: str = PACK_HINT) -> str:
+    """One live attack spec, checked and written the way its label names it (``Square1000`` -> ``square1000``).
+
+    ``what`` leads the error messages (the flag or key; ``""``: none), ``pack_hint`` ends the refusal of a
+    white-box attack (where it goes instead).
+
+    Raises:
+        UsageError: an unknown attack (with the valid names), one that needs gradients (it belongs in
+            the pack: one line saying so), or settings the attack refuses (``square1``).
+    """
+    text = str(spec).strip()
+    lead = f"{what}: " if what else ""
+    try:
+        entry, _ = parse_attack_spec(text)
+    except UsageError as e:
+        raise UsageError(f"{lead}{e}") from None
+    if GRADIENTS in entry.requires:
+        raise UsageError(f"{lead}{text} needs gradients, which a runtime does not give, so it cannot run live; "
+                         f"{pack_hint}. Live attacks are query-only: {_patterns()}")
+    try:
+        attack = create_attack(text, 0.0, seed=0, batch_size=1)
+    except CiardError as e:
+        raise UsageError(f"{lead}{e}") from None
+    if not isinstance(attack, QueryAttack):  # a registry entry without the runner's interface: a bug
+        raise TypeError(f"{type(attack).__name__} declares no gradients but is no QueryAttack")
+    return attack.name
+
+
+def parse_live(specs: str | Iterable[str] | None, what: str = "--live", pack_hint: str = PACK_HINT) -> list[str]:
+    """The live attack specs of ``specs``: a comma-separated string or a list; None: ``DEFAULT_LIVE``.
+
+    ``"none"`` (or ``""``, ``"off"``, an empty list) means no live attack. Each spec is checked by
+    ``check_live_spec``; one listed twice is an error.
+
+    Example:
+        >>> parse_live("square5000, Square100"), parse_live("none"), parse_live(None)
+        (['square5000', 'square100'], [], ['square1000'])
+    """
+    if specs is None:
+        return list(DEFAULT_LIVE)
+    parts = specs.split(",") if isinstance(specs, str) else [str(s) for s in specs]
+    parts = [p.strip() for p in parts]
+    if all(p.lower() in NONE_WORDS for p in parts):
+        return []
+    out = [check_live_spec(p, what, pack_hint) for p in parts if p]
+    twice = sorted({s for s in out if out.count(s) > 1})
+    if twice:
+        raise UsageError(f"{what + ': ' if what else ''}{', '.join(twice)} listed twice")
+    return out
+
+
+def live_from_square_queries(queries: int, what: str = "--square-queries") -> list[str]:
+    """``--square-queries N`` (deprecated) as live specs: ``[square<N>]``, or ``[]`` for 0."""
+    if isinstance(queries, bool) or int(queries) != queries or queries < 0 or queries == 1:
+        raise UsageError(f"{what} must be 0 (off) or >= 2, got {queries}")
+    return [f"square{int(queries)}"] if queries else []
+
+
+def resolve_live(live: str | Iterable[str] | None = None, live_n: int | None = None, *,
+                 square_queries: int | None = None, square_n: int | None = None) -> tuple[list[str], int | None]:
+    """The live attacks and subset size asked for, from the new options or their deprecated aliases.
+
+    ``square_queries=N`` means ``live=[square<N>]`` (0: none) and ``square_n`` means ``live_n``; giving
+    an option and its alias together is an error, as is a subset size below 1.
+
+    Returns:
+        ``(specs, live_n)``: checked specs (``DEFAULT_LIVE`` when neither is given) and the subset size
+        (None: every pack sample).
+    """
+    if square_queries is not None and live is not None:
+        raise UsageError("--square-queries is the old spelling of --live: give one of them")
+    if square_n is not None and live_n is not None:
+        raise UsageError("--square-n is the old spelling of --live-n: give one of them")
+    specs = live_from_square_queries(square_queries) if square_queries is not None else parse_live(live)
+    size, flag = (square_n, "--square-n") if square_n is not None else (live_n, "--live-n")
+    if size is not None and (isinstance(size, bool) or int(size) != size or size < 1):
+        raise UsageError(f"{flag} must be >= 1, got {size}")
+    return specs, None if size is None else int(size)
+
+
+def live_size(n: int, live_n: int | None) -> int:
+    """How many pack samples the live attacks' subset holds: ``min(live_n, n)``, all ``n`` if None."""
+    return n if live_n is None else min(int(live_n), n)
+
+
+def create_live_attacks(specs: Sequence[str], eps: float, *, seed: int, batch_size: int) -> list[QueryAttack]:
+    """The attacks of ``specs`` at ``eps``, seeded ``seed`` (the runner re-seeds each batch)."""
+    attacks = []
+    for spec in specs:
+        attack = create_attack(spec, eps, seed=seed, batch_size=batch_size)
+        if not isinstance(attack, QueryAttack):
+            raise UsageError(f"{spec} is not a query-only attack; {PACK_HINT}")
+        attacks.append(attack)
+    return attacks
+
+
+def live_families() -> list[str]:
+    """Registry families of the query-only attacks (``["square"]``): each gets a ``<family>_acc`` metric."""
+    from ciard_deploy.attacks.base import ATTACKS
+
+    return [name for name, e in ATTACKS.items() if GRADIENTS not in e.requires]
+
+
+def family_of(name: str) -> str:
+    """``"square1000"`` -> ``"square"``."""
+    return parse_attack_spec(name)[0].family
+
+
+Progress = Callable[..., None]
+
+
+def run_live_attack(backend: Any, pack: RobustnessPack, attack: QueryAttack, targets: np.ndarray, *, seed: int,
+                    batch_size: int, num_classes: int, progress: Progress | None, state: Any,
+                    announce: Callable[..., None], save: Callable[[], None],
+                    save_every: float) -> tuple[np.ndarray, int, float, str]:
+    """One query-only attack on the pack positions ``targets``, batch ``i`` seeded ``seed + i``, resumable.
+
+    With a ``state`` (``verify.state.VerifyState``) the attack's record (by its label) is continued
+    after its last finished batch, or taken whole when finished; the finished batches are saved at
+    most every ``save_every`` seconds, when the attack ends, and when it is interrupted (Ctrl-C or
+    an error), so at most the batch in flight is lost. Each adversarial image is checked against the
+    budget before it is scored.
+
+    Returns:
+        ``(robust flag per target, queries, seconds, origin)``; queries and seconds include the work
+        a state file holds; origin is ``"ran"``, ``"resumed"`` or ``"reused"``.
+
+    Raises:
+        RuntimeError: the attack returned an image outside its eps-ball or outside [0, 1] (a bug).
+    """
+    y, total, label = pack.y, len(targets), attack.label
+    robust = np.zeros(total, dtype=bool)
+    first, queries_before, seconds_before, origin = 0, 0, 0.0, "ran"
+    rec = state.record(label) if state is not None else None
+    if rec is not None and rec.total != total:  # cannot happen with equal keys and clean flags; never trust it
+        announce("discarded", label, 0, rec.total, rec.seconds)
+        rec = None
+    if rec is not None and rec.done > 0:
+        robust[:rec.done] = rec.per_sample[targets[:rec.done]]
+        first, queries_before, seconds_before = rec.done, int(rec.queries or 0), rec.seconds
+        origin = "reused" if rec.finished else "resumed"
+        announce(origin, label, rec.done, total, rec.seconds)
+        log.debug("%s: %s at %d/%d from %s", label, origin, rec.done, total, state.path)
+        if rec.finished:
+            if progress is not None:
+                progress(total, total, stage=label)
+            return robust, queries_before, seconds_before, origin
+    if state is not None:
+        per_sample = np.zeros(pack.n, dtype=bool)
+        per_sample[targets[:first]] = robust[:first]
+        rec = AttackRecord(label, attack.name, attack.eps, attack.describe(), total, first, seconds_before, per_sample,
+                           device=str(state.key.provider or state.key.backend), batch_size=batch_size,
+                           queries=queries_before)
+        state.put(rec)
+    queries = [0]
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        queries[0] += len(batch)
+        return backend.predict(batch, batch_size=batch_size)
+
+    t0 = last_save = time.perf_counter()
+    unsaved = False
+    base_seed = attack.seed
+    if progress is not None:
+        progress(first, total, stage=label)
+    try:
+        for s in range(first, total, batch_size):
+            pos = targets[s:s + batch_size]
+            attack.seed = seed + s // batch_size  # each batch its own seeded search: resumable
+            xb = pack.x[pos]
+            x_adv = np.asarray(attack.run_numpy(predict, xb, y[pos], num_classes=num_classes), dtype=np.float32)
+            dist = float(np.abs(x_adv - xb).max()) if len(xb) else 0.0
+            if x_adv.shape != xb.shape or dist > pack.eps + EPS_TOLERANCE or \
+                    (len(x_adv) and (x_adv.min() < 0 or x_adv.max() > 1)):
+                raise RuntimeError(f"{label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {pack.eps:.3g})")
+            done = s + len(pos)
+            robust[s:done] = predict(x_adv).argmax(1) == y[pos]
+            if rec is not None:
+                rec.per_sample[pos] = robust[s:done]
+                rec.done, rec.queries = done, queries_before + queries[0]
+                rec.seconds = seconds_before + time.perf_counter() - t0
+                unsaved = True
+                if done < total and time.perf_counter() - last_save >= save_every:
+                    save()
+                    last_save, unsaved = time.perf_counter(), False
+            if progress is not None:
+                progress(done, total, stage=label)
+    except BaseException:
+        if unsaved:  # Ctrl-C or a failure: keep the batches that finished
+            save()
+        raise
+    finally:
+        attack.seed = base_seed
+    seconds = seconds_before + time.perf_counter() - t0
+    if rec is not None:
+        rec.done, rec.seconds = total, seconds
+        save()
+    return robust, queries_before + queries[0], seconds, origin
+
+
+__all__ = ["DEFAULT_LIVE", "check_live_spec", "create_live_attacks", "family_of", "live_families",
+           "live_from_square_queries", "live_size", "parse_live", "resolve_live", "run_live_attack"]
