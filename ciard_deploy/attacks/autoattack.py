@@ -34,6 +34,20 @@ def _keep_trace() -> Iterator[None]:
             sys.settrace(previous)
 
 
+def _import_autoattack(label: str) -> Any:
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise EnvironmentMissing(f"attack {label} needs pyautoattack ({exc}); "
+                                 "install it with: pip install pyautoattack") from None
+    return AutoAttack
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[1])
+
+
 def _rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
@@ -78,13 +92,8 @@ class AutoAttackAdapter(TorchAttack):
         return {"version": self.version, "attacks": list(AA_ATTACKS[self.version]), "seed": self.seed}
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        try:
-            from pyautoattack import AutoAttack
-        except ImportError as exc:  # pragma: no cover - a core dependency
-            raise EnvironmentMissing(f"attack {self.label} needs pyautoattack ({exc}); "
-                                     "install it with: pip install pyautoattack") from None
-        with torch.no_grad():
-            num_classes = int(model(x[:1]).shape[1])
+        AutoAttack = _import_autoattack(self.label)
+        num_classes = _num_classes(model, x)
         if num_classes < 3:
             raise UsageError(f"attack {self.label} needs at least 3 classes (its DLR losses compare "
                              f"the top 3 logits); this model has {num_classes}. Use pgd<K> or cw<K>.")
@@ -157,13 +166,8 @@ class AutoAttackComponent(TorchAttack):
                 "target_classes": "min(9, classes - 1)" if targeted else None, "seed": self.seed}
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        try:
-            from pyautoattack import AutoAttack
-        except ImportError as exc:  # pragma: no cover - a core dependency
-            raise EnvironmentMissing(f"attack {self.label} needs pyautoattack ({exc}); "
-                                     "install it with: pip install pyautoattack") from None
-        with torch.no_grad():
-            num_classes = int(model(x[:1]).shape[1])
+        AutoAttack = _import_autoattack(self.label)
+        num_classes = _num_classes(model, x)
         attr, restarts, targeted = COMPONENTS[self.component]
         if targeted and num_classes < 3:
             raise UsageError(f"attack {self.label} needs at least 3 classes; this model has {num_classes}. "

@@ -32,7 +32,8 @@ def test_run_on_real_cifar10_images_end_to_end(cifar_folder, tmp_path):
             f"teachers.robust.recipe={tmp_path / 'robust.yaml'}", "data.train_subset=400", "data.holdout=50",
             "train.epochs=1", "train.eval_n=50", "train.final_attacks=[]", "train.device=cpu",
             "deploy.calib_n=128", "deploy.parity_n=200", "deploy.pack.n=200", "deploy.square_queries=50",
-            "deploy.square_n=40", "deploy.gates.min_clean=null"]
+            "deploy.square_n=40", "deploy.gates.min_clean=null", "deploy.pack.attacks=[pgd20,fgsm]",
+            "deploy.pack.artifact_attacks=[mtpgd10]"]
     out, summary = tmp_path / "wf", tmp_path / "result.json"
     res = CliRunner().invoke(app, ["run", RECIPE, "--out", str(out), "--threads", "1", "--json", str(summary),
                                    *[a for s in sets for a in ("--set", s)]])
@@ -50,7 +51,8 @@ def test_run_on_real_cifar10_images_end_to_end(cifar_folder, tmp_path):
     rows = {r["name"]: r for r in result["artifacts"]}
     assert set(rows) == {"onnx", "onnx-int8"}
     for r in rows.values():
-        assert r["worst_case"]["label"] == "worst(pgd20+fgsm+square50)@8/255" and r["gates"]["failed"] == []
+        assert r["worst_case"]["label"] == "worst(wb(mtpgd10)+pgd20+fgsm+square50)@8/255"
+        assert r["gates"]["failed"] == [] and r["worst_case"]["upper_bound"] is False
         assert abs(r["clean"] - ref["clean"]) <= 0.02
     assert rows["onnx"]["agreement"] >= 0.995 and rows["onnx-int8"]["agreement"] >= 0.95
     manifest = json.loads((out / "export" / "manifest.json").read_text())

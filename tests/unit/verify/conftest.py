@@ -133,6 +133,18 @@ def pack_file(tmp_path_factory, linear, test_xy) -> Path:
     return p
 
 
+def noise_pack(linear: np.ndarray, x: np.ndarray, y: np.ndarray, path: Path) -> Path:
+    """A pack whose only 'attack' is a tiny random perturbation (0.01, signed): it transfers almost
+    nothing, so any real attack on the runtime does better (V101). Saved at ``path``."""
+    noise = np.clip(x + np.float32(0.01) * np.sign(np.random.default_rng(0).normal(size=x.shape)), 0, 1)
+    noise = noise.astype(np.float32)
+    pack = pack_from_arrays(x, y, logits_np(linear, x), [{"name": "noise", "label": "noise@0.1", "eps": 0.1}], [noise],
+                            [logits_np(linear, noise)], model={"sha256": SOURCE_SHA, "num_classes": 10,
+                                                               "input_shape": [1, 8, 8]},
+                            data={"dataset": "digits", "seed": 0}, eps=0.1)
+    return save_pack(pack, path)
+
+
 class Helpers:
     """The numpy helpers above, for test modules (conftest is not importable under importlib mode)."""
 
@@ -143,6 +155,7 @@ class Helpers:
     pgd = staticmethod(pgd_np)
     make_onnx = staticmethod(make_linear_onnx)
     pack = staticmethod(linear_pack)
+    noise_pack = staticmethod(noise_pack)
 
 
 @pytest.fixture(scope="session")

@@ -94,16 +94,7 @@ def test_metadata_mismatches():
 
 def test_run_warns_when_square_beats_transfer(tmp_path, linear, linear_onnx, test_xy, h):
     """A pack whose 'attack' is a tiny random perturbation transfers nothing; Square on the runtime does better."""
-    from ciard_deploy.verify.pack import pack_from_arrays, save_pack
-
-    x, y = test_xy
-    noise = np.clip(x + np.float32(0.01) * np.sign(np.random.default_rng(0).normal(size=x.shape)), 0, 1)
-    noise = noise.astype(np.float32)
-    pack = pack_from_arrays(x, y, h.logits(linear, x), [{"name": "noise", "label": "noise@0.1", "eps": 0.1}], [noise],
-                            [h.logits(linear, noise)], model={"sha256": h.source_sha, "num_classes": 10,
-                                                               "input_shape": [1, 8, 8]},
-                            data={"dataset": "digits", "seed": 0}, eps=0.1)
-    p = save_pack(pack, tmp_path / "weak.npz")
+    p = h.noise_pack(linear, *test_xy, tmp_path / "weak.npz")
     rep = run(linear_onnx, p, square_queries=60, square_n=40)
     assert "V101" in {f.code for f in rep.warnings}
     assert rep.metrics["square_acc"] < rep.results["robust_acc"]["noise@0.1"]

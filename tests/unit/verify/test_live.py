@@ -148,16 +148,7 @@ def test_two_live_attacks_in_one_verify(linear_onnx, pack_file):
 
 def test_v101_compares_the_strongest_live_attack(tmp_path, linear, linear_onnx, test_xy, h):
     """A pack whose only 'attack' is tiny noise: the strongest live attack is the one V101 names."""
-    from ciard_deploy.verify.pack import pack_from_arrays, save_pack
-
-    x, y = test_xy
-    noise = np.clip(x + np.float32(0.01) * np.sign(np.random.default_rng(0).normal(size=x.shape)), 0, 1)
-    noise = noise.astype(np.float32)
-    pack = pack_from_arrays(x, y, h.logits(linear, x), [{"name": "noise", "label": "noise@0.1", "eps": 0.1}], [noise],
-                            [h.logits(linear, noise)], model={"sha256": h.source_sha, "num_classes": 10,
-                                                               "input_shape": [1, 8, 8]},
-                            data={"dataset": "digits", "seed": 0}, eps=0.1)
-    rep = run(linear_onnx, save_pack(pack, tmp_path / "weak.npz"), live="square2,square60", live_n=40)
+    rep = run(linear_onnx, h.noise_pack(linear, *test_xy, tmp_path / "weak.npz"), live="square2,square60", live_n=40)
     (v101,) = [f for f in rep.warnings if f.code == "V101"]
     accs = rep.results["robust_acc"]
     assert accs["square60@0.1"] <= accs["square2@0.1"] and v101.check == "live_beats_transfer"
