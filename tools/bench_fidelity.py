@@ -23,10 +23,11 @@ classifies it correctly on the clean image and on every candidate image every at
   Every returned image is projected onto the eps-ball and [0, 1] and scored on the artifact's
   onnxruntime session; the broken samples' candidates are scored once more at the end.
 
-``verify``'s number comes from the product's library (``ciard_deploy.verify.evaluate.run``, Square
-on all pack images by default: ``--verify-square-n``). Its per-sample flags are read generically
-from ``report.per_sample``: clean AND every attack's bit string there (a string as long as the
-pack covers all samples; a shorter one is mapped through the ``*_indices`` list of its length),
+``verify``'s number comes from the product's library (``ciard_deploy.verify.evaluate.run``) with
+its own defaults (its live Square on all pack images; ``--verify-square-queries``,
+``--verify-square-n`` and ``--verify-set NAME=VALUE`` change them). Its per-sample flags are read
+generically from ``report.per_sample``: clean AND every attack's bit string there (a string as long
+as the pack covers all samples; a shorter one is mapped through the ``*indices`` list of its length),
 over the samples every attack covers, so new attack labels and tiers are taken into account
 without a change here. Both numbers are compared on exactly those samples.
 
@@ -37,17 +38,24 @@ together (the best lower bound known); ``gap_union`` is verify minus it.
 Run (torchattacks and onnx2torch are tool-only, never project dependencies):
 
     pip install torchattacks onnx2torch
-    python tools/bench_fidelity.py --out runs/fidelity            # runs `ciard quickstart` there first
+    python tools/bench_fidelity.py --out runs/fidelity            # runs the quickstart recipe there first
     python tools/bench_fidelity.py --run-dir runs/quickstart --skip-cifar --json fidelity.json
     python tools/bench_fidelity.py --run-dir runs/quickstart --cifar-root DIR   # DIR: train/<c>/*, test/<c>/*
 
-Digits: a quickstart output (``DIR/export/*.onnx``, ``DIR/pack.npz``); quickstart exports FP32 and
-INT8, so the FP16 artifact is exported here from ``DIR/run`` into ``--work`` (default
-``DIR/bench_fidelity``). CIFAR-10 (optional; skipped with a line when the real JPEG copy
+Digits: a quickstart output (``DIR/export/*.onnx``, ``DIR/pack.npz``). ``--out DIR`` makes one with
+``ciard run quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15 --out DIR --set
+deploy.formats=[onnx,onnx-fp16,onnx-int8]`` (the quickstart's recipe, FP16 added, so the pack and
+verify treat all three artifacts alike). ``ciard quickstart`` itself exports FP32 and INT8 only: with
+``--run-dir`` of such an output the FP16 artifact is exported here from ``DIR/run`` into ``--work``
+(default ``DIR/bench_fidelity``), and a pack made before it holds nothing crafted on it.
+
+CIFAR-10 (optional; skipped with a line when the real JPEG copy
 ``../shared/data/cifar10-jpeg.tar.gz`` is absent, or with ``--skip-cifar``): a small image folder
 is extracted from it (or ``--cifar-root``), a small_cnn is TRADES-trained for a few epochs with the
 smoke recipe (``ciard train``), exported to FP32/FP16/INT8 (``ciard export``) and packed
-(``ciard pack``, pgd20 at 8/255); a few minutes on 2 CPU cores.
+(``ciard pack``, pgd20 at 8/255, plus white-box on each artifact where the product's ``ciard pack``
+has ``--artifact``: then ``pack-artifacts.npz``); a few minutes to train and pack, then about 3
+minutes per artifact for verify and the independent stack on 2 CPU cores.
 
 ``--verify-set NAME=VALUE`` passes a keyword to verify's ``run()`` (a new tier's switch, a
 Square budget). To measure another revision of the product (e.g. ``git archive HEAD ciard_deploy``
@@ -81,6 +89,7 @@ REQUIRED = {"torch": "torch", "torchattacks": "torchattacks", "onnx2torch": "onn
             "onnxruntime": "onnxruntime"}
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 DEFAULT_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
+QUICKSTART = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
 FORMATS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 EPS_TOL = 1e-6
 
@@ -508,8 +517,12 @@ def run_verify(artifact: Path, pack_path: Path, args: argparse.Namespace) -> tup
     from ciard_deploy.verify.evaluate import run as verify_run
 
     t0 = time.perf_counter()
-    kwargs = {"square_queries": args.verify_square_queries, "square_n": args.verify_square_n, "seed": args.seed,
-              "threads": args.threads, **args.verify_set}
+    kwargs: dict[str, Any] = {"seed": args.seed, "threads": args.threads}
+    if args.verify_square_queries is not None:
+        kwargs["square_queries"] = args.verify_square_queries
+    if args.verify_square_n is not None:
+        kwargs["square_n"] = args.verify_square_n
+    kwargs.update(args.verify_set)
     report = verify_run(str(artifact), str(pack_path), **kwargs)
     seconds = time.perf_counter() - t0
     d = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
@@ -566,14 +579,30 @@ def ciard(*argv: object, threads: int, say: Callable[[str], None], ok: Sequence[
     return proc.returncode
 
 
+def _recipe(name: str) -> str:
+    """``name`` where the product finds it (its recipes, or ``CIARD_RECIPES``), else this checkout's file."""
+    from ciard_deploy.config import find_recipe
+
+    try:
+        find_recipe(name)
+        return name
+    except Exception:  # noqa: BLE001 - not found there: this checkout's recipes/ folder
+        return str(REPO / "recipes" / f"{name}.yaml")
+
+
+def _help(verb: str, threads: int) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run([sys.executable, "-m", "ciard_deploy", verb, "--help"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True).stdout
+
+
 def digits_inputs(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[dict[str, Path], Path, Path]:
     """``({format: artifact}, pack, fp32 artifact)`` of a quickstart output (made first with ``--out``)."""
     run_dir = args.run_dir or args.out
-    if args.run_dir is None:
-        if not (run_dir / "pack.npz").exists():
-            say(f"digits: running `ciard quickstart --out {run_dir}` (a couple of minutes)")
-            ciard("quickstart", "--out", run_dir, "--quiet", "--threads", args.threads, threads=args.threads, say=say,
-                  ok=(0, 1))
+    if args.run_dir is None and not (run_dir / "pack.npz").exists():
+        say(f"digits: running the quickstart recipe with FP16 added into {run_dir} (a couple of minutes)")
+        ciard("run", _recipe(QUICKSTART), "--out", run_dir, "--set", "deploy.formats=[onnx,onnx-fp16,onnx-int8]",
+              "--quiet", "--threads", args.threads, threads=args.threads, say=say, ok=(0, 1))
     export, pack = run_dir / "export", run_dir / "pack.npz"
     if not pack.exists() or not (export / FORMATS["fp32"]).exists():
         raise Usage(f"{run_dir} is not a quickstart output: it needs export/{FORMATS['fp32']} and pack.npz")
@@ -627,20 +656,20 @@ def cifar_inputs(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[
         if not (root / "train").is_dir() or not (root / "test").is_dir():
             raise Usage(f"--cifar-root {root} needs train/<class>/* and test/<class>/*")
     elif CIFAR_TAR.exists():
-        say(f"cifar10: extracting {args.cifar_train_per_class}+{args.cifar_test_per_class} images per class "
-            f"from {CIFAR_TAR}")
+        if not (work / "data" / ".complete").exists():
+            say(f"cifar10: extracting {args.cifar_train_per_class}+{args.cifar_test_per_class} images per class "
+                f"from {CIFAR_TAR}")
         root = extract_cifar(CIFAR_TAR, work / "data", {"train": args.cifar_train_per_class,
                                                          "test": args.cifar_test_per_class})
     else:
         say(f"cifar10: skipped (no --cifar-root and no real CIFAR-10 copy at {CIFAR_TAR})")
         return None
-    run, export, pack = work / "run", work / "export", work / "pack.npz"
+    run, export = work / "run", work / "export"
     n_train = sum(1 for _ in (root / "train").glob("*/*"))
     if not (run / "student_best.safetensors").exists():
         say(f"cifar10: training a small_cnn (TRADES, {args.cifar_epochs} epochs, {n_train} images)")
-        recipe = REPO / "recipes" / "smoke" / "cifar10_trades_small_cnn_wide_linf8_smoke.yaml"
-        ciard("train", recipe if recipe.exists() else "smoke/cifar10_trades_small_cnn_wide_linf8_smoke",
-              "--out", run, "--quiet", "--set", f"data.data_root={root}", "--set", "model.arch=small_cnn",
+        ciard("train", _recipe("smoke/cifar10_trades_small_cnn_wide_linf8_smoke"), "--out", run, "--quiet",
+              "--set", f"data.data_root={root}", "--set", "model.arch=small_cnn",
               "--set", f"data.train_subset={n_train}", "--set", f"data.holdout={min(200, n_train // 10)}",
               "--set", f"train.epochs={args.cifar_epochs}", "--set", f"train.eval_every={args.cifar_epochs}",
               "--set", "train.eval_n=200", "--set", "train.final_attacks=[]", "--set", "train.device=cpu",
@@ -649,10 +678,14 @@ def cifar_inputs(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[
     if not all((export / FORMATS[f]).exists() for f in args.formats):
         ciard("export", run, "--out", export, "--onnx", *want, "--data-root", root, "--n", args.cifar_n,
               "--calib-n", "256", "--force", threads=args.threads, say=say, ok=(0, 1))
-    if not pack.exists():
-        ciard("pack", run, "--out", pack, "--n", args.cifar_n, "--attacks", "pgd20", "--eps", "8/255",
-              "--data-root", root, "--device", "cpu", "--quiet", threads=args.threads, say=say)
     arts = {f: export / FORMATS[f] for f in args.formats if (export / FORMATS[f]).exists()}
+    # a product whose pack attacks each exported file white-box (`ciard pack --artifact`) gets them all
+    white_box = "--artifact" in _help("pack", args.threads)
+    pack = work / ("pack-artifacts.npz" if white_box else "pack.npz")
+    if not pack.exists():
+        extra = [a for p in arts.values() for a in ("--artifact", p)] if white_box else []
+        ciard("pack", run, "--out", pack, "--n", args.cifar_n, "--attacks", args.cifar_pack_attacks, "--eps", "8/255",
+              "--data-root", root, "--device", "cpu", "--quiet", *extra, threads=args.threads, say=say)
     return arts, pack, export / FORMATS["fp32"]
 
 
@@ -662,7 +695,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run-dir", type=Path, help="an existing `ciard quickstart` output (export/*.onnx, pack.npz)")
-    src.add_argument("--out", type=Path, help="run `ciard quickstart --out OUT` first (reused when already there)")
+    src.add_argument("--out", type=Path, help="run the quickstart recipe with FP16 added there first "
+                                               "(`ciard run`; reused when already there)")
     p.add_argument("--work", type=Path, help="where the FP16 export and the CIFAR part go (default RUN/bench_fidelity)")
     p.add_argument("--formats", default="fp32,fp16,int8", help="artifacts to check: fp32,fp16,int8")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help=f"independent cascade, from {ATTACKS}")
@@ -670,8 +704,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restarts", type=int, default=1, help="APGD / APGD-T / FAB restarts")
     p.add_argument("--square-queries", type=int, default=5000, help="torchattacks Square queries per image")
     p.add_argument("--batch-size", type=int, default=500, help="images per attack call")
-    p.add_argument("--verify-square-queries", type=int, default=1000, help="verify's own Square budget")
-    p.add_argument("--verify-square-n", type=int, default=None, help="verify's Square subset (default: all)")
+    p.add_argument("--verify-square-queries", type=int, default=None,
+                   help="verify's Square budget (default: the product's own default)")
+    p.add_argument("--verify-square-n", type=int, default=None,
+                   help="verify's Square subset (default: the product's, i.e. all pack images)")
     p.add_argument("--verify-set", action="append", default=[], metavar="NAME=VALUE",
                    help="extra keyword for verify's run() (repeatable; value read as JSON), e.g. a new tier's switch")
     p.add_argument("--seed", type=int, default=0)
@@ -683,6 +719,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cifar-test-per-class", type=int, default=30)
     p.add_argument("--cifar-epochs", type=int, default=4)
     p.add_argument("--cifar-n", type=int, default=200, help="CIFAR pack images")
+    p.add_argument("--cifar-pack-attacks", default="pgd20",
+                   help="the CIFAR pack's transferred attacks (plus white-box on each artifact where `ciard pack` "
+                        "has --artifact)")
     p.add_argument("--target", type=float, default=TARGET_PT, help="allowed |gap| in points")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json")
