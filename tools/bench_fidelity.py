@@ -292,20 +292,10 @@ def check_json_target(path: Path | None, force: bool) -> None:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    from ciard_deploy.io import atomic_write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON: {type(o).__name__}")
+    atomic_write_json(path, payload)
 
 
 # =========================================================================== the runtime

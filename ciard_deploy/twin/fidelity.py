@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ciard_deploy.runtime.parity import compare
+
 #: The lowest top-1 agreement (over every set) at which attacks crafted on the twin count as white-box
 #: attacks on the runtime.
 TRUST_THRESHOLD = 0.995
@@ -51,11 +53,9 @@ def compare_set(twin_logits: np.ndarray, runtime_logits: np.ndarray) -> SetFidel
     b = np.asarray(runtime_logits, dtype=np.float32)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"twin logits {a.shape} and runtime logits {b.shape} must be the same (N, K) shape")
-    n = len(a)
-    if n == 0:
-        return SetFidelity(0, 1.0, 0.0, 1.0)
-    return SetFidelity(n, float(np.mean(a.argmax(1) == b.argmax(1))), float(np.max(np.abs(a - b))),
-                       float(np.mean(np.all(a == b, axis=1))))
+    p = compare(b, a)  # the runtime is the reference here
+    bit_exact = float(np.mean(np.all(a == b, axis=1))) if len(a) else 1.0
+    return SetFidelity(p.n, p.top1_agreement, p.max_abs_diff, bit_exact)
 
 
 @dataclass
