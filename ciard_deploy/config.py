@@ -420,7 +420,13 @@ class DeployConfig(Section):
         "cpu", description="onnxruntime execution provider of the export check and of verify")
     seed: int = Field(0, description="seed of the parity/pack samples, calibration, attacks and live attacks")
     gates: DeployGates = Field(default_factory=DeployGates,  # type: ignore[valid-type]
-                               description="release gates, judged on every artifact (verify's --min-clean, ...)")
+                               description="release gates, judged on every artifact (verify's --min-clean, ...); "
+                                           "none set: the artifacts are reported NOT GATED, never passed")
+    allow_mismatch: bool = Field(False, description="judge an artifact even when a warning says the numbers may not "
+                                                    "be about it (V103, V104, V105, V109); false: such a warning "
+                                                    "fails the run (verify's --allow-mismatch)")
+    strict: bool = Field(False, description="every verify warning fails the run, mismatches included (verify's "
+                                            "--strict)")
 
     @field_validator("formats")
     @classmethod
@@ -480,6 +486,10 @@ class DeployConfig(Section):
     def gates_mapping(self) -> dict[str, float]:
         """The set gates as ``{name: threshold}`` (for ``verify.gates_from_mapping``)."""
         return {k: v for k, v in self.gates.model_dump().items() if v is not None}
+
+    def policy_mapping(self) -> dict[str, bool]:
+        """How verify judges warnings, as ``{allow_mismatch, strict}`` (for ``verify.gates.Policy``)."""
+        return {"allow_mismatch": self.allow_mismatch, "strict": self.strict}
 
 
 class RecipeBase(Section):

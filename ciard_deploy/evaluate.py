@@ -17,12 +17,16 @@ from ciard_deploy.errors import UsageError
 MISMATCH_HINT = "the file was left as it is: pass --fresh to discard it, or give another --state file"
 
 
-def run(source: str | Path, attacks: list[str], eps: float, n: int = 1000, dataset: str | None = None,
-        data_root: str | None = None, download: bool = False, arch: str | None = None, device: str = "auto",
+def run(source: str | Path, attacks: list[str], eps: float | str | None = None, n: int = 1000,
+        dataset: str | None = None, data_root: str | None = None, download: bool = False, arch: str | None = None,
+        device: str = "auto",
         batch_size: int = 256, seed: int = 0, progress: Callable[..., None] | None = None,
         state_path: str | Path | None = None, fresh: bool = False,
         on_state: Callable[..., None] | None = None) -> dict[str, Any]:
     """Evaluates ``source`` (run dir, ciard checkpoint, or a plain state dict with ``arch``).
+
+    ``eps`` None measures at the training eps the checkpoint records (``attacks.base.choose_eps``);
+    a given eps that differs from it is used, and the result says so (``eps_warning``).
 
     With ``state_path`` the evaluation is resumable: the file (JSON, see ``attacks.state``) is
     created if absent and saved after the clean pass, after each finished attack and every few
@@ -31,16 +35,19 @@ def run(source: str | Path, attacks: list[str], eps: float, n: int = 1000, datas
     ``attacks``); its finished attacks are then reused (``on_state`` hears of each) and only
     the others run. ``fresh`` discards what it holds and starts over.
 
-    Returns a JSON-ready dict: model, dataset, n, seed, eps, clean accuracy, each attack's
+    Returns a JSON-ready dict: model, dataset, n, seed, eps (with ``eps_label``, ``eps_source``:
+    ``metadata`` or ``--eps``, ``training_eps`` and ``eps_warning``), clean accuracy, each attack's
     robust accuracy under its label (``pgd20@8/255``, with ``origin``: ran, reused or resumed)
     and the per-sample worst case; ``state`` is the state file's path or ``None``.
 
     Raises:
-        UsageError: bad n, batch size, attack, eps, dataset; ``fresh`` without ``state_path``.
+        UsageError: bad n, batch size, attack, eps, dataset; no eps given and none recorded in the
+            checkpoint; ``fresh`` without ``state_path``.
         ArtifactError: the state file exists but is not a ciard evaluation state (never overwritten).
         StateMismatch: the state file holds a different evaluation (an ArtifactError; names each difference).
     """
-    from ciard_deploy.attacks import create_attack
+    from ciard_deploy.attacks import create_attack, parse_attack_spec, parse_eps
+    from ciard_deploy.attacks.base import choose_eps
     from ciard_deploy.attacks import evaluate as cascade
     from ciard_deploy.attacks.state import EvaluationKey, StateMismatch, open_state
     from ciard_deploy.data import load_test_set_for
@@ -54,8 +61,14 @@ def run(source: str | Path, attacks: list[str], eps: float, n: int = 1000, datas
     if fresh and state_path is None:
         raise UsageError("--fresh discards a --state file: give --state too")
     dev = resolve_device(device)
-    atks = [create_attack(a, eps) for a in attacks]  # validates names before loading anything
+    for a in attacks:  # names and a given eps checked before loading anything
+        parse_attack_spec(a)
+    if eps is not None:
+        parse_eps(eps)
     model, meta = load_model(source, arch=arch, dataset=dataset, data_root=data_root)
+    choice = choose_eps(eps, meta.eps)
+    eps = choice.eps
+    atks = [create_attack(a, eps) for a in attacks]
     ds_name, ds = load_test_set_for(meta, dataset, data_root, download, n, seed)
     x, y = ds.tensors()
     path = resolve_checkpoint(source)
@@ -77,7 +90,7 @@ def run(source: str | Path, attacks: list[str], eps: float, n: int = 1000, datas
     return {
         "model": {"source": str(path), "sha256": model_sha, "arch": meta.arch,
                   "recipe_hash": meta.recipe_hash},
-        "dataset": ds_name, "split": "test", "n": len(y), "seed": seed, "eps": eps, "device": str(dev),
+        "dataset": ds_name, "split": "test", "n": len(y), "seed": seed, **choice.to_dict(), "device": str(dev),
         "seconds": round(time.perf_counter() - t0, 3),
         "state": None if state_path is None else str(state_path),
         **res.to_dict(),

@@ -2,7 +2,7 @@
 
     from ciard_deploy import workflow
     result = workflow.run("recipes/quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15.yaml", "runs/digits")
-    result.passed                      # every gate of every artifact (and every export check) passed
+    result.status                      # passed (gates set, all passed), failed, or not_gated (no gates set)
     result.rows                        # one row per artifact: precision, size, clean, worst case, agreement, gates
 
 The stages, in order, each a plain library call:
@@ -23,8 +23,9 @@ run skips every stage whose inputs are unchanged and whose outputs are still the
 recorded hashes; an interrupted distill stage resumes from its last checkpoint (the trainer's own
 resume); an interrupted pack stage reuses the attacks it finished (``build_pack(resume_dir=...)``);
 an interrupted verify stage continues each artifact's live attacks from its state file
-(``verify.run(state_path=...)``); a stage whose only changed input is the gates is re-judged
-from its stored reports (``VerifyReport.rejudge``) instead of measured again. ``from_stage``
+(``verify.run(state_path=...)``); a stage whose only changed inputs are the gates or the warning
+policy (``deploy.allow_mismatch``, ``deploy.strict``) is re-judged from its stored reports
+(``VerifyReport.rejudge``) instead of measured again. ``from_stage``
 forces a stage and every stage after it.
 
 ``DIR`` belongs to the workflow: its own earlier outputs are replaced when a stage runs again.
@@ -94,7 +95,7 @@ class WorkflowResult:
             agreement, gates {passed, total, failed}, status, export_status, reports).
         reference: the PyTorch student's numbers from the pack (clean, worst case over the pack's
             attacks, size of its checkpoint).
-        failures: one line per failed gate or export check (empty: everything passed).
+        failures: one line per failed gate, failing warning (``mismatch V104``) or export check.
         state: the content of ``workflow.json``.
     """
 
@@ -106,12 +107,24 @@ class WorkflowResult:
     state: dict[str, Any]
 
     @property
+    def failed(self) -> bool:
+        """A gate, a warning under the policy or an export check failed (``ciard run`` exits 1)."""
+        return bool(self.failures)
+
+    @property
+    def gated(self) -> bool:
+        """Every artifact had gates to judge (a recipe without ``deploy.gates`` judges nothing)."""
+        return bool(self.rows) and all(r["gates"]["total"] > 0 for r in self.rows)
+
+    @property
     def passed(self) -> bool:
-        return not self.failures
+        """Nothing failed and every artifact was judged by gates (never True without gates)."""
+        return not self.failed and self.gated
 
     @property
     def status(self) -> str:
-        return "passed" if self.passed else "failed"
+        """``failed``, ``passed`` or ``not_gated`` (nothing failed, but no gates were set: nothing was judged)."""
+        return "failed" if self.failed else "passed" if self.gated else "not_gated"
 
     def reports(self) -> list[Path]:
         """Every report file (JSON, JUnit, Markdown) of every artifact."""
@@ -248,7 +261,7 @@ def plan(stage: str, record: Mapping[str, Any] | None, inputs: Mapping[str, Any]
 
     ``run`` (first time, forced, inputs changed, earlier failure, outputs gone), ``resume``
     (distill interrupted with the same inputs and a saved training state), ``rejudge`` (verify whose
-    only changed input is the gates) or ``skip`` (done, same inputs, outputs intact).
+    only changed inputs are the gates or the warning policy) or ``skip`` (done, same inputs, outputs intact).
     """
     if forced:
         return "run", f"forced (--from {from_stage})"
@@ -263,10 +276,11 @@ def plan(stage: str, record: Mapping[str, Any] | None, inputs: Mapping[str, Any]
         return "run", f"{status} earlier"
     if not same:
         keys = changed_keys(record.get("inputs"), inputs)
-        if stage == "verify" and keys and all(k.startswith("gates") for k in keys) \
+        if stage == "verify" and keys and all(k.startswith(("gates", "policy")) for k in keys) \
                 and outputs_problem(root, record.get("outputs", {})) is None:
-            return "rejudge", f"only the gates changed: {', '.join(k.removeprefix('gates.') for k in keys)}; " \
-                              "the stored measurements are judged again"
+            what = ", ".join(k.removeprefix("gates.").removeprefix("policy.") for k in keys)
+            return "rejudge", f"only the gates or the warning policy changed: {what}; the stored measurements " \
+                              "are judged again"
         shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
         return "run", f"inputs changed: {shown or 'recorded inputs unreadable'}"
     problem = outputs_problem(root, record.get("outputs", {}))
@@ -365,7 +379,7 @@ def stage_inputs(stage: str, recipe: "RecipeBase", layout: Layout, teachers: Map
                 "pack": _file_hashes(layout, [layout.pack]),
                 "settings": {"live_attacks": list(d.live_attacks), "live_n": d.live_n, "seed": d.seed,
                              "provider": d.provider},
-                "gates": d.gates_mapping()}
+                "gates": d.gates_mapping(), "policy": d.policy_mapping()}
     raise UsageError(f"unknown stage {stage!r}")
 
 
@@ -475,10 +489,16 @@ def _run_pack(ctx: _Context) -> list[Path]:
                       batch_size=r.data.eval_batch_size, progress=ctx.progress_for("pack"),
                       resume_dir=partial, on_mismatch="discard", on_state=on_state, artifacts=artifacts,
                       artifact_attacks=list(d.pack.artifact_attacks),
-                      allow_untrusted_twin=d.pack.allow_untrusted_twin, threads=ctx.threads)
+                      allow_untrusted_twin=d.pack.allow_untrusted_twin, threads=ctx.threads, on_plan=_warn_eps)
     save_pack(pack, ctx.layout.pack, force=True)
     discard_partial(partial)
     return [ctx.layout.pack]
+
+
+def _warn_eps(plan: Any) -> None:
+    """deploy.pack.eps other than the training eps: said now (verify then fails on V109 unless allow_mismatch)."""
+    if plan.eps.warning:
+        log.warning("pack: %s (deploy.pack.eps)", plan.eps.warning)
 
 
 def report_paths(layout: Layout, name: str) -> dict[str, Path]:
@@ -499,6 +519,12 @@ def _gates(recipe: Any) -> Any:
     from ciard_deploy.verify.gates import gates_from_mapping
 
     return gates_from_mapping({"gates": recipe.deploy.gates_mapping()}, source="recipe deploy.gates")
+
+
+def _policy(recipe: Any) -> Any:
+    from ciard_deploy.verify.gates import Policy
+
+    return Policy(**recipe.deploy.policy_mapping())
 
 
 def state_path(layout: Layout, name: str) -> Path:
@@ -551,7 +577,7 @@ def _run_verify(ctx: _Context) -> list[Path]:
         def on_state(ev: Any, name: str = a.name) -> None:
             log.info("verify %s: %s %s at %d/%d from %s", name, ev.kind, ev.stage, ev.done, ev.total, ev.path)
 
-        options = dict(gates=gates, provider=d.provider if a.format == "onnx" else None,
+        options = dict(gates=gates, policy=_policy(ctx.recipe), provider=d.provider if a.format == "onnx" else None,
                        live=list(d.live_attacks), live_n=d.live_n, seed=d.seed, threads=ctx.threads,
                        progress=ctx.progress_for(f"verify {a.name}"), state_path=states[a.name], on_state=on_state)
         try:
@@ -569,12 +595,12 @@ def _run_verify(ctx: _Context) -> list[Path]:
 def _rejudge_verify(ctx: _Context, record: Mapping[str, Any]) -> list[Path]:
     from ciard_deploy.verify.report import VerifyReport
 
-    gates = _gates(ctx.recipe)
+    gates, policy = _gates(ctx.recipe), _policy(ctx.recipe)
     written: list[Path] = []
     for rel in record.get("outputs", {}):
         if rel.endswith(".json"):
             path = ctx.layout.root / rel
-            report = VerifyReport.from_json(path).rejudge(gates)
+            report = VerifyReport.from_json(path).rejudge(gates, policy)
             written += _write_reports(ctx.layout, path.stem, report)
     return written
 
@@ -607,7 +633,7 @@ def summarize(layout: Layout) -> tuple[list[dict[str, Any]], dict[str, Any], lis
         rep = VerifyReport.from_json(paths["json"])
         pack = rep.pack
         wc = rep.results.get("worst_case") or {}
-        bad = rep.failures()
+        bad, warned = rep.failures(), rep.warning_failures()
         rows.append({
             "name": a.name, "file": f"export/{a.file}", "format": a.format, "precision": a.precision,
             "runtime": rep.artifact.get("backend"), "size": a.size, "sha256": a.sha256,
@@ -620,11 +646,12 @@ def summarize(layout: Layout) -> tuple[list[dict[str, Any]], dict[str, Any], lis
             "agreement_adversarial": rep.metrics.get("agreement_adversarial"),
             "gates": {"passed": len(rep.gate_results) - len(bad), "total": len(rep.gate_results),
                       "failed": [g.name for g in bad]},
+            "failed_warnings": [w.name for w in warned],
             "status": rep.status, "export_status": a.status,
             "warnings": [f.line() for f in rep.warnings if f.level == "warning"],
             "reports": {k: layout.rel(p) for k, p in paths.items()},
         })
-        if bad:
+        if bad or warned:
             failures.append(f"{a.name}: {rep.failure_summary()}")
         if not a.passed:
             p = a.parity.get("clean", {})
@@ -711,7 +738,9 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
         progress: ``callback(done, total, stage=...)`` for export, pack and verify.
 
     Returns:
-        the WorkflowResult; ``result.passed`` says whether every gate and export check passed.
+        the WorkflowResult; ``result.status`` is ``passed`` (gates set and every one passed, no warning
+        failed under the policy, every export check passed), ``failed`` or ``not_gated`` (no gates set:
+        nothing failed, nothing was judged).
 
     Raises:
         UsageError / RecipeError: bad input (exit 2): an unknown stage, a recipe without ``deploy``,
@@ -797,10 +826,11 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
             emit(StageEvent("end", stage, done, reason, seconds))
 
     rows, reference, failures = summarize(layout)
-    sf.data.update(status="passed" if not failures else "failed", artifacts=rows, reference=reference,
-                   failures=failures, last_call={k: asdict(v) for k, v in outcomes.items()})
+    result = WorkflowResult(layout.root, outcomes, rows, reference, failures, sf.data)
+    sf.data.update(status=result.status, artifacts=rows, reference=reference, failures=failures,
+                   last_call={k: asdict(v) for k, v in outcomes.items()})
     sf.save()
-    return WorkflowResult(layout.root, outcomes, rows, reference, failures, sf.data)
+    return result
 
 
 def quickstart_recipe() -> Path:

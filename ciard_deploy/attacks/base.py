@@ -102,6 +102,71 @@ def format_eps(eps: float) -> str:
 
 
 @dataclass(frozen=True)
+class EpsChoice:
+    """The L-inf budget a verb measures at, and where it came from.
+
+    ``ciard eval`` and ``ciard pack`` measure at the budget the model was trained for unless
+    told otherwise; a budget given with ``--eps`` that differs from it is allowed, and every
+    table and report then says so (``warning``).
+
+    Attributes:
+        eps: the budget used.
+        training_eps: the budget recorded with the model (its metadata); None when none is recorded.
+        explicit: True when the user gave ``eps`` (``--eps``), False when it was taken from the record.
+        where: what records ``training_eps``, for messages (``"the checkpoint"``).
+    """
+
+    eps: float
+    training_eps: float | None
+    explicit: bool
+    where: str = "the checkpoint"
+
+    @property
+    def differs(self) -> bool:
+        """True when a budget was given that is not the recorded training budget."""
+        return self.training_eps is not None and abs(self.eps - self.training_eps) > 1e-9
+
+    @property
+    def warning(self) -> str | None:
+        """``"eps 8/255 differs from the training eps 0.15 recorded in the checkpoint"``, or None."""
+        if not self.differs:
+            return None
+        return (f"eps {format_eps(self.eps)} differs from the training eps {format_eps(float(self.training_eps))} "
+                f"recorded in {self.where}")
+
+    def note(self) -> str:
+        """One line saying which budget is used and why."""
+        if self.warning:
+            return self.warning
+        if self.training_eps is None:
+            return f"eps {format_eps(self.eps)} as given ({self.where} records no training eps)"
+        return f"eps {format_eps(self.eps)}: the training eps recorded in {self.where}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON fields: eps, eps_label, eps_source (``--eps`` or ``metadata``), training_eps, eps_warning."""
+        return {"eps": self.eps, "eps_label": format_eps(self.eps),
+                "eps_source": "--eps" if self.explicit else "metadata",
+                "training_eps": self.training_eps, "eps_warning": self.warning}
+
+
+def choose_eps(given: str | float | None, recorded: float | None, where: str = "the checkpoint",
+               flag: str = "--eps") -> EpsChoice:
+    """The budget to measure at: ``given`` when there is one, else the one ``where`` records.
+
+    Raises:
+        UsageError: ``given`` is malformed, or neither is there (the message asks for ``flag``):
+            guessing 8/255 would measure a model trained for another budget at the wrong one.
+    """
+    recorded_value = None if recorded is None else float(recorded)
+    if given is not None:
+        return EpsChoice(parse_eps(given), recorded_value, True, where)
+    if recorded_value is None:
+        raise UsageError(f"{where} records no training eps: pass {flag} (e.g. {flag} 8/255 for CIFAR, "
+                         f"{flag} 0.15 for the digits recipes)")
+    return EpsChoice(recorded_value, recorded_value, False, where)
+
+
+@dataclass(frozen=True)
 class Budget:
     """The threat model of one attack run.
 
@@ -418,7 +483,8 @@ def _check_positive(name: str, value: float | int | None, allow_zero: bool = Fal
 
 
 __all__ = [
-    "ATTACKS", "Attack", "AttackEntry", "Budget", "CAPABILITIES", "GRADIENTS", "MissingCapability", "QueryAttack",
-    "SCORES", "TORCH_CAPABILITIES", "attack_requires", "create_attack", "ensure_capabilities", "format_eps",
+    "ATTACKS", "Attack", "AttackEntry", "Budget", "CAPABILITIES", "EpsChoice", "GRADIENTS", "MissingCapability",
+    "QueryAttack", "SCORES", "TORCH_CAPABILITIES", "attack_requires", "choose_eps", "create_attack",
+    "ensure_capabilities", "format_eps",
     "is_query_only", "list_attacks", "parse_attack_spec", "parse_eps", "query_only_patterns",
 ]

@@ -20,7 +20,10 @@ def eval_cmd(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset (default: the one in the checkpoint's metadata)."),
     attacks: str = typer.Option("pgd20,cw30", "--attacks", "-a", help="Comma-separated attacks: fgsm, pgd20, cw30, aa, square1000, ..."),
     n: int = typer.Option(1000, "--n", help="Test images (seeded, class-stratified)."),
-    eps: str = typer.Option("8/255", "--eps", help="L-inf budget, e.g. 8/255 or 0.03."),
+    eps: Optional[str] = typer.Option(
+        None, "--eps",
+        help="L-inf budget, e.g. 8/255 or 0.03 (default: the training eps recorded in the checkpoint; another "
+             "value is allowed and the table and JSON say it differs)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
     seed: int = typer.Option(0, "--seed"),
@@ -44,16 +47,14 @@ def eval_cmd(
     command continues where it stopped.
     """
     from ciard_deploy import evaluate
-    from ciard_deploy.attacks import parse_eps
     from ciard_deploy.errors import UsageError
 
-    eps_value = parse_eps(eps)
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if state is not None and json_out is not None and state.resolve() == json_out.resolve():
         raise UsageError(f"--state and --json name the same file ({state}): give them different paths")
     try:
         with progress("eval", unit="img") as update:
-            rep = evaluate.run(checkpoint, names, eps_value, n=n, dataset=dataset, data_root=data_root,
+            rep = evaluate.run(checkpoint, names, eps, n=n, dataset=dataset, data_root=data_root,
                                download=download, arch=arch, device=device, batch_size=batch_size, seed=seed,
                                progress=update, state_path=state, fresh=fresh, on_state=_state_line)
     except KeyboardInterrupt:
@@ -89,3 +90,15 @@ def render_eval(rep: dict) -> None:
     if rep["attacks"]:
         t.add_row("[bold]worst case[/]", f"[bold]{rep['worst_case_acc']:.4f}[/]", "")
     console.print(t)
+    console.print(_eps_caption(rep), highlight=False, soft_wrap=True)
+
+
+def _eps_caption(rep: dict) -> str:
+    """Which budget the attacks used and why: the training eps, or a warning that it differs."""
+    if rep.get("eps_warning"):
+        return f"[bold yellow]warning: {escape(rep['eps_warning'])}[/]"
+    if rep.get("eps_source") == "metadata":
+        return f"eps {escape(rep['eps_label'])}: the training eps recorded in the checkpoint"
+    if rep.get("training_eps") is None:
+        return f"eps {escape(rep['eps_label'])} (--eps; the checkpoint records no training eps)"
+    return f"eps {escape(rep['eps_label'])} (--eps, the training eps recorded in the checkpoint)"

@@ -73,13 +73,16 @@ def render_result(result: Any) -> None:
     t.add_row("PyTorch student", ref["precision"], _size(ref["size"]), _pct(ref["clean"]),
               f"{_pct(ref['worst_case']['acc'])}†", "—", "—", style="dim")
     for r in rows:
-        g = r["gates"]
+        g, warned = r["gates"], r.get("failed_warnings", [])
         if r["export_status"] != "passed":
             verdict = "[bold red]export check failed[/]"
-        elif g["total"] == 0:
-            verdict = "no gates"
         elif g["failed"]:
-            verdict = f"[bold red]FAIL {g['passed']}/{g['total']}[/] {', '.join(g['failed'])}"
+            verdict = f"[bold red]FAIL {g['passed']}/{g['total']}[/] {', '.join([*g['failed'], *warned])}"
+        elif warned:
+            verdict = f"[bold red]FAIL[/] {', '.join(warned)}" + (f" (gates {g['passed']}/{g['total']})"
+                                                                 if g["total"] else "")
+        elif g["total"] == 0:
+            verdict = "[yellow]not gated[/]"
         else:
             verdict = f"[green]pass {g['passed']}/{g['total']}[/]"
         mark = "" if len(labels) == 1 else f" ({labels.index(str(r['worst_case']['label'])) + 1})"
@@ -101,7 +104,7 @@ def render_result(result: Any) -> None:
                        f"agree: top-1 agreement with PyTorch on clean images{bound_line}", style="dim"),
                   soft_wrap=True)
     for r in rows:
-        if r["gates"]["failed"]:
+        if r["gates"]["failed"] or r.get("failed_warnings"):
             rep = VerifyReport.from_json(result.out_dir / r["reports"]["json"])
             table = gates_table(rep)
             if table is not None:
@@ -116,9 +119,13 @@ def render_result(result: Any) -> None:
     console.print(f"  manifest {paths['manifest']}, pack {paths['pack']}, training curves {paths['plots']}, "
                   f"state {paths['state']}", highlight=False, soft_wrap=True, markup=False)
     n = len(rows)
-    if result.passed:
-        console.print(f"[bold green]PASSED[/]: every gate of {n} artifact{'s' if n != 1 else ''} passed",
-                      highlight=False)
+    artifacts = f"{n} artifact{'s' if n != 1 else ''}"
+    if result.status == "passed":
+        console.print(f"[bold green]PASSED[/]: every gate of {artifacts} passed", highlight=False)
+    elif result.status == "not_gated":
+        console.print(f"[bold yellow]NOT GATED[/]: no gates set for {artifacts} (deploy.gates), so nothing was "
+                      "judged; set deploy.gates (e.g. min_clean, min_robust) to gate a release", highlight=False,
+                      soft_wrap=True)
 
 
 def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Optional[str], device: Optional[str],
@@ -148,7 +155,7 @@ def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Opt
     write_json(json_out, result.to_dict())
     if not quiet:
         err_console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
-    if not result.passed:
+    if result.failed:
         raise GateFailed("; ".join(result.failures))
 
 
@@ -178,7 +185,12 @@ def run_cmd(
     and DIR/workflow.json (each stage's input and output hashes). An interrupted stage resumes on the next call:
     training from its last saved step, the pack from its finished attacks, verify from its live attacks' last batches.
 
-    Exit codes: 0 every gate passed, 1 a gate or export check failed, 2 bad input, 3 environment missing.
+    Without deploy.gates nothing is judged: the result is NOT GATED (exit 0), never passed. A verify
+    warning saying the numbers are not about the artifact (V103, V104, V105, V109) fails the run
+    unless deploy.allow_mismatch; deploy.strict fails on every warning.
+
+    Exit codes: 0 every gate passed (or no gates: NOT GATED), 1 a gate, a warning (as above) or an export
+    check failed, 2 bad input, 3 environment missing.
     """
     from ciard_deploy.config import find_recipe
 

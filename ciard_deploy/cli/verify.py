@@ -81,6 +81,15 @@ def _interrupted_pack(partial: Path) -> None:
         err_console.print("[yellow]interrupted[/] before any attack finished (nothing kept)", highlight=False)
 
 
+def _plan_lines(plan: Any) -> None:
+    """Before the pack's attacks run: the attacks chosen for the device when none were named (one line, not
+    with --quiet) and a warning when the eps is not the training one (always)."""
+    if plan.attacks_default:
+        note(f"pack: attacks {','.join(plan.attacks)} (the default on {plan.device}; choose others with --attacks)")
+    if plan.eps.warning:
+        err_console.print(f"[yellow]warning:[/] pack: {escape(plan.eps.warning)}", highlight=False, soft_wrap=True)
+
+
 def _wrote(path: Path | None) -> None:
     if path is not None and not State.quiet:
         err_console.print(f"wrote {path}", highlight=False)
@@ -95,9 +104,15 @@ def pack_cmd(
                                   "OUT.partial/ beside it (removed once the pack is saved)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset of the test sample (default: the checkpoint's)."),
     n: int = typer.Option(1000, "--n", help="Test images (seeded, class-stratified)."),
-    attacks: str = typer.Option("pgd20,cw30,aa", "--attacks", "-a",
-                                help="Comma-separated white-box attacks crafted on the PyTorch model: fgsm, pgd20, cw30, aa, ..."),
-    eps: str = typer.Option("8/255", "--eps", help="L-inf budget, e.g. 8/255 or 0.1."),
+    attacks: Optional[str] = typer.Option(
+        None, "--attacks", "-a",
+        help="Comma-separated white-box attacks crafted on the PyTorch model: fgsm, pgd20, cw30, apgd-ce, apgd-t, "
+             "fab-t, aa, ... (default: what finishes in reasonable time on the device: apgd-ce,apgd-t on CPU, "
+             "apgd-ce,apgd-t,fab-t on CUDA; a line on stderr names the choice)."),
+    eps: Optional[str] = typer.Option(
+        None, "--eps",
+        help="L-inf budget, e.g. 8/255 or 0.1 (default: the training eps recorded in the checkpoint; another value "
+             "is allowed and the table and JSON say it differs)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample and of every attack."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset files are."),
     download: bool = typer.Option(False, "--download", help="Download the dataset if absent (torchvision datasets)."),
@@ -152,7 +167,7 @@ def pack_cmd(
     partial = check_partial_dir(partial_dir(out))
     check_report_paths({"--json": json_out}, {"--out": out, "SOURCE": source,
                                               **{f"--artifact {a}": a for a in artifact or []}})
-    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    names = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
     art_names = [a.strip() for a in artifact_attacks.split(",") if a.strip()]
     try:
         with StagedProgress("pack") as update:
@@ -160,7 +175,7 @@ def pack_cmd(
                               download=download, device=device, batch_size=batch_size, arch=arch,
                               step_size=step_size, progress=update, resume_dir=partial, on_mismatch="discard",
                               on_state=_partial_line, artifacts=artifact or [], artifact_attacks=art_names,
-                              allow_untrusted_twin=allow_untrusted_twin, threads=threads)
+                              allow_untrusted_twin=allow_untrusted_twin, threads=threads, on_plan=_plan_lines)
     except KeyboardInterrupt:
         _interrupted_pack(partial)
         raise typer.Exit(130) from None
@@ -197,6 +212,13 @@ def verify_cmd(
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Gate: top-1 agreement with PyTorch on clean images >= this."),
     min_agreement_adv: Optional[float] = typer.Option(None, "--min-agreement-adv", help="Gate: top-1 agreement on the adversarial images >= this."),
     gates_file: Optional[Path] = typer.Option(None, "--gates", help="YAML file of gates (flags override it)."),
+    allow_mismatch: bool = typer.Option(
+        False, "--allow-mismatch",
+        help="Judge the numbers even when a warning says they may not be about this artifact (V103 artifact changed "
+             "since export, V104 pack built for another model, V105 manifest does not vouch for it, V109 pack and "
+             "artifact metadata disagree); without it such a warning fails verify (exit 1)."),
+    strict: bool = typer.Option(False, "--strict",
+                                help="Every warning fails verify (exit 1), mismatches included; notes never do."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
     junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file (one testcase per gate)."),
     md_out: Optional[Path] = typer.Option(None, "--markdown", help="Write a short Markdown report (for a PR comment)."),
@@ -216,13 +238,18 @@ def verify_cmd(
 ) -> None:
     """Measure robustness on the runtime: clean, transferred attacks, live query-only attacks, worst case, parity, gates.
 
+    Without gates nothing is judged: the status is NOT GATED (exit 0), never passed. A warning
+    that says the numbers are not about this artifact (V103, V104, V105, V109) fails unless
+    --allow-mismatch; --strict fails on every warning.
+
     With --state FILE, an interrupted verify (Ctrl-C, a killed CI job) continues where its live
     attacks stopped when the same command runs again.
 
-    Exit codes: 0 every gate passed, 1 a gate failed, 2 bad input, 3 runtime missing, 130 interrupted.
+    Exit codes: 0 every gate passed (or no gates: NOT GATED), 1 a gate failed or a warning failed
+    (mismatch, or any under --strict), 2 bad input, 3 runtime missing, 130 interrupted.
     """
     from ciard_deploy.verify.evaluate import run
-    from ciard_deploy.verify.gates import Gates, load_gates
+    from ciard_deploy.verify.gates import Gates, Policy, load_gates
     from ciard_deploy.verify.live import resolve_live
     from ciard_deploy.verify.render import render_report
     from ciard_deploy.verify.report import check_report_paths
@@ -239,7 +266,8 @@ def verify_cmd(
     gates = gates.merged(Gates.create(**{k: v for k, v in flags.items() if v is not None}))
     try:
         with StagedProgress("verify") as update:
-            report = run(artifact, pack, provider=provider, gates=gates, live=specs, live_n=n_live,
+            report = run(artifact, pack, provider=provider, gates=gates,
+                         policy=Policy(allow_mismatch=allow_mismatch, strict=strict), live=specs, live_n=n_live,
                          batch_size=batch_size, seed=seed, threads=threads, progress=update,
                          state_path=state, fresh=fresh, on_state=_state_line)
     except KeyboardInterrupt:
@@ -254,5 +282,5 @@ def verify_cmd(
         if path is not None:
             write(path)
             _wrote(path)
-    if not report.passed:
+    if report.failed:
         raise GateFailed(report.failure_summary())

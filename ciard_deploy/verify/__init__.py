@@ -5,7 +5,7 @@
     verify.save_pack(pack, "pack.npz")
     report = verify.run("exports/digits/model.int8.onnx", "pack.npz",                     # numpy + runtime
                         gates=verify.Gates.create(min_clean=0.9, max_robust_drop=0.02))
-    report.passed, report.metrics["worst_case_acc"]
+    report.status, report.metrics["worst_case_acc"]   # passed | failed | not_gated (no gates: nothing judged)
     report.write_json("verify.json"); report.write_junit("verify.xml"); report.write_markdown("verify.md")
     report = verify.run("model.onnx", "pack.npz", state_path="verify.state.json")       # resumable (Ctrl-C, CI kill)
     report = verify.run("model.onnx", "pack.npz", live=["square1000", "square5000"], live_n=500)  # query-only, live
@@ -19,13 +19,14 @@ from __future__ import annotations
 from ciard_deploy.runtime.parity import Parity, compare
 from ciard_deploy.verify.checks import CHECKS, Finding
 from ciard_deploy.verify.evaluate import AttackOutcome, RuntimeEvaluation, evaluate_runtime, run, stratified_subset
-from ciard_deploy.verify.gates import GateResult, Gates, gates_from_mapping, gates_from_recipe, judge, load_gates
+from ciard_deploy.verify.gates import (GateResult, Gates, Policy, gates_from_mapping, gates_from_recipe, judge,
+                                      load_gates)
 from ciard_deploy.verify.pack import RobustnessPack, build_pack, load_pack, save_pack
 from ciard_deploy.verify.parity import ParityReport
 from ciard_deploy.verify.report import VerifyReport, check_report_paths, check_writable
 from ciard_deploy.verify.state import VerifyKey, VerifyState
 
-__all__ = ["AttackOutcome", "CHECKS", "Finding", "GateResult", "Gates", "Parity", "ParityReport", "RobustnessPack",
-           "RuntimeEvaluation", "VerifyKey", "VerifyReport", "VerifyState", "build_pack", "check_report_paths",
-           "check_writable", "compare", "evaluate_runtime", "gates_from_mapping", "gates_from_recipe", "judge",
+__all__ = ["AttackOutcome", "CHECKS", "Finding", "GateResult", "Gates", "Parity", "ParityReport", "Policy",
+           "RobustnessPack", "RuntimeEvaluation", "VerifyKey", "VerifyReport", "VerifyState", "build_pack",
+           "check_report_paths", "check_writable", "compare", "evaluate_runtime", "gates_from_mapping", "gates_from_recipe", "judge",
            "load_gates", "load_pack", "run", "save_pack", "stratified_subset"]

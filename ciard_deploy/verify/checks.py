@@ -63,7 +63,8 @@ CHECKS: dict[str, CheckInfo] = {c.code: c for c in (
               "see a saturated signal."),
     CheckInfo("V109", "metadata_mismatch", "Pack and artifact metadata disagree",
               "The pack was built on another dataset, other class names, or at a different eps than the artifact "
-              "records. The numbers are measured correctly but may not be the ones you meant to gate on."),
+              "records. The numbers are measured correctly but are not the ones the artifact was made for; verify "
+              "fails on it unless --allow-mismatch."),
     CheckInfo("V110", "no_adversarial_evaluation", "No attack was run",
               "The pack holds no attacks and no live attack ran (--live none): only clean accuracy and parity "
               "were measured."),
@@ -208,7 +209,8 @@ def provenance(artifact: str | Path, metadata: Mapping[str, Any], pack_model_sha
 
 
 def metadata_mismatches(pack_meta: Mapping[str, Any], metadata: Mapping[str, Any]) -> list[Finding]:
-    """Dataset, class names and eps of the pack vs what the artifact records (notes, not errors)."""
+    """Dataset, class names and eps of the pack vs what the artifact records (warnings, not errors: the
+    report's policy decides whether they fail it)."""
     out = []
     model = pack_meta.get("model", {})
     ds_pack, ds_art = pack_meta.get("data", {}).get("dataset"), metadata.get("dataset")
@@ -222,7 +224,8 @@ def metadata_mismatches(pack_meta: Mapping[str, Any], metadata: Mapping[str, Any
         from ciard_deploy.attacks.base import format_eps
 
         out.append(finding("metadata_mismatch", f"the pack's attacks use eps {format_eps(float(pack_meta['eps']))}, "
-                                                f"the artifact records eps {format_eps(float(eps_art))}", "info"))
+                                                f"the artifact records eps {format_eps(float(eps_art))}: the gates "
+                                                "judge another budget than the artifact was made for"))
     return out
 
 

@@ -43,7 +43,7 @@ from ciard_deploy.verify.parity import ParityReport
 from ciard_deploy.verify.state import VerifyState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ciard_deploy.verify.gates import Gates
+    from ciard_deploy.verify.gates import Gates, Policy
     from ciard_deploy.verify.report import VerifyReport
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,8 @@ def metrics_of(ev: RuntimeEvaluation, pack: RobustnessPack) -> dict[str, float |
 
 # --------------------------------------------------------------------------- the entry point
 def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *, provider: str | None = None,
-        gates: Gates | None = None, live: str | Sequence[str] | None = None, live_n: int | None = None,
+        gates: Gates | None = None, policy: Policy | None = None, live: str | Sequence[str] | None = None,
+        live_n: int | None = None,
         batch_size: int = DEFAULT_BATCH, seed: int = 0, threads: int | None = None,
         progress: Progress | None = None, state_path: str | os.PathLike | None = None, fresh: bool = False,
         on_state: Callable[[StateEvent], None] | None = None, save_every: float = SAVE_EVERY_S,
@@ -441,7 +442,9 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         artifact: ``.onnx`` (onnxruntime), ``.engine``/``.plan`` (TensorRT), or a checkpoint/run dir (PyTorch).
         pack: path of a pack built by ``ciard pack`` (or a loaded ``RobustnessPack``).
         provider: onnxruntime execution provider (``cpu``, ``cuda``, ``tensorrt``) or torch device.
-        gates: a ``Gates`` (None: no gates; the report then always passes).
+        gates: a ``Gates`` (None: no gates; the report is then ``not_gated`` unless a warning fails).
+        policy: how warnings are judged (``gates.Policy``; None: the default, where a warning saying the
+            numbers are not about this artifact, V103/V104/V105/V109, fails the report).
         live: query-only attacks run live on the runtime (specs: ``["square1000"]`` or
             ``"square1000,square5000"``; None: ``verify.live.DEFAULT_LIVE``; ``[]``/``"none"``: none).
         live_n: images the live attacks attack (seeded, class-stratified subset; None: all).
@@ -457,8 +460,8 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         square_n: deprecated alias of ``live_n``.
 
     Returns:
-        the ``VerifyReport`` (``report.passed`` says whether every gate passed; the caller
-        decides what a failure means: the CLI exits 1).
+        the ``VerifyReport`` (``report.status``: passed, failed or not_gated; ``report.failed`` says
+        whether a gate or a warning failed; the caller decides what a failure means: the CLI exits 1).
 
     Raises:
         UsageError: bad settings or gates (a live attack that needs gradients among them), ``fresh``
@@ -474,7 +477,7 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
     from ciard_deploy.io import library_versions
     from ciard_deploy.runtime import open_backend
     from ciard_deploy.verify import checks
-    from ciard_deploy.verify.gates import Gates, judge, unmeasurable
+    from ciard_deploy.verify.gates import Gates, Policy, judge, unmeasurable
     from ciard_deploy.verify.pack import checksum_arrays, load_pack
     from ciard_deploy.verify.report import REPORT_KIND, SCHEMA_VERSION, VerifyReport
     from ciard_deploy.verify.state import VerifyKey
@@ -583,7 +586,8 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         kind=REPORT_KIND, schema_version=SCHEMA_VERSION, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         tool=f"ciard-deploy {__version__}", artifact=artifact_section, pack=p.summary(), settings=settings,
         results=results, parity=ev.parity.to_dict(), metrics=metrics, gates=gates.to_dict(),
-        gate_results=judge(gates, metrics), warnings=findings, timings=timings, versions=library_versions(),
+        gate_results=judge(gates, metrics), warnings=findings, policy=(policy or Policy()).to_dict(),
+        timings=timings, versions=library_versions(),
         per_sample=per_sample)
 
 

@@ -14,6 +14,18 @@ A gate compares one named metric of a verify run with a threshold::
 Thresholds are fractions in [0, 1] (``0.9``, or the string ``"90%"``). The metrics are stored
 in the report next to the gates, so ``judge`` can re-run on a report without the model.
 
+Warnings are judged too, by a ``Policy`` stored with the gates (``judge_warnings``):
+
+    a warning that says the numbers are not about this artifact (``MISMATCH_CODES``: V103 the
+    artifact changed since export, V104 the pack was built for another model, V105 the manifest
+    does not vouch for the artifact, V109 pack and artifact metadata disagree) fails, unless
+    ``allow_mismatch`` (``--allow-mismatch``);
+    with ``strict`` (``--strict``) every warning fails (mismatches included); notes (level
+    ``info``) never fail.
+
+Each failing warning is a pseudo-gate (``WarningVerdict``: ``mismatch V104``, ``strict V111``).
+A run with no gates set and no failing warning judged nothing: its status is ``not_gated``.
+
 A gates file (``--gates gates.yaml``)::
 
     # ciard verify model.int8.onnx --pack pack.npz --gates gates.yaml
@@ -242,5 +254,74 @@ def unmeasurable(gates: Gates, available: Mapping[str, bool]) -> list[str]:
             if not available.get(SPECS[name].metric, False)]
 
 
-__all__ = ["GateResult", "GateSpec", "Gates", "SPECS", "TOLERANCE", "gates_from_mapping", "gates_from_recipe",
-           "judge", "judge_one", "load_gates", "unmeasurable"]
+# --------------------------------------------------------------------------- judging warnings
+#: warnings that mean "these numbers are not about this artifact": they fail unless allow_mismatch
+MISMATCH_CODES: tuple[str, ...] = ("V103", "V104", "V105", "V109")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a verify run judges its warnings (see the module docstring).
+
+    Attributes:
+        allow_mismatch: judge the numbers even when a ``MISMATCH_CODES`` warning says they may not be
+            about this artifact (``--allow-mismatch``; the warnings stay in the report).
+        strict: every warning (level ``warning``) fails, mismatches included (``--strict``).
+    """
+
+    allow_mismatch: bool = False
+    strict: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"allow_mismatch": self.allow_mismatch, "strict": self.strict, "mismatch_codes": list(MISMATCH_CODES)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Policy":
+        """From a report's ``policy`` (None: a report of schema 2 or older, judged by today's default)."""
+        d = d or {}
+        return cls(allow_mismatch=bool(d.get("allow_mismatch", False)), strict=bool(d.get("strict", False)))
+
+
+@dataclass(frozen=True)
+class WarningVerdict:
+    """A warning that fails the run under its ``Policy``: a pseudo-gate ``mismatch V104`` / ``strict V111``."""
+
+    rule: Literal["mismatch", "strict"]
+    code: str
+    message: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.rule} {self.code}"
+
+    @property
+    def fix(self) -> str:
+        """What makes it pass: fix the inputs, or accept it with the flag that names the rule."""
+        if self.rule == "mismatch":
+            return "use the pack and manifest made for this artifact, or pass --allow-mismatch to judge it anyway"
+        return "resolve the warning, or drop --strict"
+
+    def line(self) -> str:
+        return f"{self.name}: {self.message} ({self.fix})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rule": self.rule, "code": self.code, "passed": False, "message": self.message,
+                "fix": self.fix}
+
+
+def judge_warnings(policy: Policy, findings: Any) -> list[WarningVerdict]:
+    """The warnings that fail under ``policy``, in order (``findings``: objects with code, level, message)."""
+    out: list[WarningVerdict] = []
+    for f in findings:
+        if f.level != "warning":
+            continue
+        if f.code in MISMATCH_CODES and not policy.allow_mismatch:
+            out.append(WarningVerdict("mismatch", f.code, f.message))
+        elif policy.strict:
+            out.append(WarningVerdict("strict", f.code, f.message))
+    return out
+
+
+__all__ = ["GateResult", "GateSpec", "Gates", "MISMATCH_CODES", "Policy", "SPECS", "TOLERANCE", "WarningVerdict",
+           "gates_from_mapping", "gates_from_recipe", "judge", "judge_one", "judge_warnings", "load_gates",
+           "unmeasurable"]

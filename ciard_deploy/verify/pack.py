@@ -172,12 +172,22 @@ class RobustnessPack:
         return {"path": str(self.path) if self.path else None, "file_sha256": self.file_sha256 or None,
                 "checksum": self.checksum or None, "format": self.meta.get("format"),
                 "schema_version": self.meta.get("schema_version"), "n": self.n, "eps": self.eps,
-                "eps_label": self.meta.get("eps_label"), "input_shape": list(self.input_shape),
+                "eps_label": self.meta.get("eps_label"), **self._training_eps(),
+                "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "model": self.meta["model"],
                 "data": {k: v for k, v in self.meta["data"].items() if k != "indices"},
                 "attacks": self.attacks, "artifacts": list(self.meta.get("artifacts", [])),
                 "reference": self.reference, "versions": self.meta.get("versions", {}),
                 "created": self.meta.get("created"), "tool": self.meta.get("tool")}
+
+    def _training_eps(self) -> dict[str, Any]:
+        """``training_eps`` (what the source checkpoint records, or None) and ``eps_warning`` when the
+        pack's budget differs from it."""
+        from ciard_deploy.attacks.base import EpsChoice
+
+        recorded = (self.meta.get("model") or {}).get("eps")
+        choice = EpsChoice(self.eps, None if recorded is None else float(recorded), True)
+        return {"training_eps": choice.training_eps, "eps_warning": choice.warning}
 
     # ---------------------------------------------------------------- arrays
     def arrays(self) -> dict[str, np.ndarray]:
@@ -789,15 +799,51 @@ def _make_attack(spec: str, eps: float, seed: int, step_size: float | None = Non
     return create_attack(spec, eps, **options)
 
 
+#: the pack's attacks when none are named, by the device type they run on: what finishes in reasonable time
+#: there (APGD-CE and APGD-T at reference strength on a CPU; FAB-T too on a GPU). Full AutoAttack (``aa``)
+#: adds Square 5000 and is for when its hours are affordable.
+DEFAULT_ATTACKS: dict[str, tuple[str, ...]] = {"cpu": ("apgd-ce", "apgd-t"), "mps": ("apgd-ce", "apgd-t"),
+                                              "cuda": ("apgd-ce", "apgd-t", "fab-t")}
+
+
+def default_attacks(device_type: str) -> list[str]:
+    """The attacks a pack runs when none are named, for a torch device type (``cpu``, ``cuda``, ``mps``)."""
+    return list(DEFAULT_ATTACKS.get(device_type, DEFAULT_ATTACKS["cpu"]))
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """What ``build_pack`` is about to do, once every input has been checked (``on_plan`` hears it).
+
+    Attributes:
+        attacks: the attack specs it runs on the PyTorch model.
+        attacks_default: True when they are ``default_attacks(device)`` (none were named).
+        device: the torch device type it runs on (``cpu``, ``cuda``, ``mps``).
+        eps: the budget and where it came from (``eps.warning`` when it differs from the training eps).
+    """
+
+    attacks: list[str]
+    attacks_default: bool
+    device: str
+    eps: Any
+
+
+def _check_labels(labels: Sequence[str]) -> None:
+    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dupes:
+        raise UsageError(f"attack(s) listed twice: {', '.join(dupes)}")
+
+
 def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int = 1000,
-               attacks: Sequence[str] = ("pgd20", "cw30", "aa"), eps: float | str = "8/255", seed: int = 0,
+               attacks: Sequence[str] | None = None, eps: float | str | None = None, seed: int = 0,
                data_root: str | None = None, download: bool = False, device: str = "auto", batch_size: int = 256,
                arch: str | None = None, step_size: float | str | None = None,
                progress: Progress | None = None, resume_dir: str | os.PathLike | None = None,
                on_mismatch: OnMismatch = "refuse",
                on_state: Callable[[StateEvent], None] | None = None,
                artifacts: Sequence[str | os.PathLike] = (), artifact_attacks: Sequence[str] | None = None,
-               allow_untrusted_twin: bool = False, threads: int | None = None) -> RobustnessPack:
+               allow_untrusted_twin: bool = False, threads: int | None = None,
+               on_plan: Callable[[PackPlan], None] | None = None) -> RobustnessPack:
     """Builds a pack on the machine with PyTorch: sample, attack, record the reference.
 
     With ``resume_dir`` the build is resumable at attack granularity: after each finished attack
@@ -823,8 +869,10 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
         source: run dir (its best student), ciard checkpoint, or a plain state dict with ``arch``.
         dataset: dataset of the test sample (default: the checkpoint's).
         n: test images (seeded, class-stratified; all of the split if it has fewer).
-        attacks: attack specs (``pgd20``, ``cw30``, ``fgsm``, ``aa``, ...), each run on every image.
-        eps: L-inf budget, e.g. ``"8/255"`` or 0.1.
+        attacks: attack specs (``pgd20``, ``cw30``, ``fgsm``, ``aa``, ...), each run on every image
+            (None: ``default_attacks`` for the device: apgd-ce, apgd-t on CPU; fab-t too on CUDA).
+        eps: L-inf budget, e.g. ``"8/255"`` or 0.1 (None: the training eps the checkpoint records;
+            a budget that differs from it is used, and the pack's summary says so: ``eps_warning``).
         seed: seed of the sample and of every attack's randomness.
         data_root, download: where the dataset lives / fetch it if absent (torchvision sets).
         device: where the model and attacks run (``auto``, ``cpu``, ``cuda``, ...).
@@ -845,13 +893,17 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
             ``attacks.artifact.ARTIFACT_ATTACKS``: apgd-ce, apgd-t, fab-t, mtpgd100).
         allow_untrusted_twin: attack through a twin below the fidelity threshold instead of refusing.
         threads: onnxruntime threads for the artifacts' runtimes (None: its default).
+        on_plan: ``callback(PackPlan)`` once every input is checked, before any attack runs: the
+            attacks, whether they are the device's defaults, the device and the eps choice (the CLI
+            names a default choice and warns of an eps other than the training one).
 
     Returns:
         the pack (not yet saved: ``save_pack``).
 
     Raises:
         UsageError: bad n, batch size, eps, attack name, or a dataset that does not fit the model;
-            a ``resume_dir`` that is a file or cannot be written.
+            no eps given and none recorded in the checkpoint; a ``resume_dir`` that is a file or
+            cannot be written.
         ArtifactError: the checkpoint is missing or corrupt; ``resume_dir`` holds other files or a
             damaged one (with ``"refuse"``).
         StateMismatch: ``resume_dir`` holds another pack's attacks (with ``"refuse"``; an ArtifactError).
@@ -861,7 +913,7 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
 
     torch = import_torch()
     from ciard_deploy import __version__
-    from ciard_deploy.attacks.base import parse_eps
+    from ciard_deploy.attacks.base import choose_eps, parse_eps
     from ciard_deploy.attacks.cascade import check_budget
     from ciard_deploy.data import load_test_set_for
     from ciard_deploy.devices import resolve_device
@@ -874,29 +926,31 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
         raise UsageError(f"--n must be positive, got {n}")
     if batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {batch_size}")
-    eps_value = parse_eps(eps)
+    # a malformed budget, an unknown attack or one listed twice fails before anything loads (at a trial
+    # budget when the checkpoint's own is still to be read)
+    trial_eps = parse_eps(eps) if eps is not None else 8 / 255
     step = None
     if step_size is not None:
         step = parse_eps(step_size)
         if step <= 0:
             raise UsageError(f"--step-size must be positive, got {step_size}")
-    specs = [s.strip() for s in attacks if s and s.strip()]
-    atks = [_make_attack(s, eps_value, seed, step) for s in specs]  # names checked before loading anything
+    dev = resolve_device(device)
+    specs = [s.strip() for s in (default_attacks(dev.type) if attacks is None else attacks) if s and s.strip()]
+    _check_labels([_make_attack(s, trial_eps, seed, step).label for s in specs])
     from ciard_deploy.verify.pack_artifacts import build_section, check_artifacts, preflight
 
     artifact_paths = check_artifacts(artifacts)
-    art_atks: list[Any] = []
+    art_specs: list[str] = []
     if artifact_paths:
         from ciard_deploy.attacks.artifact import ARTIFACT_ATTACKS, create_artifact_attacks
 
-        art_atks = create_artifact_attacks(ARTIFACT_ATTACKS if artifact_attacks is None else artifact_attacks,
-                                           eps_value, seed)
-    labels = [a.label for a in atks]
-    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
-    if dupes:
-        raise UsageError(f"attack(s) listed twice: {', '.join(dupes)}")
-    dev = resolve_device(device)
+        art_specs = list(ARTIFACT_ATTACKS if artifact_attacks is None else artifact_attacks)
+        create_artifact_attacks(art_specs, trial_eps, seed)
     model, meta = load_model(source, arch=arch, dataset=dataset, data_root=data_root)
+    choice = choose_eps(eps, meta.eps)
+    eps_value = choice.eps
+    atks = [_make_attack(s, eps_value, seed, step) for s in specs]
+    art_atks = create_artifact_attacks(art_specs, eps_value, seed) if artifact_paths else []
     model = model.to(dev).eval()
     ds_name, ds = load_test_set_for(meta, dataset, data_root, download, n, seed)
     x, y = ds.tensors()
@@ -931,6 +985,8 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
                     report(min(i + batch_size, len(images)), stage)
         return torch.cat(outs).numpy().astype(np.float32)
 
+    if on_plan is not None:
+        on_plan(PackPlan(list(specs), attacks is None, dev.type, choice))
     source_note = f"crafted on the PyTorch model ({dev.type}, white-box)"
     logits_clean = partial.clean(y_np, int(meta.num_classes)) if partial is not None else None
     if logits_clean is None:
@@ -1036,7 +1092,7 @@ def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, att
     return RobustnessPack(x=xs, y=ys, logits_clean=lc, adv=advs, logits_adv=ladv, meta=meta, artifacts=list(artifacts))
 
 
-__all__ = ["ARTIFACT_ARRAYS", "ArtifactSection", "EPS_TOLERANCE", "FORMAT", "OnMismatch", "PARTIAL_KIND", "PackKey", "PackPartial", "SCHEMA_VERSION",
-           "RobustnessPack", "build_pack", "check_output", "check_partial_dir", "checksum_arrays", "discard_partial",
-           "load_pack", "pack_from_arrays", "partial_dir", "read_partial", "reference_flags", "save_pack",
-           "worst_case_label"]
+__all__ = ["ARTIFACT_ARRAYS", "ArtifactSection", "DEFAULT_ATTACKS", "EPS_TOLERANCE", "FORMAT", "OnMismatch",
+           "PARTIAL_KIND", "PackKey", "PackPartial", "PackPlan", "SCHEMA_VERSION", "RobustnessPack", "build_pack", "check_output",
+           "check_partial_dir", "checksum_arrays", "default_attacks", "discard_partial", "load_pack",
+           "pack_from_arrays", "partial_dir", "read_partial", "reference_flags", "save_pack", "worst_case_label"]

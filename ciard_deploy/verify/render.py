@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -71,7 +72,9 @@ def parity_table(report: VerifyReport) -> Table:
 
 
 def gates_table(report: VerifyReport) -> Table | None:
-    if not report.gate_results:
+    """The gates and the warnings that fail under the report's policy (pseudo-gates), or None if neither."""
+    warned = report.warning_failures()
+    if not report.gate_results and not warned:
         return None
     t = Table(title="gates", title_justify="left")
     for col in ("gate", "metric", "measured", "required", "result"):
@@ -80,6 +83,9 @@ def gates_table(report: VerifyReport) -> Table | None:
         measured = "—" if g.measured is None else f"{g.measured:.4f}"
         t.add_row(g.name, g.metric, measured, f"{g.op} {g.threshold:g}",
                   "[green]pass[/]" if g.passed else "[bold red]FAIL[/]")
+    for w in warned:
+        need = "none (or --allow-mismatch)" if w.rule == "mismatch" else "none (--strict)"
+        t.add_row(w.name, "warning", w.code, need, "[bold red]FAIL[/]")
     return t
 
 
@@ -97,9 +103,20 @@ def render_report(report: VerifyReport, console: Console) -> None:
     live_s = tm.get("live_s", tm.get("square_s", 0))  # square_s: a schema-1 report
     parts.append(Text(f"inference: {tm.get('inference_images', 0)} images at {rate or 0:,.0f} img/s; live attacks: "
                       f"{live_s or 0:.1f} s; total {tm.get('total_s', 0):.1f} s", style="dim"))
-    verdict = report.failure_summary() if report.gate_results else "no gates set"
-    parts.append(Text(f"{report.status.upper()}: {verdict}", style="bold green" if report.passed else "bold red"))
+    status = report.status
+    style = {"passed": "bold green", "failed": "bold red"}.get(status, "bold yellow")
+    parts.append(Text(f"{status.replace('_', ' ').upper()}: {report.failure_summary()}", style=style))
     console.print(Group(*parts))
+
+
+def _pack_eps_caption(summary: Mapping[str, Any]) -> str:
+    """The pack's budget against the training eps its checkpoint records."""
+    label = escape(str(summary.get("eps_label")))
+    if summary.get("eps_warning"):
+        return f"[bold yellow]warning: {escape(summary['eps_warning'])}[/]"
+    if summary.get("training_eps") is None:
+        return f"eps {label} (the checkpoint records no training eps)"
+    return f"eps {label}: the training eps recorded in the checkpoint"
 
 
 def render_pack(summary: Mapping[str, Any], console: Console) -> None:
@@ -117,6 +134,7 @@ def render_pack(summary: Mapping[str, Any], console: Console) -> None:
     if ref.get("worst_case_label"):
         t.add_row(f"[bold]{ref['worst_case_label']}[/]", f"[bold]{_pct(ref['worst_case_acc'])}[/]", "")
     console.print(t)
+    console.print(_pack_eps_caption(summary), highlight=False, soft_wrap=True)
     arts = summary.get("artifacts") or []
     if arts:
         w = Table(title="white-box on each artifact", title_justify="left",

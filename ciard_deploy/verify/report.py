@@ -1,8 +1,8 @@
 """The verify report: data first (a dataclass with a JSON round trip), then JUnit and Markdown writers.
 
-The JSON report (``kind: ciard.verify_report``, ``schema_version: 2``) holds::
+The JSON report (``kind: ciard.verify_report``, ``schema_version: 3``) holds::
 
-    kind, schema_version, status ("passed" | "failed"), created, tool
+    kind, schema_version, status ("passed" | "failed" | "not_gated"), created, tool
     artifact:  {path, name, sha256, size, backend, provider, precision, num_classes, input_spec,
                 active_providers, metadata (the artifact's own), manifest: {path, listed, expected_sha256,
                 sha256_matches, status, source_sha256} | null, metadata_source_sha256, source_sha256,
@@ -25,18 +25,27 @@ The JSON report (``kind: ciard.verify_report``, ``schema_version: 2``) holds::
                 <family>_acc per query-only family (square_acc), live_acc, whitebox_acc}
     gates:     {gate: threshold}           the thresholds, so CI can re-judge without re-running
     gate_results: [{name, metric, op, threshold, measured, passed, description, message}]
+    policy:    {allow_mismatch, strict, mismatch_codes}   how warnings are judged (``gates.Policy``)
+    warning_results: [{name ("mismatch V104"), rule, code, passed (false), message, fix}]   the failing ones
     warnings:  [{code, check, level, title, message, doc}]
     timings:   {open_s, clean_s, transfer_s, inference_s, inference_images, inference_images_per_s,
                 live_s, live_s_per_100_images, runtime: {images, calls, seconds, images_per_second}, total_s}
     versions:  {python, numpy, onnxruntime, ...}
     per_sample: {clean: "1101...", "<label>": "...", live_indices: [...] | null}
 
+``status`` is ``failed`` when a gate failed or a warning fails under the policy (``warning_results``),
+``passed`` when gates were set and none of that happened, and ``not_gated`` when no gate was set and
+no warning failed: nothing was judged, and the report never calls that passed.
+
 Each live attack (``kind: query``) covers the ``live_indices`` subset of the pack; the worst case then
 covers that subset too. Schema 1 (before live attacks were a list) had ``settings.square_queries``,
 ``square_n``, ``square_p_init``, ``timings.square_s`` and ``per_sample.square_indices``; such reports
-are still read (and re-judged).
+are still read (and re-judged). Schema 2 (before warnings were judged) had no ``policy``: such a report is
+read with the default policy (mismatches fail, not strict) and its status computed again, so an old
+report of a pack made for another model reads as failed, and one without gates as not gated.
 
-``VerifyReport.rejudge(gates)`` re-runs the gates on the stored metrics. numpy-free and torch-free.
+``VerifyReport.rejudge(gates, policy)`` re-runs the gates and the warning policy on the stored metrics
+and warnings. numpy-free and torch-free.
 """
 
 from __future__ import annotations
@@ -51,11 +60,12 @@ from typing import Any, Mapping
 
 from ciard_deploy.io import write_blocker
 from ciard_deploy.errors import UsageError
-from ciard_deploy.verify.checks import Finding
-from ciard_deploy.verify.gates import GateResult, Gates, judge
+from ciard_deploy.verify.checks import CHECKS, Finding
+from ciard_deploy.verify.checks import DOCS as WARNING_DOCS
+from ciard_deploy.verify.gates import GateResult, Gates, Policy, WarningVerdict, judge, judge_warnings
 
 REPORT_KIND = "ciard.verify_report"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +83,7 @@ class VerifyReport:
     gates: dict[str, float] = field(default_factory=dict)
     gate_results: list[GateResult] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
+    policy: dict[str, Any] = field(default_factory=lambda: Policy().to_dict())
     timings: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     per_sample: dict[str, Any] | None = None
@@ -83,30 +94,55 @@ class VerifyReport:
 
     # ---------------------------------------------------------------- verdict
     @property
+    def gated(self) -> bool:
+        """True when at least one gate was set."""
+        return bool(self.gate_results)
+
+    @property
+    def failed(self) -> bool:
+        """True when a gate failed or a warning fails under the policy (the CLI exits 1)."""
+        return bool(self.failures() or self.warning_failures())
+
+    @property
     def passed(self) -> bool:
-        """True when every gate passed (a report without gates passes)."""
-        return all(g.passed for g in self.gate_results)
+        """True when gates were set and every one passed, and no warning fails (never without gates)."""
+        return self.gated and not self.failed
 
     @property
     def status(self) -> str:
-        return "passed" if self.passed else "failed"
+        """``failed``, ``passed``, or ``not_gated`` (no gate set, no failing warning: nothing was judged)."""
+        return "failed" if self.failed else "passed" if self.gated else "not_gated"
 
     def failures(self) -> list[GateResult]:
         return [g for g in self.gate_results if not g.passed]
 
-    def failure_summary(self) -> str:
-        """One line for the CLI: ``"2 of 5 gates failed: min_clean (clean_acc 0.91 < required 0.95), ..."``."""
-        bad = self.failures()
-        if not bad:
-            return f"all {len(self.gate_results)} gates passed"
-        parts = ", ".join(f"{g.name} ({g.message})" for g in bad)
-        return f"{len(bad)} of {len(self.gate_results)} gates failed: {parts}"
+    def warning_failures(self) -> list[WarningVerdict]:
+        """The warnings that fail under the report's policy (pseudo-gates ``mismatch V104``, ``strict V111``)."""
+        return judge_warnings(Policy.from_dict(self.policy), self.warnings)
 
-    def rejudge(self, gates: Gates | None = None) -> "VerifyReport":
-        """A copy judged again on the stored metrics, with ``gates`` (default: the stored thresholds)."""
+    def failure_summary(self) -> str:
+        """One line for the CLI: ``"2 of 5 gates failed: min_clean (clean_acc 0.91 < required 0.95), ...;
+        mismatch V104: the pack was built from ... (... pass --allow-mismatch ...)"``."""
+        bad, warned = self.failures(), self.warning_failures()
+        parts = []
+        if bad:
+            parts.append(f"{len(bad)} of {len(self.gate_results)} gates failed: "
+                         + ", ".join(f"{g.name} ({g.message})" for g in bad))
+        parts += [w.line() for w in warned]
+        if parts:
+            return "; ".join(parts)
+        if not self.gated:
+            return "no gates set: nothing was judged (set --min-clean, --min-robust, ... or --gates FILE)"
+        return f"all {len(self.gate_results)} gates passed"
+
+    def rejudge(self, gates: Gates | None = None, policy: Policy | None = None) -> "VerifyReport":
+        """A copy judged again on the stored metrics and warnings, with ``gates`` and ``policy``
+        (default: the stored thresholds and policy)."""
         g = gates if gates is not None else Gates.from_dict(self.gates, source="report gates")
         out = VerifyReport.from_dict(self.to_dict())
         out.gates, out.gate_results = g.to_dict(), judge(g, self.metrics)
+        if policy is not None:
+            out.policy = policy.to_dict()
         return out
 
     def warning_lines(self, level: str | None = None) -> list[str]:
@@ -122,6 +158,7 @@ class VerifyReport:
                 "created": self.created, "tool": self.tool, "artifact": self.artifact, "pack": self.pack,
                 "settings": self.settings, "results": self.results, "parity": self.parity, "metrics": self.metrics,
                 "gates": self.gates, "gate_results": [g.to_dict() for g in self.gate_results],
+                "policy": self.policy, "warning_results": [w.to_dict() for w in self.warning_failures()],
                 "warnings": [f.to_dict() for f in self.warnings], "timings": self.timings,
                 "versions": self.versions, "per_sample": self.per_sample}
 
@@ -139,9 +176,10 @@ class VerifyReport:
                        gates=dict(d.get("gates", {})),
                        gate_results=[GateResult.from_dict(g) for g in d.get("gate_results", [])],
                        warnings=[Finding.from_dict(f) for f in d.get("warnings", [])],
+                       policy=Policy.from_dict(d.get("policy")).to_dict(),
                        timings=dict(d.get("timings", {})), versions=dict(d.get("versions", {})),
                        per_sample=d.get("per_sample"), created=d.get("created", ""), tool=d.get("tool", ""),
-                       kind=d["kind"], schema_version=version)
+                       kind=d["kind"], schema_version=SCHEMA_VERSION)  # read as (and written back in) today's
         except KeyError as e:
             raise UsageError(f"verify report is missing the key {e}") from None
 
@@ -165,13 +203,18 @@ class VerifyReport:
 
     # ---------------------------------------------------------------- JUnit
     def to_junit(self) -> str:
-        """JUnit XML: one testsuite, one testcase per gate; a failed gate carries measured and required values."""
+        """JUnit XML: one testsuite, one testcase per gate and one failing testcase per warning that fails
+        under the policy (``mismatch V104``); a failed gate carries measured and required values. Without
+        gates and failing warnings, one skipped testcase says nothing was judged (never a pass)."""
         total = float(self.timings.get("total_s") or 0.0)
-        bad = self.failures()
-        root = ET.Element("testsuites", name="ciard verify", tests=str(len(self.gate_results)),
-                          failures=str(len(bad)), errors="0", time=f"{total:.3f}")
-        suite = ET.SubElement(root, "testsuite", name=f"ciard verify {self.name}", tests=str(len(self.gate_results)),
-                              failures=str(len(bad)), errors="0", skipped="0", time=f"{total:.3f}",
+        bad, warned = self.failures(), self.warning_failures()
+        not_gated = self.status == "not_gated"
+        tests = len(self.gate_results) + len(warned) + (1 if not_gated else 0)
+        failures = len(bad) + len(warned)
+        root = ET.Element("testsuites", name="ciard verify", tests=str(tests), failures=str(failures), errors="0",
+                          skipped=str(int(not_gated)), time=f"{total:.3f}")
+        suite = ET.SubElement(root, "testsuite", name=f"ciard verify {self.name}", tests=str(tests),
+                              failures=str(failures), errors="0", skipped=str(int(not_gated)), time=f"{total:.3f}",
                               timestamp=self.created)
         props = ET.SubElement(suite, "properties")
         for k, v in self._properties().items():
@@ -189,6 +232,14 @@ class VerifyReport:
             else:
                 out = ET.SubElement(case, "system-out")
                 out.text = g.message
+        for w in warned:
+            case = ET.SubElement(suite, "testcase", classname=classname, name=w.name, time="0")
+            fail = ET.SubElement(case, "failure", type="MismatchWarning" if w.rule == "mismatch" else "StrictWarning",
+                                 message=w.line())
+            fail.text = f"warning: {w.code} ({WARNING_DOCS}-{w.code.lower()})\n{w.message}\nto pass: {w.fix}\n"
+        if not_gated:
+            case = ET.SubElement(suite, "testcase", classname=classname, name="not gated", time="0")
+            ET.SubElement(case, "skipped", message="no gates set: nothing was judged")
         lines = [f"{f.level}: {f.line()} (see {f.doc})" for f in self.warnings]
         if lines:
             ET.SubElement(suite, "system-err").text = "\n".join(lines)
@@ -209,10 +260,7 @@ class VerifyReport:
     def to_markdown(self, chart: str | None = None) -> str:
         """A short report a pull-request comment can carry; ``chart`` names a PNG to embed."""
         a, r, m = self.artifact, self.results, self.metrics
-        icon = "✅" if self.passed else "❌"
-        n_gates = len(self.gate_results)
-        verdict = (f"{icon} **{self.status}**" + (f" ({n_gates - len(self.failures())}/{n_gates} gates)"
-                                                 if n_gates else " (no gates)"))
+        verdict = self._markdown_verdict()
         lines = [f"### ciard verify: `{self.name}` {verdict}", "",
                  f"{a.get('backend')} ({a.get('provider') or 'default'}), {a.get('precision')}, "
                  f"n={r.get('n')} from `{Path(str(self.pack.get('path') or 'pack')).name}` "
@@ -246,17 +294,30 @@ class VerifyReport:
         lines += ["", parity + "."]
         if chart:
             lines += ["", f"![clean and robust accuracy: PyTorch vs runtime]({chart})"]
-        if self.gate_results:
+        warned = self.warning_failures()
+        if self.gate_results or warned:
             lines += ["", "| gate | measured | required | |", "|---|---:|---:|---|"]
             for g in self.gate_results:
                 measured = "—" if g.measured is None else f"{g.measured:.4f}"
                 lines.append(f"| {g.name} | {measured} | {g.op} {g.threshold:g} | {'✅' if g.passed else '❌'} |")
+            for w in warned:
+                need = "no mismatch (or --allow-mismatch)" if w.rule == "mismatch" else "no warning (--strict)"
+                lines.append(f"| {w.name} | {_check_title(w.code)} | {need} | ❌ |")
         warn = [f for f in self.warnings if f.level == "warning"]
         if warn:
             lines += ["", "**Warnings**", ""] + [f"- ⚠️ `{f.code}` {f.message}" for f in warn]
         lines += ["", f"<sub>{self.tool}; artifact sha256 `{str(a.get('sha256') or '')[:12]}`, pack checksum "
                       f"`{str(self.pack.get('checksum') or '')[7:19]}`; {self.timings.get('total_s', 0):.1f} s</sub>"]
         return "\n".join(lines) + "\n"
+
+    def _markdown_verdict(self) -> str:
+        n_gates, bad, warned = len(self.gate_results), self.failures(), self.warning_failures()
+        if self.status == "not_gated":
+            return "➖ **not gated** (no gates set: nothing was judged)"
+        parts = [f"{n_gates - len(bad)}/{n_gates} gates"] if n_gates else []
+        parts += [w.name for w in warned]
+        icon = "✅" if self.status == "passed" else "❌"
+        return f"{icon} **{self.status}** ({'; '.join(parts)})"
 
     # ---------------------------------------------------------------- files
     def write_json(self, path: str | os.PathLike) -> Path:
@@ -290,6 +351,11 @@ class VerifyReport:
                 log.info("no accuracy chart in the Markdown report: %s", e)
         atomic_write_text(path, self.to_markdown(chart=png.name if png else None))
         return path
+
+
+def _check_title(code: str) -> str:
+    info = CHECKS.get(code)
+    return info.title if info is not None else code
 
 
 def _pct(v: Any) -> str:

@@ -98,3 +98,24 @@ def test_eval_state_runs_only_new_attacks_and_refuses_another_evaluation(runs, t
         for needle in needles:
             assert needle in msg, msg
         assert state.read_bytes() == before
+
+
+def test_eval_measures_at_the_training_eps_by_default(digits_robust_run, tmp_path):
+    """The session's robust small_cnn was trained at eps 0.15: with no --eps, eval attacks at 0.15 (not 8/255)
+    and says where the budget came from; --eps 8/255 is allowed, and the table and JSON say it differs."""
+    res = CliRunner().invoke(app, ["eval", str(digits_robust_run), "--attacks", "pgd20", "--n", "60",
+                                   "--json", str(tmp_path / "default.json")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "default.json").read_text())
+    assert [a["label"] for a in rep["attacks"]] == ["pgd20@0.15"] and rep["eps"] == 0.15
+    assert rep["eps_source"] == "metadata" and rep["eps_warning"] is None
+    assert "pgd20@0.15" in res.stdout and "eps 0.15: the training eps recorded in the checkpoint" in res.stdout
+    res = CliRunner().invoke(app, ["eval", str(digits_robust_run), "--attacks", "pgd20", "--n", "60", "--eps", "8/255",
+                                   "--json", str(tmp_path / "other.json")])
+    assert res.exit_code == 0, res.output
+    other = json.loads((tmp_path / "other.json").read_text())
+    warning = "eps 8/255 differs from the training eps 0.15 recorded in the checkpoint"
+    assert other["attacks"][0]["label"] == "pgd20@8/255" and other["eps_warning"] == warning
+    assert warning in res.stdout
+    # the smaller budget flatters the model: exactly what a silent 8/255 default used to print
+    assert other["attacks"][0]["robust_acc"] > rep["attacks"][0]["robust_acc"]

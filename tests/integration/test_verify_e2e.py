@@ -273,10 +273,16 @@ def test_provenance_warnings(robust_export, natural_pack, tmp_path):
         a["sha256"] = "0" * 64
     (folder / "manifest.json").write_text(json.dumps(manifest))
     res = invoke("verify", folder / "model.onnx", "--pack", natural_pack, "--square-queries", 20, "--square-n", 10)
-    assert res.exit_code == 0 and "V103" in res.stdout and "V104" in res.stdout
+    # the numbers are not about this artifact: verify fails (exit 1), one line naming both and the way out
+    assert res.exit_code == 1 and "V103" in res.stdout and "V104" in res.stdout
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "mismatch V103" in err[0] and "mismatch V104" in err[0] and "--allow-mismatch" in err[0]
     # not quiet, not a terminal: plain progress lines with images/s, one series per stage
     assert "verify inference: 600/600 (100%)" in res.stderr and "img/s" in res.stderr
     assert "verify square20@0.15:" in res.stderr
+    res = invoke("verify", folder / "model.onnx", "--pack", natural_pack, "--square-queries", 0, "--allow-mismatch",
+                 "-q")
+    assert res.exit_code == 0 and "V104" in res.stdout and "NOT GATED" in res.stdout, res.output
 
 
 # --------------------------------------------------------------------------- bad input: exit 2, one line, nothing written

@@ -274,6 +274,30 @@ def test_a_stricter_gate_rejudges_only_verify_and_exits_1(first, sets):
     assert json.loads((out / "verify" / "onnx.json").read_text())["status"] == "passed"
 
 
+def test_no_gates_is_not_gated_never_passed(first, sets, tmp_path):
+    """The recipe's gates removed: verify is re-judged (nothing measured again), the run exits 0 and every
+    summary and report says NOT GATED, never passed (`ciard run --set 'deploy.formats=[onnx]'` on a recipe
+    without gates used to print "no gates" and then "every gate passed")."""
+    import re
+    import shutil
+
+    out = tmp_path / "digits"
+    shutil.copytree(first["out"], out)
+    res, summary, _ = run_cli(out, sets + ["deploy.gates={}"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    assert stage_actions(summary)["verify"] == "rejudged"
+    assert "NOT GATED: no gates set for 2 artifacts" in res.stdout and "not gated" in res.stdout
+    result = json.loads(summary.read_text())
+    assert result["status"] == "not_gated" and result["failures"] == []
+    assert json.loads((out / "workflow.json").read_text())["status"] == "not_gated"
+    texts = [res.stdout]
+    for name in ("onnx", "onnx-int8"):
+        assert json.loads((out / "verify" / f"{name}.json").read_text())["status"] == "not_gated"
+        texts += [(out / "verify" / f"{name}.md").read_text(), (out / "verify" / f"{name}.xml").read_text()]
+    for text in texts:
+        assert not re.search(r"\bpass(ed)?\b", text, re.IGNORECASE), text
+
+
 def _measured(report: Path) -> dict:
     """A verify report's measured numbers (not its seconds, nor where Square's came from)."""
     rep = json.loads(report.read_text())

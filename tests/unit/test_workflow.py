@@ -186,6 +186,31 @@ def test_plan_rejudges_verify_when_only_the_gates_changed(tmp_path):
     assert plan("pack", rec2, {"gates": {"a": 2}}, tmp_path)[0] == "run"
 
 
+def test_plan_rejudges_verify_when_only_the_warning_policy_changed(tmp_path):
+    inputs = {"artifacts": {"export/model.onnx": "h1"}, "pack": {"pack.npz": "h2"}, "gates": {"min_clean": 0.9},
+              "policy": {"allow_mismatch": False, "strict": False}}
+    rec = _done(tmp_path, inputs, {"verify/onnx.json": b"{}"})
+    action, reason = plan("verify", rec, {**inputs, "policy": {"allow_mismatch": True, "strict": False}}, tmp_path)
+    assert action == "rejudge" and "allow_mismatch" in reason
+    both = {**inputs, "gates": {}, "policy": {"allow_mismatch": False, "strict": True}}
+    assert plan("verify", rec, both, tmp_path)[0] == "rejudge"
+    # a workflow dir from before the policy existed: re-judged under today's default, not measured again
+    old = {k: v for k, v in inputs.items() if k != "policy"}
+    assert plan("verify", _done(tmp_path, old, {"verify/onnx.json": b"{}"}), inputs, tmp_path)[0] == "rejudge"
+
+
+def test_deploy_policy_defaults_and_inputs(tmp_path):
+    r = recipe_from_dict(deep_merge(DISTILL, DEPLOY))
+    assert (r.deploy.allow_mismatch, r.deploy.strict) == (False, False)
+    assert r.deploy.policy_mapping() == {"allow_mismatch": False, "strict": False}
+    strict = recipe_from_dict(deep_merge(DISTILL, DEPLOY), ["deploy.strict=true", "deploy.allow_mismatch=true"])
+    assert strict.deploy.policy_mapping() == {"allow_mismatch": True, "strict": True} and strict.hash == r.hash
+    state = {"stages": {"export": {"outputs": {"export/model.onnx": "h1"}}}}
+    inputs = stage_inputs("verify", strict, Layout(tmp_path), state=state)
+    assert inputs["policy"] == {"allow_mismatch": True, "strict": True}
+    assert "allow_mismatch" in problems({"deploy": {"allow_mismach": True}})[0]
+
+
 def test_plan_resumes_an_interrupted_distill_with_the_same_inputs(tmp_path):
     inputs = {"recipe_hash": "r1", "teachers": {}}
     rec = {"status": "interrupted", "inputs": inputs, "inputs_hash": canonical_hash(inputs)}

@@ -30,7 +30,8 @@ def test_verdict(report):
 def test_json_round_trip(report, tmp_path):
     path = report.write_json(tmp_path / "r.json")
     d = json.loads(path.read_text())
-    assert d["kind"] == "ciard.verify_report" and d["schema_version"] == 2 and d["status"] == "failed"
+    assert d["kind"] == "ciard.verify_report" and d["schema_version"] == 3 and d["status"] == "failed"
+    assert d["policy"]["allow_mismatch"] is False and d["policy"]["strict"] is False and d["warning_results"] == []
     assert d["gates"] == {"min_clean": 0.5, "min_robust": 0.99, "max_clean_drop": 0.01, "min_agreement": 0.999}
     back = VerifyReport.from_json(path)
     assert back.to_dict() == report.to_dict()
@@ -42,7 +43,8 @@ def test_json_round_trip(report, tmp_path):
     # a schema-1 report (Square's own keys) is still read and re-judged
     old = {**d, "schema_version": 1, "settings": {"square_queries": 30, "square_n": 20, "square_p_init": 0.8},
            "timings": {"square_s": 1.5, "total_s": 2.0}}
-    assert VerifyReport.from_dict(old).rejudge().schema_version == 1
+    back = VerifyReport.from_dict(old).rejudge()
+    assert back.schema_version == 3 and back.status == "failed" and back.settings["square_queries"] == 30
 
 
 def test_rejudge_without_rerunning(report):
