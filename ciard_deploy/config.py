@@ -43,6 +43,7 @@ from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, V
                       field_validator, model_validator)
 
 from ciard_deploy.errors import CiardError, RecipeError
+from ciard_deploy.limits import LimitError, MAX_EXTENDS_DEPTH, MAX_EXTENDS_FILES, MAX_RECIPE_BYTES, check_tree
 
 log = logging.getLogger(__name__)
 
@@ -646,8 +647,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe not found: {p}" + (" (it is a folder)" if p.is_dir() else ""))
+    size = p.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{p}: {size} bytes, more than the {MAX_RECIPE_BYTES} a recipe may have")
     try:
         data = yaml.safe_load(p.read_text())
+        check_tree(data, max_nodes=RECIPE_MAX_NODES)  # nesting, and aliases expanding into millions of values
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -655,6 +660,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"{p}:{where}: not valid YAML ({problem})") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{p}: not a text file") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: nested too deeply to be a recipe") from None
+    except LimitError as e:
+        raise RecipeError(f"{p}: {e}; not a recipe") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -673,13 +682,30 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+#: most values one recipe file may hold, YAML aliases expanded (shipped recipes hold about a hundred)
+RECIPE_MAX_NODES = 100_000
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _count: list[int] | None = None) -> dict[str, Any]:
     """A recipe file with its ``extends`` chain merged in (no validation). ``extends`` is a path,
-    or a list of paths merged in order, relative to the file that names it."""
+    or a list of paths merged in order, relative to the file that names it.
+
+    Bounded: a cycle, a chain deeper than ``limits.MAX_EXTENDS_DEPTH`` files, or more than
+    ``limits.MAX_EXTENDS_FILES`` files read in all (a file extended twice counts twice: a fan-out
+    of lists of parents grows exponentially) is a RecipeError before the next file is read."""
     p = Path(path).resolve()
     if p in _chain:
         cycle = " -> ".join(str(c.name) for c in (*_chain, p))
         raise RecipeError(f"recipe extends itself: {cycle}")
+    root = _chain[0] if _chain else p
+    if len(_chain) >= MAX_EXTENDS_DEPTH:
+        raise RecipeError(f"{root}: its extends chain is deeper than {MAX_EXTENDS_DEPTH} files "
+                          f"({' -> '.join(c.name for c in _chain[:3])} -> ... -> {p.name})")
+    count = _count if _count is not None else [0]
+    count[0] += 1
+    if count[0] > MAX_EXTENDS_FILES:
+        raise RecipeError(f"{root}: its extends read more than {MAX_EXTENDS_FILES} recipe files (the same parents "
+                          "listed over and over?)")
     data = read_yaml(p)
     parents = data.pop("extends", None)
     if parents is None:
@@ -693,7 +719,7 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         pp = (p.parent / parent)
         if not pp.is_file():
             raise RecipeError(f"{p}: extends {parent!r}, which is not found at {pp}")
-        merged = deep_merge(merged, load_raw(pp, (*_chain, p)))
+        merged = deep_merge(merged, load_raw(pp, (*_chain, p), count))
     return deep_merge(merged, _absolutize_paths(data, p.parent))
 
 
@@ -728,7 +754,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=2")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+        check_tree(parsed, max_nodes=RECIPE_MAX_NODES)
+    except (yaml.YAMLError, RecursionError, LimitError):
         parsed = value
     return key.split("."), parsed
 

@@ -17,9 +17,13 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ciard_deploy.errors import ArtifactError
+from ciard_deploy.limits import (ClassNames, Finite, LimitError, NotJson, NumClasses, ShortText, TrainingEps,
+                                 check_image_shape, read_json, schema_problems)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +60,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON text every ciard JSON file holds (numpy scalars and arrays, paths
+    converted), ending in a newline."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    atomic_write_text(path, json_text(obj))
 
 
 def _json_default(o: Any) -> Any:
@@ -166,16 +176,70 @@ def save_checkpoint(path: str | os.PathLike, model: Any, meta: CheckpointMeta) -
     return weights
 
 
+class CheckpointCard(BaseModel):
+    """What ``read_meta`` accepts from a checkpoint's ``.json``: every field ``CheckpointMeta`` holds, typed
+    and bounded (a model of 10^9 classes or a 10^9-pixel input is refused before anything is built);
+    unknown keys (``weights_sha256``, newer fields) are kept."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    arch: Annotated[str, Field(min_length=1, max_length=200)]
+    num_classes: NumClasses
+    input_shape: list[int]
+    mean: Annotated[list[Finite], Field(min_length=1, max_length=64)]
+    std: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=1, max_length=64)]
+    dataset: ShortText = ""
+    classes: ClassNames = Field(default_factory=list)
+    eps: TrainingEps | None = None
+    recipe_hash: ShortText = ""
+    role: ShortText = "model"
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, Any] = Field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
+    format: ShortText = "ciard-checkpoint/1"
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        return check_image_shape(v)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CheckpointCard":
+        channels = self.input_shape[0]
+        if len(self.mean) not in (1, channels) or len(self.std) != len(self.mean):
+            raise ValueError(f"mean and std must have 1 or {channels} values each (one per channel), got "
+                             f"{len(self.mean)} and {len(self.std)}")
+        if self.classes and len(self.classes) != self.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for num_classes {self.num_classes}")
+        return self
+
+
 def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    """The checkpoint card (``NAME.json``) beside ``NAME.safetensors``, validated (``CheckpointCard``).
+
+    Raises:
+        ArtifactError: the weights or the card are missing, the card is not JSON, is larger or nested
+            deeper than ``limits`` allows, or a field is of the wrong type or out of bounds (named).
+    """
     weights, meta_path = checkpoint_paths(path)
     if not weights.exists():
         raise ArtifactError(f"checkpoint not found: {weights}")
     if not meta_path.exists():
         raise ArtifactError(f"checkpoint metadata missing: {meta_path} (a ciard checkpoint is .safetensors + .json)")
     try:
-        d = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        d = read_json(meta_path)
+    except OSError as e:
+        raise ArtifactError(f"checkpoint metadata {meta_path} cannot be read: {e.strerror or e}") from None
+    except NotJson as e:
         raise ArtifactError(f"checkpoint metadata {meta_path} is not valid JSON: {e}") from None
+    except LimitError as e:
+        raise ArtifactError(f"checkpoint metadata {meta_path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ArtifactError(f"checkpoint metadata {meta_path} is not a JSON object (got a {type(d).__name__})")
+    try:
+        CheckpointCard.model_validate(d)
+    except ValidationError as e:
+        raise ArtifactError(f"checkpoint metadata {meta_path}: {schema_problems(e)}") from None
     return CheckpointMeta.from_dict(d)
 
 

@@ -204,7 +204,8 @@ def _new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.2, height: floa
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise EnvironmentMissing(f"plots need matplotlib ({e}); pip install matplotlib") from None
+        raise EnvironmentMissing(f"plots need matplotlib ({e}); pip install matplotlib "
+                                 "(or 'ciard-deploy[train]')") from None
     fig = Figure(figsize=(width * ncols, height * nrows), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

@@ -30,6 +30,8 @@ forces a stage and every stage after it.
 
 ``DIR`` belongs to the workflow: its own earlier outputs are replaced when a stage runs again.
 A folder that exists, holds files and has no ``workflow.json`` is someone else's and is refused.
+A call holds ``DIR``'s lock (``lock.folder_lock``) from start to end: a second ``ciard run`` into
+``DIR`` meanwhile is refused (exit 2, naming the holder's pid).
 
 The library never prints: stage events go to ``on_event``, training events to
 ``train_callbacks``, and ``progress(done, total, stage=...)`` reports export, pack and verify work.
@@ -47,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
+from ciard_deploy import lock
 from ciard_deploy.errors import ArtifactError, CiardError, RecipeError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -212,7 +215,7 @@ def check_out_dir(out_dir: str | Path, entry: str = "run") -> dict[str, Any] | N
     d = Path(out_dir)
     if d.exists() and not d.is_dir():
         raise UsageError(f"--out {d} is a file, not a folder")
-    if not d.is_dir() or not any(d.iterdir()):
+    if not d.is_dir() or not lock.entries(d):  # a lock file alone (lock.LOCK_NAME) is no content
         return None
     state = load_state(d)
     if state is None:
@@ -719,6 +722,7 @@ def load_deploy_recipe(recipe: "RecipeBase | str | Path", overrides: Sequence[st
     return recipe
 
 
+@lock.holding("out_dir")
 def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Sequence[str] = (),
         from_stage: str | None = None, device: str | None = None, threads: int | None = None, entry: str = "run",
         on_event: Callable[[StageEvent], None] | None = None, train_callbacks: Sequence[Any] = (),
@@ -745,6 +749,7 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
     Raises:
         UsageError / RecipeError: bad input (exit 2): an unknown stage, a recipe without ``deploy``,
             an ``out_dir`` that holds someone else's files. Nothing is written.
+        InUse: another ``ciard run`` into ``out_dir`` is running (exit 2). Nothing is written.
         EnvironmentMissing: a format or provider this machine cannot run (exit 3), before any work.
         TrainingInterrupted: training was stopped (SIGINT/SIGTERM); calling ``run`` again resumes it.
     """

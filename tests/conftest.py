@@ -32,10 +32,53 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["CIARD_CACHE"] = tempfile.mkdtemp(prefix="ciard-test-cache-")
 
 
+def session_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where what the whole session shares lives: its basetemp, or under pytest-xdist (README's test
+    command: ``-n 2``) the folder every worker's basetemp sits in, so the workers share it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """``<session root>/shared/<name>``, made by ``build(folder)`` once for the whole session: the first
+    xdist worker that asks builds it while the others wait on its lock (ciard's own ``folder_lock``), and
+    a build that failed half-way is started over by the next caller."""
+    import shutil
+
+    from ciard_deploy.lock import folder_lock
+
+    shared = session_root(tmp_path_factory) / "shared"
+    folder, done = shared / name, shared / f"{name}.done"
+    with folder_lock(shared / f"{name}.building", wait=True, remove_if_empty=False):
+        if not done.exists():
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ciard_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The teacher cache every test uses (``CIARD_CACHE``): one per session, shared by xdist workers
+    (a teacher is trained once, by the first worker that needs it; the cache locks each entry)."""
+    return session_root(tmp_path_factory) / "ciard-cache"
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _fresh_cli_state() -> None:
+    """Each test starts with the CLI's global flags off: an in-process `ciard ... -q` of an earlier test
+    (in this xdist worker) must not silence the next one's output."""
+    common = sys.modules.get("ciard_deploy.cli.common")
+    if common is not None:
+        common.State.quiet = common.State.verbose = False
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(ciard_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Teacher caches and decoded datasets go to a per-session temp folder, never the user's home."""
-    monkeypatch.setenv("CIARD_CACHE", str(tmp_path_factory.getbasetemp() / "ciard-cache"))
+    monkeypatch.setenv("CIARD_CACHE", str(ciard_cache))
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +86,10 @@ def cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small image-folder copy of real CIFAR-10 (50 train / 20 test images per class)."""
     if not CIFAR_TAR.exists():
         pytest.skip(f"real CIFAR-10 JPEG copy not found at {CIFAR_TAR}")
-    out = tmp_path_factory.mktemp("cifar10")
+    return made_once(tmp_path_factory, "cifar10", _extract_cifar)
+
+
+def _extract_cifar(out: Path) -> None:
     keep = {"train": 50, "test": 20}
     counts: dict[tuple[str, str], int] = {}
     with tarfile.open(CIFAR_TAR) as tar:
@@ -61,14 +107,19 @@ def cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             dest = out / split / cls / parts[-1]
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
-    return out
+            if len(counts) == 20 and all(counts[k] >= keep[k[0]] for k in counts):
+                break  # 10 classes x 2 splits full: no need to read the rest of the 60,000 images
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> None:
     """Tiny models run faster on one thread, and a 2-thread pool stalls when another process
     takes a core (CI runners are shared): pin torch to one thread for the whole session, before any
-    module or session fixture trains. No test file needs its own pin."""
+    module or session fixture trains. No test file needs its own pin. The verbs' default --threads
+    (the CPUs this process may use) is pinned to one as well, for the verbs the tests run in-process."""
+    from ciard_deploy.cli import common
+
+    common.available_cpus = lambda: 1
     try:
         import torch
     except ImportError:
@@ -100,9 +151,10 @@ def digits_robust_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from ciard_deploy.config import find_recipe
     from ciard_deploy.distill.trainer import run
 
-    out = tmp_path_factory.mktemp("digits_robust") / "run"
-    run(find_recipe(DIGITS_ROBUST_RECIPE), out, handle_signals=False, overrides=DIGITS_ROBUST_OVERRIDES)
-    return out
+    def train(folder: Path) -> None:
+        run(find_recipe(DIGITS_ROBUST_RECIPE), folder / "run", handle_signals=False, overrides=DIGITS_ROBUST_OVERRIDES)
+
+    return made_once(tmp_path_factory, "digits_robust", train) / "run"
 
 
 @pytest.fixture(scope="session")
@@ -111,10 +163,11 @@ def digits_robust_exports(digits_robust_run: Path, tmp_path_factory: pytest.Temp
     calibration) and manifest.json, made once per session by ``export.run``. Read-only for every test."""
     from ciard_deploy import export
 
-    out = tmp_path_factory.mktemp("digits_robust_exports") / "export"
-    export.run(digits_robust_run, out, ["onnx", "onnx-fp16", "onnx-int8"], n=64, calib="mixed", calib_n=128,
-               threads=1)
-    return out
+    def make(folder: Path) -> None:
+        export.run(digits_robust_run, folder / "export", ["onnx", "onnx-fp16", "onnx-int8"], n=64, calib="mixed",
+                   calib_n=128, threads=1)
+
+    return made_once(tmp_path_factory, "digits_robust_exports", make) / "export"
 
 
 # --------------------------------------------------------------------------- small models trained on digits
@@ -232,16 +285,19 @@ def untrained_digits_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     from ciard_deploy.models import create_model
     from ciard_deploy.verify import build_pack, save_pack
 
-    d = tmp_path_factory.mktemp("untrained_digits")
-    info = get_dataset_info("digits")
-    torch.manual_seed(0)
-    model = create_model("small_cnn", 10, 1, info.mean, info.std)
-    ckpt = save_checkpoint(d / "run" / "student_best", model,
-                           CheckpointMeta("small_cnn", 10, info.input_shape, info.mean, info.std, "digits",
-                                          info.classes, eps=0.1))
-    export.run(d / "run", d / "export", ["onnx"], n=64, reference_attack=None, check=False)
-    pack = save_pack(build_pack(d / "run", n=64, attacks=["fgsm"], eps=0.1, device="cpu"), d / "pack.npz")
-    return {"run": d / "run", "checkpoint": ckpt, "onnx": d / "export" / "model.onnx", "pack": pack}
+    def make(d: Path) -> None:
+        info = get_dataset_info("digits")
+        torch.manual_seed(0)
+        model = create_model("small_cnn", 10, 1, info.mean, info.std)
+        save_checkpoint(d / "run" / "student_best", model,
+                        CheckpointMeta("small_cnn", 10, info.input_shape, info.mean, info.std, "digits",
+                                       info.classes, eps=0.1))
+        export.run(d / "run", d / "export", ["onnx"], n=64, reference_attack=None, check=False)
+        save_pack(build_pack(d / "run", n=64, attacks=["fgsm"], eps=0.1, device="cpu"), d / "pack.npz")
+
+    d = made_once(tmp_path_factory, "untrained_digits", make)
+    return {"run": d / "run", "checkpoint": d / "run" / "student_best.safetensors", "onnx": d / "export" / "model.onnx",
+            "pack": d / "pack.npz"}
 
 
 # --------------------------------------------------------------------------- the CLI in-process

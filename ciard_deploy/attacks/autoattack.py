@@ -37,9 +37,9 @@ def _keep_trace() -> Iterator[None]:
 def _import_autoattack(label: str) -> Any:
     try:
         from pyautoattack import AutoAttack
-    except ImportError as exc:  # pragma: no cover - a core dependency
+    except ImportError as exc:  # pragma: no cover - in the train extra
         raise EnvironmentMissing(f"attack {label} needs pyautoattack ({exc}); "
-                                 "install it with: pip install pyautoattack") from None
+                                 "install it with: pip install 'ciard-deploy[train]'") from None
     return AutoAttack
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ciard_deploy.attacks.base import TORCH_CAPABILITIES, Attack, ensure_capabilities
+from ciard_deploy.attacks.base import TORCH_CAPABILITIES, Attack, ensure_capabilities, format_eps
 from ciard_deploy.attacks.common import check_inputs, frozen_eval
 from ciard_deploy.attacks.results import AttackResult, EvalResult
 from ciard_deploy.attacks.state import (SAVE_EVERY_S, AttackRecord, EvaluationState, StateEvent, data_hash,
@@ -48,7 +48,7 @@ def check_budget(x_adv: torch.Tensor, x: torch.Tensor, eps: float, label: str) -
     dist = float((x_adv - x).abs().max())
     lo, hi = float(x_adv.min()), float(x_adv.max())
     if dist > eps + BUDGET_TOLERANCE or lo < 0.0 or hi > 1.0:
-        raise RuntimeError(f"{label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {eps:.3g}), "
+        raise RuntimeError(f"{label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {format_eps(eps)}), "
                            f"range [{lo:.3g}, {hi:.3g}]")
 
 
@@ -161,7 +161,7 @@ def _check_state(state: EvaluationState, x: torch.Tensor, y: torch.Tensor, attac
         raise UsageError("the evaluation state is for other images or labels (data_sha256 differs)")
     other_eps = sorted({a.label for a in attacks if a.eps != state.key.eps})
     if other_eps:
-        raise UsageError(f"the evaluation state is for eps {state.key.eps:g}; {', '.join(other_eps)} "
+        raise UsageError(f"the evaluation state is for eps {format_eps(state.key.eps)}; {', '.join(other_eps)} "
                          "has another budget")
     state.check(state.key, attacks)
 

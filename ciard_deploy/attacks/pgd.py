@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciard_deploy.attacks.base import GRADIENTS, Budget, _check_positive
+from ciard_deploy.attacks.base import GRADIENTS, Budget, _check_positive, format_eps
 from ciard_deploy.attacks.common import TorchAttack, make_generator, project_linf
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,9 @@ def warn_if_short(label: str, eps: float, steps: int, step_size: float) -> None:
     """Logs a warning when the steps cannot reach the eps boundary (e.g. ``pgd10`` at eps 0.1 with step 2/255)."""
     reach = steps * step_size
     if eps > 0 and reach < eps:
-        log.warning("%s: %d steps of %.4g reach at most %.4g < eps %.4g; the attack is weaker than it "
-                    "looks (raise the steps or step_size)", label, steps, step_size, reach, eps)
+        log.warning("%s: %d steps of %s reach at most %s < eps %s; the attack is weaker than it "
+                    "looks (raise the steps or step_size)", label, steps, format_eps(step_size), format_eps(reach),
+                    format_eps(eps))
 
 
 def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,

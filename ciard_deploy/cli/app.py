@@ -10,9 +10,9 @@ from ciard_deploy.cli.common import State, console, setup_logging
 app = typer.Typer(
     name="ciard",
     help="Distill robust compact classifiers (CIARD), export them, and verify their robustness on the runtime.\n\n"
-         "Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage, 3 environment missing (no GPU, no TensorRT).",
+         "Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage, 3 environment missing (no torch, no GPU, no TensorRT).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

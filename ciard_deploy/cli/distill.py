@@ -11,34 +11,54 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
+from ciard_deploy.cli.common import ForceJsonOption, JsonOption, check_outputs, write_json
 from ciard_deploy.cli.common import DeviceOption, QuietOption, SetOption, State, console, err_console, handle_errors
 
 
 class TrainProgress:
-    """Renders trainer events: a rich bar on a terminal (epoch, step, loss, img/s), one plain line
-    per epoch off a terminal (CI logs), nothing with --quiet."""
+    """Renders trainer events: a heading per trained model (each teacher, then the student), a line
+    per teacher reused from the cache, a rich bar per epoch on a terminal (step, loss, img/s), one
+    plain line per epoch off a terminal (CI logs), the final evaluation's progress per phase
+    (``final eval best pgd20@8/255``), nothing with --quiet. ``close()`` ends any live bar."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.tty = err_console.is_terminal
         self.bar: Any = None
         self.task: Any = None
-        self.depth: list[Path] = []  # run dirs: the outer run, and a teacher being trained inside it
+        self.runs: list[bool] = []  # the runs under way, innermost last: True for a teacher trained inside
+        self.teacher_dirs: set[Path] = set()  # announced by ``teacher`` events
+        self.final: contextlib.ExitStack | None = None
+        self.final_update: Any = None
 
     def _prefix(self) -> str:
-        return "teacher " if len(self.depth) > 1 else ""
+        return "teacher " if self.runs and self.runs[-1] else ""
 
     def __call__(self, ev: Any) -> None:
         if self.quiet:
             return
         if ev.kind == "teacher":
-            err_console.print(f"[bold]{ev.message}[/]", highlight=False)
+            self.teacher_dirs.add(Path(ev.run_dir))
+            err_console.print(f"[bold]{escape(ev.message)}[/]", highlight=False, soft_wrap=True)
+        elif ev.kind == "teacher_reused":
+            err_console.print(escape(ev.message), highlight=False, soft_wrap=True)
         elif ev.kind == "run_start":
-            self.depth.append(ev.run_dir)
-            if ev.epoch:
+            teacher = Path(ev.run_dir) in self.teacher_dirs
+            self.runs.append(teacher)
+            m = ev.metrics or {}
+            if not teacher and m.get("arch"):  # a teacher got its heading from its ``teacher`` event
+                who = "the student: " if m.get("role") == "student" else ""
+                err_console.print(f"[bold]training {who}{escape(str(m.get('method')))} {escape(str(m['arch']))} on "
+                                  f"{escape(str(m.get('dataset')))} ({ev.epochs} epochs) -> "
+                                  f"{escape(str(ev.run_dir))}[/]", highlight=False, soft_wrap=True)
+            if ev.epoch >= ev.epochs > 0:
+                err_console.print(f"{self._prefix()}resuming: training finished earlier, running the final "
+                                  "evaluation", highlight=False)
+            elif ev.epoch or ev.step:
                 err_console.print(f"{self._prefix()}resuming at epoch {ev.epoch + 1} step {ev.step}", highlight=False)
         elif ev.kind == "epoch_start" and self.tty:
             self._close_bar()
@@ -59,15 +79,30 @@ class TrainProgress:
             evals = "".join(f"  {k} {v:.4f}" for k, v in m.get("eval", {}).items() if k != "score")
             err_console.print(f"{self._prefix()}epoch {ev.epoch}/{ev.epochs}  loss {m['loss']:.4f}  lr {m['lr']:.4g}"
                               f"{evals}  {m['images_per_s']:,.0f} img/s", highlight=False)
-        elif ev.kind == "run_end":
+        elif ev.kind == "final_eval":
             self._close_bar()
-            if self.depth:
-                self.depth.pop()
+            if self.final_update is None:
+                from ciard_deploy.cli.common import progress
+
+                self.final = contextlib.ExitStack()
+                self.final_update = self.final.enter_context(progress(f"{self._prefix()}final eval", unit="img"))
+            self.final_update(ev.step, ev.steps, stage=ev.message)
+        elif ev.kind == "run_end":
+            self.close()
+            if self.runs:
+                self.runs.pop()
 
     def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+    def close(self) -> None:
+        """Ends the live epoch bar and the final evaluation's progress, if any (safe to call twice)."""
+        self._close_bar()
+        if self.final is not None:
+            self.final.close()
+        self.final, self.final_update = None, None
 
 
 def render_summary(summary: dict[str, Any]) -> None:
@@ -108,7 +143,7 @@ def _console_logs_at(level: int) -> Iterator[None]:
 
 
 def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume: bool, device: Optional[str],
-                quiet: bool) -> None:
+                quiet: bool, json_out: Optional[Path] = None, force: bool = False) -> None:
     from ciard_deploy.config import find_recipe, load_recipe
     from ciard_deploy.distill.trainer import TrainingInterrupted, run
     from ciard_deploy.errors import UsageError
@@ -118,19 +153,25 @@ def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume:
     if rec.kind != kind:
         other = "distill" if kind == "train" else "train"
         raise UsageError(f"{path} is a kind {rec.kind!r} recipe: run it with `ciard {other}`")
+    check_outputs({"--json": json_out}, force, {"RECIPE": path})
     quiet = quiet or State.quiet
     start = time.perf_counter()
+    shown = TrainProgress(quiet)
     try:
         with _console_logs_at(logging.DEBUG if State.verbose else logging.WARNING):
-            summary = run(rec, out, resume=resume, device=device, callbacks=[TrainProgress(quiet)])
+            try:
+                summary = run(rec, out, resume=resume, device=device, callbacks=[shown])
+            finally:
+                shown.close()  # no live bar above the lines that follow (an interruption, the table)
     except TrainingInterrupted as e:
         sets = "".join(f" --set {o}" for o in overrides)
-        err_console.print(f"[yellow]{e}[/]\nresume with: ciard {kind} {recipe} --out {out}{sets} --resume",
+        err_console.print(f"[yellow]{escape(str(e))}[/]\nresume with: ciard {kind} {recipe} --out {out}{sets} --resume",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 alone reports
     render_summary(summary)
+    write_json(json_out, summary, force)
     from ciard_deploy.plots import safe_training_curves
 
     plots = safe_training_curves(out)  # logs instead of failing: a finished run never breaks on a plot
@@ -150,8 +191,10 @@ def _register_training_verb(kind: str, recipe_help: str, doc: str) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last saved state."),
         device: DeviceOption = None,
         quiet: QuietOption = False,
+        json_out: JsonOption = None,
+        force: ForceJsonOption = False,
     ) -> None:
-        _train_verb(kind, recipe, out, overrides, resume, device, quiet)
+        _train_verb(kind, recipe, out, overrides, resume, device, quiet, json_out, force)
 
     verb.__name__ = verb.__qualname__ = kind
     verb.__doc__ = doc

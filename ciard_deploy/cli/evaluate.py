@@ -10,13 +10,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import console, err_console, handle_errors, note, progress, write_json
+from ciard_deploy.cli.common import (ForceJsonOption, JsonOption, ThreadsOption, apply_threads, check_outputs, console,
+                                     err_console, from_run_folder, handle_errors, note, progress, write_json)
 
 
 @app.command("eval")
 @handle_errors
 def eval_cmd(
-    checkpoint: Path = typer.Argument(..., help="Run dir, ciard checkpoint (.safetensors + .json), or a plain .pt/.pth with --arch."),
+    checkpoint: Path = typer.Argument(..., help="Run dir, `ciard run` folder, ciard checkpoint (.safetensors + .json), or a plain .pt/.pth with --arch."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset (default: the one in the checkpoint's metadata)."),
     attacks: str = typer.Option("pgd20,cw30", "--attacks", "-a", help="Comma-separated attacks: fgsm, pgd20, cw30, aa, square1000, ..."),
     n: int = typer.Option(1000, "--n", help="Test images (seeded, class-stratified)."),
@@ -26,11 +27,13 @@ def eval_cmd(
              "value is allowed and the table and JSON say it differs)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
     batch_size: int = typer.Option(256, "--batch-size", "-b"),
+    threads: ThreadsOption = None,
     seed: int = typer.Option(0, "--seed"),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture, for a plain state dict without metadata."),
     data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset files are."),
     download: bool = typer.Option(False, "--download", help="Download the dataset if absent (torchvision datasets)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    json_out: JsonOption = None,
+    force: ForceJsonOption = False,
     state: Optional[Path] = typer.Option(
         None, "--state",
         help="Resumable evaluation state (JSON; none unless given). Created if absent and saved after the clean "
@@ -52,6 +55,9 @@ def eval_cmd(
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if state is not None and json_out is not None and state.resolve() == json_out.resolve():
         raise UsageError(f"--state and --json name the same file ({state}): give them different paths")
+    check_outputs({"--json": json_out}, force, {"CHECKPOINT": checkpoint, "--state": state})
+    checkpoint = from_run_folder(checkpoint, "checkpoint")
+    apply_threads(threads)
     try:
         with progress("eval", unit="img") as update:
             rep = evaluate.run(checkpoint, names, eps, n=n, dataset=dataset, data_root=data_root,
@@ -64,7 +70,7 @@ def eval_cmd(
             raise typer.Exit(130) from None
         raise
     render_eval(rep)
-    write_json(json_out, rep)
+    write_json(json_out, rep, force)
 
 
 def _state_line(ev: Any) -> None:

@@ -10,8 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import console, err_console, handle_errors, progress, write_json
+from ciard_deploy.cli.common import (JsonOption, ForceJsonOption, ThreadsOption, apply_threads, check_outputs, console,
+                                     err_console, from_run_folder, handle_errors, progress, write_json)
 from ciard_deploy.errors import GateFailed, UsageError
+from ciard_deploy.signals import terminate_as_interrupt
 
 
 def _parse_batch(text: str) -> int | str:
@@ -30,9 +32,9 @@ def _parse_batch(text: str) -> int | str:
 @app.command("export")
 @handle_errors
 def export_cmd(
-    source: Optional[Path] = typer.Argument(None, help="Run dir (its best student) or ciard checkpoint (.safetensors + .json)."),
+    source: Optional[Path] = typer.Argument(None, help="Run dir (its best student), `ciard run` folder, or ciard checkpoint (.safetensors + .json)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder for the artifacts and manifest.json."),
-    onnx: bool = typer.Option(False, "--onnx", help="ONNX FP32 (also written whenever another format is chosen: they derive from it)."),
+    onnx: bool = typer.Option(False, "--onnx", help="ONNX FP32 (the default when no format flag is given; also written whenever another format is chosen: they derive from it)."),
     fp16: bool = typer.Option(False, "--fp16", help="ONNX FP16 (and an FP16 engine with --tensorrt)."),
     int8: bool = typer.Option(False, "--int8", help="ONNX INT8 QDQ (and an INT8 engine with --tensorrt)."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="TensorRT engine per chosen precision (FP32 if none): needs TensorRT and an NVIDIA GPU."),
@@ -49,28 +51,41 @@ def export_cmd(
     min_agreement_fp16: float = typer.Option(0.99, "--min-agreement-fp16"),
     min_agreement_int8: float = typer.Option(0.97, "--min-agreement-int8"),
     provider: str = typer.Option("cpu", "--provider", help="onnxruntime provider for the check: cpu, cuda, tensorrt."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads for the check (default: its own)."),
+    threads: ThreadsOption = None,
     seed: int = typer.Option(0, "--seed"),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a plain state dict without ciard metadata (with --dataset)."),
     workspace_mb: int = typer.Option(1024, "--workspace-mb", help="TensorRT builder workspace (MiB)."),
     max_batch: int = typer.Option(256, "--max-batch", help="TensorRT profile's largest batch (dynamic batch)."),
     trt_int8: str = typer.Option("qdq", "--trt-int8", help="INT8 engine from the QDQ ONNX (qdq) or an entropy calibrator (calibrator)."),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="onnxslim/onnxsim when installed."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs (the artifacts, manifest.json, --json)."),
     list_formats: bool = typer.Option(False, "--list", help="Show the formats, their options and whether they can run here, then exit."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the manifest to this path."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the manifest (with --list: the format table) as JSON to this file; - writes it "
+                             "to stdout (the tables then go to stderr). An existing file needs --force."),
 ) -> None:
-    """Export a student to ONNX (FP32/FP16/INT8) and TensorRT, check each artifact against PyTorch, write manifest.json."""
+    """Export a student to ONNX (FP32/FP16/INT8) and TensorRT, check each artifact against PyTorch, write manifest.json.
+
+    Without a format flag it exports ONNX FP32 (as --onnx).
+    """
     from ciard_deploy import export
     from ciard_deploy.attacks.base import parse_eps
 
     if list_formats:
-        render_formats(export.format_table())
+        check_outputs({"--json": json_out}, force)
+        rows = export.format_table()
+        render_formats(rows)
+        write_json(json_out, rows, force)
         return
     if source is None:
         raise UsageError("missing SOURCE: a run dir or a ciard checkpoint (see ciard export --help)")
     if out is None:
         raise UsageError("missing --out DIR: where the artifacts and manifest.json go")
+    check_outputs({"--json": json_out}, force, {"SOURCE": source})
+    source = from_run_folder(source, "checkpoint")
+    threads = apply_threads(threads)
+    if not (onnx or fp16 or int8 or tensorrt):
+        onnx = True  # no format flag: ONNX FP32
     formats = export.formats_from_flags(onnx=onnx, fp16=fp16, int8=int8, tensorrt=tensorrt)
     options = export.ExportOptions(
         opset=opset, batch=_parse_batch(batch), dataset=dataset, data_root=data_root, n=n, seed=seed,
@@ -79,11 +94,11 @@ def export_cmd(
         min_agreement_fp16=min_agreement_fp16, min_agreement_int8=min_agreement_int8, provider=provider, threads=threads,
         simplify=simplify, arch=arch, workspace_mb=workspace_mb, max_batch=max_batch,
         opt_batch=min(32, max_batch), trt_int8=trt_int8)  # type: ignore[arg-type]
-    with progress("export", unit="step") as update:
+    with terminate_as_interrupt(), progress("export", unit="step") as update:  # SIGTERM: staging removed, exit 130
         result = export.run(source, out, formats, options, force=force, progress=update, check=False)
     manifest = result.manifest.to_dict()
     render_manifest(manifest)
-    write_json(json_out, manifest)
+    write_json(json_out, manifest, force)
     console.print(f"wrote {len(manifest['artifacts'])} artifact(s) and manifest.json to {out}", highlight=False)
     if not result.passed:
         raise GateFailed(f"export check failed: {'; '.join(result.failures())} (kept, marked failed in the manifest)")
@@ -92,20 +107,27 @@ def export_cmd(
 @app.command("inspect")
 @handle_errors
 def inspect_cmd(
-    path: Path = typer.Argument(..., help="Export folder, manifest.json, .onnx file or .engine/.plan file."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write what is shown as JSON."),
+    path: Path = typer.Argument(..., help="Export folder, `ciard run` folder (its export/), manifest.json, .onnx file or .engine/.plan file."),
+    json_out: JsonOption = None,
+    force: ForceJsonOption = False,
 ) -> None:
-    """Show an export's manifest (checking file hashes), or the metadata an ONNX file or engine carries."""
-    from ciard_deploy.export.manifest import inspect_artifact
+    """Show an export's manifest (checking file hashes), or the metadata an ONNX file or engine carries.
 
-    rep = inspect_artifact(path)
+    A file that is not what its manifest records (missing, another size or sha256) is exit 2, after the table.
+    """
+    from ciard_deploy.export.manifest import inspect_artifact, raise_mismatches
+
+    check_outputs({"--json": json_out}, force, {"PATH": path})
+    rep = inspect_artifact(from_run_folder(path, "export"))
     if rep["kind"] == "manifest":
         render_manifest(rep["manifest"])
     else:
         render_artifact_metadata(rep)
     for problem in rep["problems"]:
-        err_console.print(f"[bold yellow]warning:[/] {escape(problem)}", highlight=False)
-    write_json(json_out, rep)
+        if problem not in rep["mismatches"]:
+            err_console.print(f"[bold yellow]warning:[/] {escape(problem)}", highlight=False)
+    raise_mismatches(rep)  # exit 2, one line; no --json written
+    write_json(json_out, rep, force)
 
 
 # --------------------------------------------------------------------------- rendering (no logic)
@@ -133,20 +155,24 @@ def render_formats(rows: list[dict[str, Any]]) -> None:
 
 
 def render_manifest(m: dict[str, Any]) -> None:
+    # a manifest that validates may still lack keys (load_manifest types what is there): "-" for those
     src, model, ref = m["source"], m["model"], m["reference"]
-    head = Table(title=f"export of {model['arch']} ({m['status']})", show_header=False)
+    head = Table(title=f"export of {model.get('arch', '-')} ({m['status']})", show_header=False)
     head.add_column("key")
     head.add_column("value")
-    head.add_row("source", f"{src['checkpoint']} (sha256 {src['sha256'][:12]}...)")
+    head.add_row("source", f"{src.get('checkpoint', '-')} (sha256 {str(src.get('sha256'))[:12]}...)")
     head.add_row("recipe hash", src.get("recipe_hash") or "-")
-    head.add_row("model", f"{model['num_classes']} classes, input {model['input_shape']}, dataset {model['dataset']}, "
-                          f"eps {model['eps']}")
-    refs = [f"clean {ref['clean_acc']:.4f}"] + [f"{k} {v['robust_acc']:.4f}" for k, v in ref["attacks"].items()]
-    head.add_row("PyTorch reference", f"{', '.join(refs)} on {ref['n']} {ref['dataset']} {ref['split']} images")
+    head.add_row("model", f"{model.get('num_classes', '-')} classes, input {model.get('input_shape', '-')}, "
+                          f"dataset {model.get('dataset', '-')}, eps {_eps(model.get('eps'))}")
+    refs = [f"clean {_num(ref.get('clean_acc'))}"] + [f"{k} {_num(v.get('robust_acc'))}"
+                                                     for k, v in ref.get("attacks", {}).items()]
+    head.add_row("PyTorch reference", f"{', '.join(refs)} on {ref.get('n', '-')} {ref.get('dataset', '-')} "
+                                      f"{ref.get('split', '-')} images")
     if m.get("calibration"):
         c = m["calibration"]
-        head.add_row("INT8 calibration", f"{c['source']} ({c['n']} {c['split']} images, method {c.get('method')}, "
-                                         f"attack {c.get('attack') or '-'}, sha256 {c['sha256'][:12]}...)")
+        head.add_row("INT8 calibration", f"{c.get('source')} ({c.get('n')} {c.get('split')} images, method "
+                                         f"{c.get('method')}, attack {c.get('attack') or '-'}, sha256 "
+                                         f"{str(c.get('sha256'))[:12]}...)")
     head.add_row("versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items()
                                        if k in ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt")))
     console.print(head)
@@ -155,12 +181,13 @@ def render_manifest(m: dict[str, Any]) -> None:
     for col in ("file", "size", "top-1 agree", "max |Δ|", "clean", "transfer", "status"):
         t.add_column(col, justify="left" if col in ("file", "status") else "right")
     for a in m["artifacts"]:
-        p = a["parity"].get("clean", {})
-        robust = [f"{v:.4f}" for k, v in a["metrics"].items() if k != "clean_acc"]
+        p = a["parity"].get("clean") or {}
+        robust = [_num(v) for k, v in a["metrics"].items() if k != "clean_acc"]
         status = "[green]passed[/]" if a["status"] == "passed" else f"[bold red]{a['status']}[/]"
-        t.add_row(a["file"], _fmt_size(a["size"]), f"{p.get('top1_agreement', 0):.2%} (>= {p.get('threshold', 0):.1%})",
-                  f"{p.get('max_abs_diff', 0):.2g}", f"{a['metrics'].get('clean_acc', 0):.4f}",
-                  ", ".join(robust) or "-", status)
+        t.add_row(a["file"], _fmt_size(a["size"]),
+                  f"{_num(p.get('top1_agreement'), '.2%')} (>= {_num(p.get('threshold'), '.1%')})",
+                  _num(p.get("max_abs_diff"), ".2g"), _num(a["metrics"].get("clean_acc")), ", ".join(robust) or "-",
+                  status)
     console.print(t)
     attacks = list(m["reference"]["attacks"])
     if attacks:
@@ -180,9 +207,21 @@ def render_artifact_metadata(rep: dict[str, Any]) -> None:
         t.add_row(f"[dim]{escape(k)}[/]", escape(str(v)))
     entry = rep.get("manifest_entry")
     if entry:
-        p = entry["parity"].get("clean", {})
-        t.add_row("manifest status", f"{entry['status']} (top-1 agreement {p.get('top1_agreement', 0):.2%})")
+        p = entry["parity"].get("clean") or {}
+        t.add_row("manifest status", f"{entry['status']} (top-1 agreement {_num(p.get('top1_agreement'), '.2%')})")
     console.print(t)
+
+
+def _num(v: Any, spec: str = ".4f") -> str:
+    """A number as ``spec`` says, or "-" where the manifest has none."""
+    return format(v, spec) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def _eps(v: Any) -> str:
+    """A manifest's eps as people write it (``8/255``, not 0.0313725...)."""
+    from ciard_deploy.attacks.base import format_eps
+
+    return "-" if v is None else format_eps(float(v))
 
 
 def _compact(v: Any) -> str:

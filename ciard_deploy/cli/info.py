@@ -6,11 +6,10 @@ import platform
 from pathlib import Path
 from typing import Optional
 
-import typer
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import console, handle_errors, write_json
+from ciard_deploy.cli.common import ForceJsonOption, JsonOption, check_outputs, console, handle_errors, write_json
 
 
 def environment_report() -> dict:
@@ -50,8 +49,9 @@ def environment_report() -> dict:
 
 @app.command()
 @handle_errors
-def doctor(json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON.")) -> None:
+def doctor(json_out: JsonOption = None, force: ForceJsonOption = False) -> None:
     """Show Python, torch, CUDA devices, onnxruntime providers and whether TensorRT is usable (and why not)."""
+    check_outputs({"--json": json_out}, force)
     rep = environment_report()
     t = Table(title="ciard doctor", show_header=True)
     t.add_column("component")
@@ -70,44 +70,60 @@ def doctor(json_out: Optional[Path] = typer.Option(None, "--json", help="Also wr
     trt = rep["tensorrt"]
     t.add_row("tensorrt", trt.get("version") or f"[yellow]unavailable[/]: {trt['unavailable']}")
     console.print(t)
-    write_json(json_out, rep)
+    write_json(json_out, rep, force)
 
 
-def _listing(title: str, columns: list[str], rows: list[tuple[str, ...]], right: tuple[str, ...] = ()) -> None:
+def _listing(title: str, columns: list[str], rows: list[tuple[str, ...]], right: tuple[str, ...] = (),
+             json_out: Optional[Path] = None, force: bool = False, records: list[dict] | None = None) -> None:
+    """A registry as a table, and as JSON (``records``, one object per row) with ``--json``."""
     t = Table(title=title)
     for c in columns:
         t.add_column(c, justify="right" if c in right else "left")
     for row in rows:
         t.add_row(*row)
     console.print(t)
+    write_json(json_out, records, force)
 
 
 @app.command()
 @handle_errors
-def models() -> None:
+def models(json_out: JsonOption = None, force: ForceJsonOption = False) -> None:
     """List the registered model architectures."""
     from ciard_deploy.models import MODELS
 
+    check_outputs({"--json": json_out}, force)
     params = "params (10 classes, RGB)"
+    counts = {name: e.num_params() for name, e in MODELS.items()}
     _listing("models (all take float32 NCHW in [0, 1])", ["name", params, "role"],
-             [(name, f"{e.num_params() / 1e6:.2f}M", e.role) for name, e in MODELS.items()], right=(params,))
+             [(name, f"{counts[name] / 1e6:.2f}M", e.role) for name, e in MODELS.items()], right=(params,),
+             json_out=json_out, force=force,
+             records=[{"name": name, "params_10_classes_rgb": counts[name], "role": e.role}
+                      for name, e in MODELS.items()])
 
 
 @app.command()
 @handle_errors
-def datasets() -> None:
+def datasets(json_out: JsonOption = None, force: ForceJsonOption = False) -> None:
     """List the registered datasets."""
     from ciard_deploy.data import DATASETS
 
+    check_outputs({"--json": json_out}, force)
     _listing("datasets", ["name", "needs --data-root", "description"],
-             [(name, "yes" if e.needs_root else "no", e.description) for name, e in DATASETS.items()])
+             [(name, "yes" if e.needs_root else "no", e.description) for name, e in DATASETS.items()],
+             json_out=json_out, force=force,
+             records=[{"name": name, "needs_data_root": bool(e.needs_root), "description": e.description}
+                      for name, e in DATASETS.items()])
 
 
 @app.command()
 @handle_errors
-def attacks() -> None:
+def attacks(json_out: JsonOption = None, force: ForceJsonOption = False) -> None:
     """List the attacks (names like pgd20, cw30, aa, square1000)."""
     from ciard_deploy.attacks import ATTACKS
 
+    check_outputs({"--json": json_out}, force)
     _listing("attacks (L-inf; eps given with --eps)", ["name", "needs", "description"],
-             [(e.pattern, ", ".join(sorted(e.requires)), e.description) for _, e in ATTACKS.items()])
+             [(e.pattern, ", ".join(sorted(e.requires)), e.description) for _, e in ATTACKS.items()],
+             json_out=json_out, force=force,
+             records=[{"name": e.pattern, "requires": sorted(e.requires), "description": e.description}
+                      for _, e in ATTACKS.items()])

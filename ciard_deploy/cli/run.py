@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 from rich import box
@@ -15,22 +15,31 @@ from rich.table import Table
 from rich.text import Text
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import (DeviceOption, QuietOption, SetOption, State, console, err_console, handle_errors,
-                                     write_json)
+from ciard_deploy.cli.common import (DeviceOption, QuietOption, SetOption, State, ThreadsOption, apply_threads, console,
+                                     err_console, handle_errors, write_json)
+from ciard_deploy.cli.common import ForceJsonOption, JsonOption, check_outputs
 from ciard_deploy.errors import GateFailed
+from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
 
 _ACTION_STYLE = {"ran": "green", "resumed": "green", "rejudged": "cyan", "skipped": "dim"}
 
 
 class StageLines:
-    """Stage events as one line each on stderr (the table and the verdict go to stdout)."""
+    """Stage events as one line each on stderr (the table and the verdict go to stdout).
 
-    def __init__(self, quiet: bool) -> None:
+    ``close_live`` ends the live bars of the stage before (export, pack and verify keep their last
+    bar open until the next one starts): each line prints below them, never above a bar still drawn.
+    """
+
+    def __init__(self, quiet: bool, close_live: Callable[[], None] | None = None) -> None:
         self.quiet = quiet
+        self.close_live = close_live
 
     def __call__(self, ev: Any) -> None:
         if self.quiet:
             return
+        if self.close_live is not None:
+            self.close_live()
         if ev.kind == "skip":
             err_console.print(f"[dim]{ev.stage}: skipped ({escape(ev.reason)})[/]", highlight=False, soft_wrap=True)
         elif ev.kind == "start":
@@ -129,7 +138,8 @@ def render_result(result: Any) -> None:
 
 
 def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Optional[str], device: Optional[str],
-             threads: Optional[int], quiet: bool, json_out: Optional[Path], entry: str, resume_hint: str) -> None:
+             threads: Optional[int], quiet: bool, json_out: Optional[Path], entry: str, resume_hint: str,
+             force: bool = False) -> None:
     from ciard_deploy import workflow
     from ciard_deploy.cli.distill import TrainProgress, _console_logs_at
     from ciard_deploy.cli.verify import StagedProgress
@@ -138,33 +148,38 @@ def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Opt
     if quiet:
         State.quiet = True
     quiet = State.quiet
-    if json_out is not None:
-        from ciard_deploy.verify.report import check_writable
-
-        check_writable(json_out, "--json")
+    check_outputs({"--json": json_out}, force, {"RECIPE": recipe_path})
     start = time.perf_counter()
+    training = TrainProgress(quiet)
     try:
-        with _console_logs_at(logging.DEBUG if State.verbose else logging.WARNING), StagedProgress("run") as update:
-            result = workflow.run(recipe_path, out, overrides=overrides, from_stage=from_stage, device=device,
-                                  threads=threads, entry=entry, on_event=StageLines(quiet),
-                                  train_callbacks=[TrainProgress(quiet)], progress=update)
+        # SIGTERM (a CI cancel) as Ctrl-C: the pack's finished attacks and verify's states are kept, exit 130
+        with terminate_as_interrupt(), _console_logs_at(logging.DEBUG if State.verbose else logging.WARNING), \
+                StagedProgress("run") as update:
+
+            def close_live() -> None:
+                training.close()
+                update.close()
+
+            try:
+                result = workflow.run(recipe_path, out, overrides=overrides, from_stage=from_stage, device=device,
+                                      threads=threads, entry=entry, on_event=StageLines(quiet, close_live),
+                                      train_callbacks=[training], progress=update)
+            finally:
+                close_live()  # no live bar above the lines that follow (an interruption, the table)
     except TrainingInterrupted as e:
         err_console.print(f"[yellow]{escape(str(e))}[/]\nresume with: {resume_hint}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM in export, pack or verify: finished work is kept in --out
+        how = "interrupted" if interrupt_name(e) == "SIGINT" else f"interrupted ({interrupt_name(e)})"
+        err_console.print(f"[yellow]{how}[/]: finished work is kept in {escape(str(out))}\nresume with: "
+                          f"{escape(resume_hint)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     render_result(result)
-    write_json(json_out, result.to_dict())
+    write_json(json_out, result.to_dict(), force)
     if not quiet:
         err_console.print(f"done in {time.perf_counter() - start:.0f} s", highlight=False)
     if result.failed:
         raise GateFailed("; ".join(result.failures))
-
-
-def _threads(value: Optional[int]) -> Optional[int]:
-    from ciard_deploy.errors import UsageError
-
-    if value is not None and value < 1:
-        raise UsageError(f"--threads must be >= 1, got {value}")
-    return value
 
 
 @app.command("run")
@@ -175,9 +190,12 @@ def run_cmd(
     overrides: SetOption = [],
     from_stage: Optional[str] = typer.Option(None, "--from", help="Force this stage and every later one: distill, export, pack or verify."),
     device: DeviceOption = None,
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch and onnxruntime threads (default: their own; 1 is fastest for tiny models)."),
+    threads: ThreadsOption = None,
     quiet: QuietOption = False,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result (stages, artifacts, failures) as JSON."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the result (stages, artifacts, failures) as JSON to this file; - writes it to "
+                             "stdout (the table then goes to stderr). An existing file needs --force."),
+    force: ForceJsonOption = False,
 ) -> None:
     """Run a recipe end to end: distill -> export -> pack -> verify, skipping stages whose inputs did not change.
 
@@ -196,8 +214,9 @@ def run_cmd(
 
     path = find_recipe(recipe)
     sets = "".join(f" --set {o}" for o in overrides)
-    _execute(path, out, overrides, from_stage, device, _threads(threads), quiet, json_out, "run",
-             f"ciard run {recipe} --out {out}{sets}")
+    # workflow.run sets torch's threads itself, once the recipe is known to be good
+    _execute(path, out, overrides, from_stage, device, apply_threads(threads, torch=False), quiet, json_out, "run",
+             f"ciard run {recipe} --out {out}{sets}", force=force)
 
 
 @app.command("quickstart")
@@ -207,7 +226,8 @@ def quickstart_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: cpu)."),
     threads: int = typer.Option(1, "--threads", help="torch and onnxruntime threads (1: fastest for these tiny models)."),
     quiet: QuietOption = False,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
+    json_out: JsonOption = None,
+    force: ForceJsonOption = False,
 ) -> None:
     """The whole chain on the bundled digits data, on CPU in a few minutes: two teachers, a CIARD student,
     ONNX FP32 and INT8, a robustness pack, verification of each artifact with gates, and the reports.
@@ -219,8 +239,9 @@ def quickstart_cmd(
 
     path = quickstart_recipe()
     check_out_dir(out, entry="quickstart")  # refused before anything is printed
+    from ciard_deploy.distill import trainer  # noqa: F401  (torch: a device install stops here, one line, exit 3)
     if not (quiet or State.quiet):
         err_console.print(f"quickstart: {QUICKSTART_RECIPE} -> {out} (digits: teachers, CIARD student, ONNX FP32 + "
                           f"INT8, pack, verify)", highlight=False, soft_wrap=True)
-    _execute(path, out, [], None, device, _threads(threads), quiet, json_out, "quickstart",
-             f"ciard quickstart --out {out}")
+    _execute(path, out, [], None, device, apply_threads(threads, torch=False), quiet, json_out, "quickstart",
+             f"ciard quickstart --out {out}", force=force)

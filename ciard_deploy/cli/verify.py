@@ -6,6 +6,8 @@ an ONNX file or engine on a device that has only numpy and the runtime.
 
 from __future__ import annotations
 
+import functools
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,9 +16,12 @@ import typer
 from rich.markup import escape
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import (QuietOption, State, console, err_console, handle_errors, note, progress,
+from ciard_deploy.cli.common import (QuietOption, State, ThreadsOption, apply_threads, check_outputs, console,
+                                     err_console, from_run_folder, handle_errors, is_stdout, note, progress,
                                      setup_logging, write_json)
-from ciard_deploy.errors import GateFailed
+from ciard_deploy.errors import GateFailed, UsageError
+from ciard_deploy.lock import folder_lock
+from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
 
 
 class StagedProgress:
@@ -38,11 +43,17 @@ class StagedProgress:
             self.stage = stage
         self.update(done, total)
 
+    def close(self) -> None:
+        """Ends the live bar, if any (the next call opens a new one)."""
+        self.stack.close()
+        self.stack = ExitStack()
+        self.stage, self.update = None, None
+
     def __enter__(self) -> "StagedProgress":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.stack.close()
+        self.close()
 
 
 def _state_line(ev: Any) -> None:
@@ -67,18 +78,24 @@ def _partial_line(ev: Any) -> None:
         note(f"pack: {ev.stage} in {where} is damaged: it runs again")
 
 
-def _interrupted_pack(partial: Path) -> None:
-    """The Ctrl-C line of `ciard pack`: what was kept, and that the same command continues."""
+def _interrupted(exc: BaseException) -> str:
+    """``interrupted`` for Ctrl-C, ``interrupted (SIGTERM)`` for a SIGTERM (a CI cancel), as markup."""
+    name = interrupt_name(exc)
+    return "[yellow]interrupted[/]" if name == "SIGINT" else f"[yellow]interrupted ({name})[/]"
+
+
+def _interrupted_pack(partial: Path, exc: BaseException) -> None:
+    """The Ctrl-C (or SIGTERM) line of `ciard pack`: what was kept, and that the same command continues."""
     from ciard_deploy.verify.pack import read_partial
 
     state = read_partial(partial)
     labels = [a.label for a in state.attacks] if state is not None else []
     if labels:
-        err_console.print(f"[yellow]interrupted[/]: {len(labels)} finished attack{'s' if len(labels) != 1 else ''} "
+        err_console.print(f"{_interrupted(exc)}: {len(labels)} finished attack{'s' if len(labels) != 1 else ''} "
                           f"({escape(', '.join(labels))}) kept in {escape(str(partial))}; run the same command again "
                           "to continue", highlight=False, soft_wrap=True)
     else:
-        err_console.print("[yellow]interrupted[/] before any attack finished (nothing kept)", highlight=False)
+        err_console.print(f"{_interrupted(exc)} before any attack finished (nothing kept)", highlight=False)
 
 
 def _plan_lines(plan: Any) -> None:
@@ -98,7 +115,7 @@ def _wrote(path: Path | None) -> None:
 @app.command("pack")
 @handle_errors
 def pack_cmd(
-    source: Path = typer.Argument(..., help="Run dir, ciard checkpoint (.safetensors + .json), or a plain .pt/.pth with --arch."),
+    source: Path = typer.Argument(..., help="Run dir, `ciard run` folder, ciard checkpoint (.safetensors + .json), or a plain .pt/.pth with --arch."),
     out: Path = typer.Option(..., "--out", "-o",
                              help="The pack file to write (.npz). While it is built, each finished attack is kept in "
                                   "OUT.partial/ beside it (removed once the pack is saved)."),
@@ -134,9 +151,11 @@ def pack_cmd(
         False, "--allow-untrusted-twin",
         help="Attack through a twin that agrees with the runtime on fewer than 99.5 % of images instead of refusing "
              "(reports say so)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads for the --artifact runtimes."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the pack's metadata as JSON."),
+    threads: ThreadsOption = None,
+    force: bool = typer.Option(False, "--force", help="Overwrite --out (and --json) if it exists."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the pack's metadata as JSON to this file; - writes it to stdout (the table "
+                             "then goes to stderr). An existing file needs --force."),
     quiet: QuietOption = False,
 ) -> None:
     """Build a robustness pack: test images, adversarial images crafted on the PyTorch model, its logits,
@@ -158,40 +177,119 @@ def pack_cmd(
     from ciard_deploy.verify.pack import (build_pack, check_output, check_partial_dir, discard_partial, partial_dir,
                                           save_pack)
     from ciard_deploy.verify.render import render_pack
-    from ciard_deploy.verify.report import check_report_paths
 
     if quiet:
         State.quiet = True
         setup_logging(State.verbose, quiet=True)  # the discard log line too
     check_output(out, force)
     partial = check_partial_dir(partial_dir(out))
-    check_report_paths({"--json": json_out}, {"--out": out, "SOURCE": source,
-                                              **{f"--artifact {a}": a for a in artifact or []}})
+    check_outputs({"--json": json_out}, force, {"--out": out, "SOURCE": source,
+                                                **{f"--artifact {a}": a for a in artifact or []}})
+    source = from_run_folder(source, "checkpoint")
+    threads = apply_threads(threads)
     names = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
     art_names = [a.strip() for a in artifact_attacks.split(",") if a.strip()]
-    try:
-        with StagedProgress("pack") as update:
-            pack = build_pack(source, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed, data_root=data_root,
-                              download=download, device=device, batch_size=batch_size, arch=arch,
-                              step_size=step_size, progress=update, resume_dir=partial, on_mismatch="discard",
-                              on_state=_partial_line, artifacts=artifact or [], artifact_attacks=art_names,
-                              allow_untrusted_twin=allow_untrusted_twin, threads=threads, on_plan=_plan_lines)
-    except KeyboardInterrupt:
-        _interrupted_pack(partial)
-        raise typer.Exit(130) from None
-    save_pack(pack, out, force=force)
-    discard_partial(partial)
+    # the partial folder's lock, from the build to its removal: a second `ciard pack --out OUT` is refused (exit 2);
+    # SIGTERM (a CI cancel) is Ctrl-C: the finished attacks are kept, exit 130
+    with folder_lock(partial, remove_if_empty=True), terminate_as_interrupt():
+        try:
+            with StagedProgress("pack") as update:
+                pack = build_pack(source, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed,
+                                  data_root=data_root, download=download, device=device, batch_size=batch_size,
+                                  arch=arch, step_size=step_size, progress=update, resume_dir=partial,
+                                  on_mismatch="discard", on_state=_partial_line, artifacts=artifact or [],
+                                  artifact_attacks=art_names, allow_untrusted_twin=allow_untrusted_twin,
+                                  threads=threads, on_plan=_plan_lines)
+        except KeyboardInterrupt as e:
+            _interrupted_pack(partial, e)
+            raise typer.Exit(130) from None
+        save_pack(pack, out, force=force)
+        discard_partial(partial)
     summary = pack.summary()
     render_pack(summary, console)
     _wrote(out)
-    write_json(json_out, summary)
+    write_json(json_out, summary, force)
+
+
+def _verify_inputs(artifact: Path, pack: Optional[Path]) -> tuple[list[Path], Path, Optional[dict]]:
+    """What `ciard verify` measures: the artifacts, the pack and, for a `ciard run` folder, what its recipe told
+    its verify stage (``run_folder.verify_settings``; None for anything else).
+
+    ARTIFACT may be a run folder (each artifact its export manifest lists, against its pack.npz); --pack may be
+    left out for an artifact in a run folder's export/ (its pack.npz) or --pack may name the folder."""
+    from ciard_deploy.run_folder import (exported_artifacts, is_export_folder, is_run_folder, manifest_artifacts,
+                                         resolve_run_folder, run_folder_of, verify_settings)
+
+    recorded = None
+    if is_run_folder(artifact):
+        targets, root, recorded = exported_artifacts(artifact), artifact, verify_settings(artifact)
+    elif is_export_folder(artifact):  # what `ciard export` wrote: each artifact its manifest lists
+        targets = manifest_artifacts(artifact)
+        root = run_folder_of(targets[0])
+        note(f"verifying the {len(targets)} artifact(s) of {artifact / 'manifest.json'}: "
+             + ", ".join(t.name for t in targets))
+    else:
+        if artifact.is_dir():  # a training run dir (PyTorch), or one line naming what the folder lacks
+            from_run_folder(artifact, "checkpoint")
+        targets, root = [artifact], run_folder_of(artifact)
+    if pack is not None:
+        return targets, from_run_folder(pack, "pack"), recorded
+    if root is None:
+        raise UsageError("missing --pack PACK: the robustness pack `ciard pack` built (found without --pack only for "
+                         "a `ciard run` folder or an artifact in its export/)")
+    found = resolve_run_folder(root, "pack")
+    if recorded is None:
+        note(f"using {found} from the run folder {root}")
+    return targets, found, recorded
+
+
+def _one_artifact_for(flags: dict[str, Optional[Path]], folder: Path, targets: list[Path]) -> None:
+    """Report and state files name one artifact's: refused (exit 2) when a run folder holds several."""
+    given = [flag for flag, path in flags.items() if path is not None]
+    if given:
+        raise UsageError(f"{given[0]} writes one artifact's file, and the run folder {folder} holds {len(targets)} "
+                         f"({', '.join(t.name for t in targets)}): verify one of them, e.g. `ciard verify "
+                         f"{targets[0]} {given[0]} ...` (the run's own reports are in {folder / 'verify'})")
+
+
+def _run_folder_line(folder: Path, targets: list[Path], pack: Path, recorded: dict, gates: Any, live: Optional[str],
+                     live_n: Optional[int], square_queries: Optional[int]) -> str:
+    """The one line saying what `ciard verify DIR` took from the run folder, gates included (or why none), and
+    the live attacks it runs (the recipe's unless flags said otherwise)."""
+    names = ", ".join(t.name for t in targets)
+    head = f"verify: {len(targets)} artifact{'s' if len(targets) != 1 else ''} of the run folder {folder} ({names}) " \
+           f"against {pack}"
+    if not recorded:
+        return f"{head}; its workflow.json records no verify settings (its verify stage never started): no gates " \
+               "from its recipe, verify's own defaults"
+    judged = ("gates " + ", ".join(f"{k} {v:g}" for k, v in gates.items())) if gates \
+        else "no gates: its recipe sets none (deploy.gates), so nothing is judged"
+    attacks = f"square{square_queries}" if square_queries else "none" if square_queries == 0 else live or "default"
+    on = f" on {live_n} images" if live_n and attacks != "none" else ""
+    return f"{head}, with {judged}; live {attacks}{on} (the recipe's, unless flags override them)"
+
+
+def _on_torch(path: Path) -> bool:
+    """``path`` runs on PyTorch (a checkpoint or a training run dir), so --threads sets torch's threads too."""
+    from ciard_deploy.errors import CiardError
+    from ciard_deploy.runtime import backend_for
+
+    try:
+        return backend_for(path).name == "torch"
+    except CiardError:
+        return False
 
 
 @app.command("verify")
 @handle_errors
 def verify_cmd(
-    artifact: Path = typer.Argument(..., help="Exported model: .onnx (onnxruntime), .engine/.plan (TensorRT), or a checkpoint (PyTorch)."),
-    pack: Path = typer.Option(..., "--pack", "-p", help="Robustness pack built by `ciard pack`."),
+    artifact: Path = typer.Argument(
+        ..., help="Exported model: .onnx (onnxruntime), .engine/.plan (TensorRT), a checkpoint (PyTorch), or a `ciard "
+                  "run` folder (each artifact of its export/, against its pack, with its recipe's gates)."),
+    pack: Optional[Path] = typer.Option(
+        None, "--pack", "-p",
+        help="Robustness pack built by `ciard pack` (default, for ARTIFACT in a `ciard run` folder's export/ or the "
+             "folder itself: its pack.npz)."),
     provider: Optional[str] = typer.Option(None, "--provider", help="onnxruntime execution provider: cpu (default), cuda, tensorrt."),
     live: Optional[str] = typer.Option(
         None, "--live",
@@ -204,7 +302,7 @@ def verify_cmd(
                                                  help="Deprecated: --live square<N> (0: --live none)."),
     square_n: Optional[int] = typer.Option(None, "--square-n", help="Deprecated: --live-n."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per runtime call."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: its own choice)."),
+    threads: ThreadsOption = None,
     min_clean: Optional[float] = typer.Option(None, "--min-clean", help="Gate: clean accuracy on the runtime >= this (0..1)."),
     min_robust: Optional[float] = typer.Option(None, "--min-robust", help="Gate: worst-case robust accuracy (all attacks, per sample) >= this."),
     max_clean_drop: Optional[float] = typer.Option(None, "--max-clean-drop", help="Gate: clean accuracy lost vs the pack's PyTorch reference <= this."),
@@ -219,9 +317,17 @@ def verify_cmd(
              "artifact metadata disagree); without it such a warning fails verify (exit 1)."),
     strict: bool = typer.Option(False, "--strict",
                                 help="Every warning fails verify (exit 1), mismatches included; notes never do."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Write the full report as JSON; - writes it to stdout (the table then goes to stderr)."),
     junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file (one testcase per gate)."),
     md_out: Optional[Path] = typer.Option(None, "--markdown", help="Write a short Markdown report (for a PR comment)."),
+    md_chart: str = typer.Option(
+        "file", "--markdown-chart",
+        help="The --markdown report's accuracy chart (needs matplotlib): file (a PNG beside it, MARKDOWN with .png, "
+             "linked by name), inline (embedded as a data:image/png;base64 URI: one self-contained file to append to "
+             "a CI step summary or post as a comment) or none."),
+    force: bool = typer.Option(False, "--force",
+                               help="Overwrite existing report files (--json, --junit, --markdown and its chart)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the live attacks and their subset (batch i: seed + i)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     state: Optional[Path] = typer.Option(
@@ -249,38 +355,70 @@ def verify_cmd(
     (mismatch, or any under --strict), 2 bad input, 3 runtime missing, 130 interrupted.
     """
     from ciard_deploy.verify.evaluate import run
-    from ciard_deploy.verify.gates import Gates, Policy, load_gates
+    from ciard_deploy.verify.gates import Gates, Policy, gates_from_mapping, load_gates
     from ciard_deploy.verify.live import resolve_live
     from ciard_deploy.verify.render import render_report
-    from ciard_deploy.verify.report import check_report_paths
 
     if quiet:
         State.quiet = True
+    targets, pack, recorded = _verify_inputs(artifact, pack)
+    base_gates, recipe_provider = Gates(), None
+    if len(targets) > 1:  # a run folder or an export folder: report files would name one artifact
+        _one_artifact_for({"--state": state, "--json": json_out, "--junit": junit_out, "--markdown": md_out},
+                          artifact, targets)
+    if recorded is not None:  # a `ciard run` folder: its recipe's gates, policy and live attacks, unless flags say
+        if live is None and square_queries is None and "live_attacks" in recorded.get("settings", {}):
+            live = ",".join(recorded["settings"]["live_attacks"]) or "none"
+        if live_n is None and square_n is None:
+            live_n = recorded.get("settings", {}).get("live_n")
+        recipe_provider = recorded.get("settings", {}).get("provider")
+        base_gates = gates_from_mapping(recorded.get("gates") or {}, source=f"{artifact}/workflow.json deploy.gates")
+        allow_mismatch = allow_mismatch or bool(recorded.get("policy", {}).get("allow_mismatch"))
+        strict = strict or bool(recorded.get("policy", {}).get("strict"))
+    folder, artifact = artifact, targets[0]
+    threads = apply_threads(threads, torch=any(_on_torch(t) for t in targets))
     specs, n_live = resolve_live(live, live_n, square_queries=square_queries, square_n=square_n)
-    check_report_paths({"--state": state, "--json": json_out, "--junit": junit_out, "--markdown": md_out},
-                       {"--pack": pack, "ARTIFACT": artifact, "--gates": gates_file})
+    if md_chart not in ("file", "inline", "none"):
+        raise UsageError(f"--markdown-chart must be file, inline or none, not {md_chart!r}")
+    chart_png = md_out.with_suffix(".png") if md_out is not None and md_chart == "file" else None
+    reports = {"--json": json_out, "--junit": junit_out, "--markdown": md_out, "--markdown's chart": chart_png}
+    inputs = {"--pack": pack, "ARTIFACT": artifact, "--gates": gates_file}
+    check_outputs({"--state": state, **reports}, True, inputs)  # writable, distinct, no input (a state is resumed)
+    check_outputs(reports, force, inputs)  # no existing report overwritten without --force
     flags = {"min_clean": min_clean, "min_robust": min_robust, "max_clean_drop": max_clean_drop,
              "max_robust_drop": max_robust_drop, "min_agreement": min_agreement,
              "min_agreement_adv": min_agreement_adv}
-    gates = load_gates(gates_file) if gates_file is not None else Gates()
+    gates = base_gates.merged(load_gates(gates_file)) if gates_file is not None else base_gates
     gates = gates.merged(Gates.create(**{k: v for k, v in flags.items() if v is not None}))
-    try:
-        with StagedProgress("verify") as update:
-            report = run(artifact, pack, provider=provider, gates=gates,
-                         policy=Policy(allow_mismatch=allow_mismatch, strict=strict), live=specs, live_n=n_live,
-                         batch_size=batch_size, seed=seed, threads=threads, progress=update,
-                         state_path=state, fresh=fresh, on_state=_state_line)
-    except KeyboardInterrupt:
-        if state is not None and state.is_file():
-            again = "the same command again without --fresh" if fresh else "the same command again"
-            err_console.print(f"[yellow]interrupted[/]: finished work is in {escape(str(state))}; run {again} to "
-                              "continue", highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
-        raise
-    render_report(report, console)
-    for path, write in ((json_out, report.write_json), (junit_out, report.write_junit), (md_out, report.write_markdown)):
-        if path is not None:
-            write(path)
-            _wrote(path)
-    if report.failed:
-        raise GateFailed(report.failure_summary())
+    if recorded is not None:
+        note(_run_folder_line(folder, targets, pack, recorded, gates, live, live_n, square_queries))
+    failures = []
+    for artifact in targets:  # one, or each artifact of a `ciard run` folder (then no report flags)
+        on_runtime = provider if provider is not None or artifact.suffix.lower() != ".onnx" else recipe_provider
+        try:
+            with terminate_as_interrupt(), StagedProgress("verify") as update:  # SIGTERM: as Ctrl-C, state saved
+                report = run(artifact, pack, provider=on_runtime, gates=gates,
+                             policy=Policy(allow_mismatch=allow_mismatch, strict=strict), live=specs, live_n=n_live,
+                             batch_size=batch_size, seed=seed, threads=threads, progress=update,
+                             state_path=state, fresh=fresh, on_state=_state_line)
+        except KeyboardInterrupt as e:
+            if state is not None and state.is_file():
+                again = "the same command again without --fresh" if fresh else "the same command again"
+                err_console.print(f"{_interrupted(e)}: finished work is in {escape(str(state))}; run {again} "
+                                  "to continue", highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
+            raise
+        render_report(report, console)
+        if is_stdout(json_out):
+            sys.stdout.write(report.to_json().rstrip("\n") + "\n")
+            json_out = None
+        for path, write in ((json_out, report.write_json), (junit_out, report.write_junit),
+                            (md_out, functools.partial(report.write_markdown, chart=md_chart))):
+            if path is not None:
+                write(path)
+                _wrote(path)
+        if report.failed:
+            failures.append(report.failure_summary() if len(targets) == 1
+                            else f"{artifact.name}: {report.failure_summary()}")
+    if failures:
+        raise GateFailed("; ".join(failures))

@@ -7,7 +7,8 @@ A teacher is given in a recipe by one of:
   dict (``module.`` prefixes fine, pickled code refused) together with ``arch``;
 - ``recipe: PATH`` -- a kind ``train`` recipe (natural, pgd_at, trades). If no finished run of
   it is cached, it is trained first, into ``$CIARD_CACHE/teachers/<recipe hash>/`` (default
-  ``~/.cache/ciard/teachers/``); a second distillation with the same teacher recipe reuses it.
+  ``~/.cache/ciard/teachers/``); a second distillation with the same teacher recipe reuses it
+  and says so (a ``teacher_reused`` event naming the cached folder; the CLI prints it).
   An interrupted teacher training resumes where it stopped. A teacher recipe reads its data
   from the student recipe's ``data.data_root`` when that one is set (``--set data.data_root=DIR``
   on the distillation reaches its teachers too).
@@ -20,12 +21,11 @@ recipe was hashed, or that no longer matches the ``recipe_hash`` a resolved reci
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from ciard_deploy.config import (TEACHER_ROLES, DistillRecipe, TeacherSpec, Trai
                                  load_teacher_recipe)
 from ciard_deploy.errors import ArtifactError, RecipeError
 from ciard_deploy.io import checkpoint_paths, load_checkpoint, load_weights_into, sha256_file
+from ciard_deploy.lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,41 +61,41 @@ def is_trained(run_dir: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, enabled: bool) -> Iterator[None]:
-    """An inter-process lock so two runs never train the same teacher at once."""
+def _exclusive(run_dir: Path, enabled: bool) -> contextlib.AbstractContextManager:
+    """The cache run's own lock (``lock.folder_lock``), waited for: two distillations never train the same
+    teacher at once, the second one takes it from the cache when the first is done. The training inside
+    takes the same lock again (it is this thread's already)."""
     if not enabled:
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is training this teacher (%s); waiting for it", lock_path.stem)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        return contextlib.nullcontext()
+    return folder_lock(run_dir, wait=True)
 
 
 def train_teacher(recipe: TrainRecipe, role: str, device: torch.device | str, *, callbacks: Sequence[Any] = (),
                   ctx: Any = None) -> tuple[Path, bool]:
-    """Trains (or reuses) a teacher recipe in the cache; returns (run dir, trained now?)."""
+    """Trains (or reuses) a teacher recipe in the cache; returns (run dir, trained now?).
+
+    ``callbacks`` get a ``teacher`` event before a teacher is trained (then the nested run's events)
+    or a ``teacher_reused`` event naming the cached run it is taken from."""
     from ciard_deploy.distill import ddp
     from ciard_deploy.distill.trainer import TrainEvent, run
 
     ctx = ctx or ddp.DistContext()
     run_dir = cached_run_dir(recipe)
+    name = f"{role} teacher: {recipe.method.name} {recipe.model.arch} ({recipe.train.epochs} epochs)"
+
+    def reused() -> tuple[Path, bool]:
+        log.info("reusing the %s from the cache %s", name, run_dir)
+        for cb in callbacks:
+            cb(TrainEvent("teacher_reused", run_dir, message=f"reusing the {name} from the cache {run_dir}"))
+        return run_dir, False
+
     done = ddp.broadcast_object(is_trained(run_dir), ctx)
     if done:
-        log.info("%s teacher: cached run %s", role, run_dir)
-        return run_dir, False
-    with _exclusive(run_dir.with_suffix(".lock"), enabled=ctx.is_main and not ctx.enabled):
+        return reused()
+    with _exclusive(run_dir, enabled=ctx.is_main and not ctx.enabled):
         if is_trained(run_dir):  # trained by another process while we waited
-            return run_dir, False
-        what = f"{role} teacher: {recipe.method.name} {recipe.model.arch} ({recipe.train.epochs} epochs) -> {run_dir}"
+            return reused()
+        what = f"{name} -> {run_dir}"
         log.info("training the %s", what)
         for cb in callbacks:
             cb(TrainEvent("teacher", run_dir, message=f"training the {what}"))

@@ -5,7 +5,8 @@
     from ciard_deploy.distill.trainer import run
     summary = run(load_recipe("recipes/quick/...yaml"), "runs/ciard-digits")
 
-What one call does, in order: checks the run dir (never overwrites; ``resume=True`` continues
+What one call does, in order: takes the run dir's lock (``lock.folder_lock``: a second process
+training into it is refused, exit 2), checks the run dir (never overwrites; ``resume=True`` continues
 it), loads or trains the teachers, seeds everything, builds the student, the method, SGD and
 its schedule, then loops over epochs: each step is ``method.train_step`` under autocast, the
 student's backward and step (through a GradScaler for fp16), then ``method.after_student_step``
@@ -14,7 +15,11 @@ clean and ``train.eval_attack`` accuracy on a fixed held-out subset and keeps th
 checkpoint by (clean + robust) / 2; the last one is kept too. At each epoch end it appends to
 ``metrics.jsonl`` and atomically saves ``train_state.pt`` (every RNG state included), so an
 interrupted run resumes bit-exactly on CPU. SIGINT/SIGTERM finish the current step, save a
-mid-epoch state and raise :class:`TrainingInterrupted`.
+mid-epoch state and raise :class:`TrainingInterrupted`. After the last epoch it evaluates
+``student_best`` and ``student_last`` on the test split (``train.final_attacks``; once when they
+are the same weights), reporting progress as ``final_eval`` events; a stop requested there ends it
+at once (the checkpoints are saved already; ``--resume`` runs the final evaluation again). A second
+SIGINT, or a ``KeyboardInterrupt``, stops at once too, keeping the last saved state.
 
 Run dir::
 
@@ -50,13 +55,15 @@ from torch import nn
 
 from ciard_deploy.config import DistillRecipe, Recipe, RecipeBase, load_recipe
 from ciard_deploy.distill import ddp
-from ciard_deploy.errors import ArtifactError, CiardError, RecipeError, UsageError
+from ciard_deploy.errors import ArtifactError, CiardError, InUse, RecipeError, UsageError
 from ciard_deploy.io import CheckpointMeta, atomic_path, atomic_write_json, atomic_write_text, save_checkpoint
+from ciard_deploy.lock import entries as lock_entries, folder_lock
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "ciard-train-state/1"
-EventKind = Literal["run_start", "teacher", "epoch_start", "step", "epoch_end", "eval", "run_end"]
+EventKind = Literal["run_start", "teacher", "teacher_reused", "epoch_start", "step", "epoch_end", "eval",
+                    "final_eval", "run_end"]
 
 
 # --------------------------------------------------------------------------- control and events
@@ -73,10 +80,15 @@ class TrainingInterrupted(CiardError):
 
 
 class RunControl:
-    """Lets a signal handler or a callback ask the loop to stop after the current step."""
+    """Lets a signal handler or a callback ask the loop to stop after the current step.
+
+    ``stop_at_once`` is set while there is no step to finish (the final evaluation): a signal then
+    stops the run immediately instead of waiting for the phase to end.
+    """
 
     def __init__(self) -> None:
         self.stop_reason: str | None = None
+        self.stop_at_once = False
 
     def request_stop(self, reason: str = "stop requested") -> None:
         self.stop_reason = reason
@@ -90,9 +102,12 @@ class RunControl:
 class TrainEvent:
     """What callbacks receive. ``epoch`` is 1-based; ``step`` counts steps done in the epoch.
 
-    Kinds: ``run_start``, ``teacher`` (a teacher is being trained: ``message`` says which),
-    ``epoch_start``, ``step``, ``epoch_end`` (``metrics`` = the metrics.jsonl line), ``eval``,
-    ``run_end`` (``metrics`` = the summary).
+    Kinds: ``run_start`` (``metrics``: ``role`` student or model, ``method``, ``arch``, ``dataset``),
+    ``teacher`` (a teacher is being trained: ``message`` says which), ``teacher_reused`` (a teacher
+    taken from the cache: ``message`` names it and its folder), ``epoch_start``, ``step``,
+    ``epoch_end`` (``metrics`` = the metrics.jsonl line), ``eval`` (the selection evaluation),
+    ``final_eval`` (progress of the final test evaluation: ``step`` images done of ``steps`` in the
+    phase ``message``, e.g. ``best pgd20@8/255``), ``run_end`` (``metrics`` = the summary).
     """
 
     kind: EventKind
@@ -168,7 +183,8 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _signals_to(control: RunControl) -> Iterator[None]:
-    """SIGINT/SIGTERM request a stop after the current step (a second SIGINT aborts at once)."""
+    """SIGINT/SIGTERM request a stop after the current step; a second SIGINT, or any while
+    ``control.stop_at_once`` (no step to finish), stops at once with a KeyboardInterrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -176,7 +192,9 @@ def _signals_to(control: RunControl) -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if control.stop_requested and signum == signal.SIGINT:
+        if control.stop_at_once or (control.stop_requested and signum == signal.SIGINT):
+            log.info("%s received: stopping now", name)
+            control.request_stop(control.stop_reason or name)
             raise KeyboardInterrupt
         log.warning("%s received: finishing the current step, then saving", name)
         control.request_stop(name)
@@ -338,15 +356,17 @@ def make_attacks(specs: Sequence[str], eps: float, step_size: float | None = Non
 
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_specs: Sequence[str], eps: float,
                    batch_size: int, device: torch.device, seed: int,
-                   step_size: float | None = None) -> dict[str, float]:
-    """``{"clean": acc, "<attack>@<eps>": acc, ...}`` with a fixed seed that leaves the caller's RNG alone."""
+                   step_size: float | None = None,
+                   progress: Callable[[int, int, str], None] | None = None) -> dict[str, float]:
+    """``{"clean": acc, "<attack>@<eps>": acc, ...}`` with a fixed seed that leaves the caller's RNG alone;
+    ``progress(done, total, stage)`` as in ``attacks.evaluate``."""
     from ciard_deploy.attacks import evaluate
 
     attacks = make_attacks(attack_specs, eps, step_size)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        res = evaluate(model, x, y, attacks, batch_size=batch_size, device=device)
+        res = evaluate(model, x, y, attacks, batch_size=batch_size, device=device, progress=progress)
     out = {"clean": res.clean_acc}
     for a in res.attacks:
         out[a.label] = a.robust_acc
@@ -388,6 +408,7 @@ def run(recipe: Recipe | str | Path, out_dir: str | Path, *, resume: bool = Fals
 
     Raises:
         UsageError: the run dir exists without ``resume``; bad device/amp combination.
+        InUse: another process is training into ``out_dir`` (it holds the folder's lock; exit 2).
         RecipeError: the recipe does not validate, or differs from the one a resumed run used.
         TrainingInterrupted: a stop was requested mid-run; the state is saved (exit code 130).
     """
@@ -437,6 +458,8 @@ class _Trainer:
         t = recipe.train
         if t.amp == "fp16" and device.type != "cuda":
             raise UsageError(f"train.amp fp16 needs CUDA (device here: {device}); use bf16 or off")
+        self.phase = "setup"  # "train", then "final_eval": what a stop at once interrupts
+        self.saved_at: tuple[int, int] | None = None  # (epochs done, steps done in the next) of train_state.pt
         self.robust_label: str | None = None
         if t.eval_attack is not None:
             self.robust_label = make_attacks([t.eval_attack], recipe.attack.eps, t.eval_step_size)[0].label
@@ -447,7 +470,7 @@ class _Trainer:
         d = self.run_dir
         if d.exists() and not d.is_dir():
             raise UsageError(f"--out {d} is a file, not a run dir")
-        nonempty = d.is_dir() and any(d.iterdir())
+        nonempty = d.is_dir() and bool(lock_entries(d))  # its lock file, ours, is no content
         if nonempty and not resume:
             raise UsageError(f"run dir exists: {d}: use --resume to continue it, or another --out")
         if not nonempty:
@@ -486,6 +509,25 @@ class _Trainer:
 
     # ------------------------------------------------------------------ setup
     def execute(self, resume: bool, stop_after_epoch: int | None, handle_signals: bool) -> dict[str, Any]:
+        """Runs holding the run dir's lock (``lock.folder_lock``, taken by rank 0 before anything in the folder
+        is read): a second process training into the same folder is refused (``InUse``, exit 2, naming the
+        holder's pid) and the holder's files are never mixed with its own."""
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            raise UsageError(f"--out {d} is a file, not a run dir")
+        with contextlib.ExitStack() as held:
+            refused: CiardError | None = None
+            if self.ctx.is_main:
+                try:
+                    held.enter_context(folder_lock(d, hint="wait for it or use another --out"))
+                except CiardError as e:
+                    refused = e
+            message = ddp.broadcast_object(None if refused is None else str(refused), self.ctx)
+            if message is not None:
+                raise refused if refused is not None else InUse(message)
+            return self._execute(resume, stop_after_epoch, handle_signals)
+
+    def _execute(self, resume: bool, stop_after_epoch: int | None, handle_signals: bool) -> dict[str, Any]:
         state = self._check_run_dir(resume)
         summary_path = self.run_dir / "summary.json"
         if state is not None and summary_path.exists():
@@ -502,7 +544,27 @@ class _Trainer:
         log_ctx = _log_to(self.run_dir / "train.log") if self.ctx.is_main else contextlib.nullcontext()
         sig_ctx = _signals_to(self.control) if handle_signals else contextlib.nullcontext()
         with log_ctx, sig_ctx:
-            return self._train(state, stop_after_epoch)
+            try:
+                return self._train(state, stop_after_epoch)
+            except KeyboardInterrupt:  # a second SIGINT, or any signal while there is no step to finish
+                raise self._stopped_at_once(self.control.stop_reason or "SIGINT") from None
+
+    def _stopped_at_once(self, reason: str) -> TrainingInterrupted:
+        """The TrainingInterrupted of a stop that did not wait for a step: it names what is kept."""
+        d = self.run_dir
+        if self.phase == "final_eval":
+            e = self.recipe.train.epochs
+            return TrainingInterrupted(
+                f"interrupted ({reason}) before the final evaluation finished; training is done and its checkpoints "
+                f"(student_best, student_last) and state are saved in {d}: --resume runs the final evaluation",
+                d, e, 0)
+        if self.saved_at is None:
+            return TrainingInterrupted(f"interrupted ({reason}) before any state was saved in {d}: --resume starts "
+                                       f"the training from its first step", d, 0, 0)
+        e, st = self.saved_at
+        where = f"epoch {e + 1} step {st}" if e < self.recipe.train.epochs else "the final evaluation"
+        return TrainingInterrupted(f"interrupted ({reason}) at once; the last saved state in {d} resumes at {where}",
+                                   d, e + 1 if st else e, st)
 
     def _setup(self) -> None:
         r, t = self.recipe, self.recipe.train
@@ -596,6 +658,7 @@ class _Trainer:
         }
 
     def _save_state(self, *args: Any) -> None:
+        self.saved_at = (int(args[0]), int(args[1]))
         if not self.ctx.is_main:
             return
         state = self._state(*args)
@@ -615,6 +678,7 @@ class _Trainer:
         self.best = state["best"]
         self.elapsed = float(state.get("elapsed_s", 0.0))
         set_rng_state(state["rng"], self.data_gen)
+        self.saved_at = (int(state["epoch"]), int(state["step"]))
         return state["epoch"], state["step"], state.get("epoch_gen"), dict(state.get("meters", {}))
 
     def _meta(self, metrics: dict[str, Any], epoch: int) -> CheckpointMeta:
@@ -639,7 +703,8 @@ class _Trainer:
             self._check_same_teachers()
             start_epoch, start_step, epoch_gen, meters = self._load_state(state)
             log.info("resuming %s at epoch %d step %d", self.run_dir, start_epoch + 1, start_step)
-            self._trim_metrics(start_epoch)
+        # lines of epochs the state does not hold (all of them, when no state was saved) go: no epoch twice
+        self._trim_metrics(start_epoch)
         if self.ctx.is_main:
             atomic_write_json(self.run_dir / "teachers.json", self.teacher_refs)
         log.info("%s %s: %s on %s (%d train / %d selection images), %d epochs x %d steps, device %s%s",
@@ -648,7 +713,11 @@ class _Trainer:
                  f", {self.ctx.world_size} ranks" if self.ctx.enabled else "")
         _emit(self.callbacks, TrainEvent("run_start", self.run_dir, start_epoch, t.epochs, start_step,
                                          self.steps_per_epoch, control=self.control,
-                                         message=f"{r.method.name}: {r.model_spec.arch} on {r.data.dataset}"))
+                                         message=f"{r.method.name}: {r.model_spec.arch} on {r.data.dataset}",
+                                         metrics={"role": "student" if isinstance(r, DistillRecipe) else "model",
+                                                  "method": r.method.name, "arch": r.model_spec.arch,
+                                                  "dataset": r.data.dataset}))
+        self.phase = "train"
         for epoch in range(start_epoch, t.epochs):
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 log.info("stopping after epoch %d as asked (resume with --resume)", epoch)
@@ -761,14 +830,27 @@ class _Trainer:
         return ev
 
     def _trim_metrics(self, epochs_done: int) -> None:
-        """Drops metrics.jsonl lines of epochs after the saved state (a crash between the two)."""
+        """Keeps one metrics.jsonl line per epoch the saved state holds (``epochs_done``; 0 when none was saved).
+
+        An epoch's line is appended before its state is saved, so a crash between the two (a full disk)
+        leaves a line the resumed run writes again: it goes, as do lines a torn write left unreadable and,
+        of an epoch listed twice, all but the last line."""
         path = self.run_dir / "metrics.jsonl"
         if not self.ctx.is_main or not path.exists():
             return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epochs_done]
-        if len(keep) != len(lines):
-            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+        text = path.read_text(encoding="utf-8", errors="replace")
+        kept: dict[int, str] = {}
+        for ln in text.splitlines():
+            try:
+                epoch = json.loads(ln).get("epoch")
+            except (ValueError, AttributeError):
+                continue  # a torn line (the disk filled up mid-write) or no record
+            if isinstance(epoch, int) and 1 <= epoch <= epochs_done:
+                kept[epoch] = ln
+        trimmed = "".join(kept[e] + "\n" for e in sorted(kept))
+        if trimmed != text:
+            log.info("metrics.jsonl: keeping the lines of the %d epochs the saved state holds", len(kept))
+            atomic_write_text(path, trimmed)
 
     # ------------------------------------------------------------------ the end
     def _partial(self, epochs_done: int) -> dict[str, Any]:
@@ -781,22 +863,43 @@ class _Trainer:
 
     def _finish(self) -> dict[str, Any]:
         t = self.recipe.train
+        self.phase = "final_eval"
+        if ddp.any_rank(self.control.stop_requested, self.ctx, self.device):
+            # asked during the last epoch: that epoch is saved; the final evaluation is not started
+            raise self._stopped_at_once(self.control.stop_reason or "stop requested")
         digests = ddp.gather_objects(
             {"student": ddp.state_digest(self.model),
              **{f"teacher.{k}": ddp.state_digest(m) for k, m in self.trainable.items()}}, self.ctx)
         summary: dict[str, Any] = {}
-        if self.ctx.is_main:
-            summary = self._final_summary(digests)
-            atomic_write_json(self.run_dir / "summary.json", summary)
+        self.control.stop_at_once = True  # no step to finish: a signal stops the evaluation now
+        try:
+            if self.ctx.is_main:
+                summary = self._final_summary(digests)
+                atomic_write_json(self.run_dir / "summary.json", summary)
+        finally:
+            self.control.stop_at_once = False
         self.ctx.barrier()
         summary = ddp.broadcast_object(summary, self.ctx)
         _emit(self.callbacks, TrainEvent("run_end", self.run_dir, t.epochs, t.epochs, metrics=summary,
                                          control=self.control))
         return summary
 
+    def _final_progress(self, label: str) -> Callable[[int, int, str], None]:
+        """The final evaluation's progress as ``final_eval`` events (``best pgd20@8/255``); a stop
+        requested by a callback ends the evaluation at the next batch."""
+        t = self.recipe.train
+
+        def update(done: int, total: int, stage: str | None = None) -> None:
+            _emit(self.callbacks, TrainEvent("final_eval", self.run_dir, t.epochs, t.epochs, done, total,
+                                             message=f"{label} {stage}" if stage else label, control=self.control))
+            if self.control.stop_requested:
+                raise self._stopped_at_once(self.control.stop_reason or "stop requested")
+
+        return update
+
     def _final_summary(self, digests: list[dict[str, str]]) -> dict[str, Any]:
         from ciard_deploy.data import create_dataset, stratified_indices
-        from ciard_deploy.io import load_weights_into
+        from ciard_deploy.io import load_weights_into, sha256_file
 
         r, t, d = self.recipe, self.recipe.train, self.recipe.data
         test = self.data.test or create_dataset(d.dataset, "test", d.data_root, d.download)
@@ -804,8 +907,11 @@ class _Trainer:
         tx, ty = test.tensors(idx)
         specs = list(dict.fromkeys(t.final_attacks))
         results = {}
+        paths = {w: self.run_dir / f"student_{w}.safetensors" for w in ("best", "last")}
+        # the best epoch is often the last: the same weights are evaluated once (same seed, same numbers)
+        same = paths["best"].exists() and sha256_file(paths["best"]) == sha256_file(paths["last"])
         for which in ("best", "last"):
-            path = self.run_dir / f"student_{which}.safetensors"
+            path = paths[which]
             if which == "best" and not path.exists():
                 continue
             from ciard_deploy.models import create_model
@@ -813,8 +919,17 @@ class _Trainer:
             info = self.data.info
             net = create_model(r.model_spec.arch, info.num_classes, info.in_chans).to(self.device)
             load_weights_into(net, path)
-            test_metrics = evaluate_model(net, tx, ty, specs, r.attack.eps, d.eval_batch_size, self.device,
-                                          seed=t.seed + 10_000, step_size=t.eval_step_size)
+            if which == "last" and same:
+                test_metrics = dict(results["best"])
+                log.info("final evaluation: student_last is student_best (epoch %d): its numbers are reused",
+                         self.best["epoch"])
+            else:
+                label = "best = last" if same else which
+                test_metrics = evaluate_model(net, tx, ty, specs, r.attack.eps, d.eval_batch_size, self.device,
+                                              seed=t.seed + 10_000, step_size=t.eval_step_size,
+                                              progress=self._final_progress(label))
+                log.info("final evaluation of %s on %d test images: %s", label, len(ty),
+                         ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()))
             results[which] = test_metrics
             epoch = self.best["epoch"] if which == "best" else t.epochs
             sel = self.best["metrics"] if which == "best" else {}

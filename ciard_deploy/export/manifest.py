@@ -23,13 +23,16 @@ Torch-free, so ``verify`` on a device can read it and check hashes.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PureWindowsPath
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ciard_deploy.errors import ArtifactError
+from ciard_deploy.limits import (MAX_ARTIFACTS, MAX_ATTACKS, ClassNames, Finite, Fraction, LimitError, NotJson,
+                                 NumClasses, ShortText, TrainingEps, check_image_shape, read_json, schema_problems)
 from ciard_deploy.runtime.metadata import decode_metadata, encode_metadata
 
 SCHEMA = "ciard-export-manifest/1"
@@ -121,7 +124,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Manifest":
-        if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("ciard-export-manifest/"):
+        if not is_ciard_manifest(d):
             raise ArtifactError("not a ciard export manifest (no 'schema: ciard-export-manifest/N' key)")
         try:
             return cls(source=d["source"], model=d["model"], reference=d["reference"], thresholds=d["thresholds"],
@@ -141,30 +144,203 @@ class Manifest:
         return path
 
 
+# --------------------------------------------------------------------------- schema (what load_manifest accepts)
+class ManifestInvalid(ArtifactError):
+    """A file that says it is a ciard manifest (its ``schema`` key) but does not validate: a field of the
+    wrong type, an artifact path outside the export folder, absurd sizes or nesting. Refused wherever it
+    is read (exit 2), ``verify`` included: a manifest that is not JSON, or not ciard's, is only a V105 there."""
+
+
+def _file_name(v: str | None) -> str | None:
+    """An artifact's ``file`` (or ``sidecar``, ``derived_from``): a plain name in the export folder."""
+    if v is None:
+        return v
+    if not v or v in (".", "..") or "\x00" in v or Path(v).name != v or PureWindowsPath(v).name != v:
+        raise ValueError("must be a file name inside the export folder (no folder, no '..', not absolute)")
+    return v
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
+
+
+class _Typed(BaseModel):
+    """Typed where a field is present (strict: no "10" for 10, no NaN); unknown keys are kept."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _ParityCheck(_Typed):
+    n: int | None = Field(default=None, ge=0)
+    top1_agreement: Fraction | None = None
+    threshold: Fraction | None = None
+    flips: int | None = Field(default=None, ge=0)
+    max_abs_diff: float | None = None
+    passed: bool | None = None
+    summary: ShortText | None = None
+
+
+class _Parity(_Typed):
+    clean: _ParityCheck | None = None
+    adversarial: _ParityCheck | None = None
+    runtime: dict[str, Any] | None = None
+
+
+class _ArtifactEntry(_Typed):
+    name: ShortText
+    file: FileName
+    format: ShortText
+    precision: ShortText
+    runtime: ShortText
+    sha256: ShortText = ""
+    size: int = Field(default=0, ge=0)
+    status: Literal["passed", "failed", "unchecked"] = "unchecked"
+    opset: int | None = None
+    ir_version: int | None = None
+    input_spec: dict[str, Any] = Field(default_factory=dict)
+    output: dict[str, Any] = Field(default_factory=dict)
+    classes: ClassNames = Field(default_factory=list)
+    normalization: dict[str, Any] = Field(default_factory=dict)
+    exporter: dict[str, Any] = Field(default_factory=dict)
+    derived_from: FileName | None = None
+    calibration: dict[str, Any] | None = None
+    engine: dict[str, Any] | None = None
+    sidecar: FileName | None = None
+    parity: _Parity = Field(default_factory=_Parity)
+    metrics: dict[str, Finite] = Field(default_factory=dict)
+    seconds: Finite = 0.0
+
+
+class _Source(_Typed):
+    path: ShortText | None = None
+    checkpoint: ShortText | None = None
+    sha256: ShortText | None = None
+    metadata_sha256: ShortText | None = None
+    arch: ShortText | None = None
+    role: ShortText | None = None
+    recipe_hash: ShortText | None = None
+
+
+class _ModelInfo(_Typed):
+    arch: ShortText | None = None
+    num_classes: NumClasses | None = None
+    classes: ClassNames | None = None
+    input_shape: list[int] | None = None
+    normalization: dict[str, Any] | None = None
+    dataset: ShortText | None = None
+    eps: TrainingEps | None = None
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        return None if v is None else check_image_shape(v)
+
+
+class _ReferenceAttack(_Typed):
+    robust_acc: Fraction
+
+
+class _Reference(_Typed):
+    clean_acc: Fraction | None = None
+    n: int | None = Field(default=None, ge=0)
+    dataset: ShortText | None = None
+    split: ShortText | None = None
+    attacks: dict[str, _ReferenceAttack] = Field(default_factory=dict, max_length=MAX_ATTACKS)
+
+
+class _Calibration(_Typed):
+    source: ShortText | None = None
+    n: int | None = Field(default=None, ge=0)
+    split: ShortText | None = None
+    sha256: ShortText | None = None
+
+
+class ManifestSchema(_Typed):
+    """What ``load_manifest`` accepts: the fields the code reads, typed and bounded (artifact files are
+    plain names inside the export folder); absent optional fields are fine, unknown keys are kept."""
+
+    schema_: ShortText = Field(alias="schema")
+    created: ShortText | None = None
+    tool: ShortText | None = None
+    status: ShortText | None = None
+    source: _Source
+    model: _ModelInfo
+    reference: _Reference
+    calibration: _Calibration | None = None
+    thresholds: dict[str, Fraction]
+    options: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[_ArtifactEntry] = Field(default_factory=list, max_length=MAX_ARTIFACTS)
+    versions: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+
+
 def manifest_path(path: str | Path) -> Path:
     p = Path(path)
     return p / MANIFEST_NAME if p.is_dir() else p
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    """Reads ``manifest.json`` from a folder or a file path; ArtifactError (exit 2) if absent or invalid."""
+    """Reads ``manifest.json`` from a folder or a file path; ArtifactError (exit 2) if absent or invalid.
+
+    Raises:
+        ArtifactError: no file, not JSON, or not a ciard manifest (no ``schema: ciard-export-manifest/N``).
+        ManifestInvalid: a ciard manifest that does not validate against ``ManifestSchema`` (names the
+            field), or larger or more deeply nested than ``limits`` allows.
+    """
     p = manifest_path(path)
     if not p.is_file():
         raise ArtifactError(f"no export manifest at {p}")
     try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = read_json(p)
+    except OSError as e:
+        raise ArtifactError(f"{p} cannot be read: {e.strerror or e}") from None
+    except NotJson as e:
         raise ArtifactError(f"{p} is not valid JSON: {e}") from None
+    except LimitError as e:
+        raise ManifestInvalid(f"{p}: {e}") from None
+    if not is_ciard_manifest(data):
+        raise ArtifactError(f"{p} is not a ciard export manifest (no 'schema: ciard-export-manifest/N' key)")
+    try:
+        ManifestSchema.model_validate(data)
+    except ValidationError as e:
+        raise ManifestInvalid(f"{p}: {schema_problems(e)}") from None
     return Manifest.from_dict(data)
 
 
+def is_ciard_manifest(data: Any) -> bool:
+    """Whether parsed JSON says it is a ciard export manifest (its ``schema`` key)."""
+    return isinstance(data, dict) and str(data.get("schema", "")).startswith("ciard-export-manifest/")
+
+
+def artifact_file(folder: str | Path, name: str) -> Path:
+    """``folder / name`` for a file a manifest lists, refused (ManifestInvalid) unless it is a plain name
+    whose path, symlinks resolved, stays inside ``folder``: a manifest never makes ciard read elsewhere."""
+    if not isinstance(name, str) or not name:
+        raise ManifestInvalid(f"the manifest in {folder} lists an artifact without a file name")
+    try:
+        _file_name(name)
+    except ValueError:
+        raise ManifestInvalid(f"the manifest in {folder} lists {name!r}: artifact files are plain names inside the "
+                              "export folder") from None
+    p = Path(folder) / name
+    root = Path(folder).resolve()
+    if p.exists() or p.is_symlink():
+        target = p.resolve()
+        if target.parent != root:
+            raise ManifestInvalid(f"{p} resolves to {target}, outside the export folder {root}: refusing to read it")
+    return p
+
+
 def check_files(manifest: Manifest, folder: str | Path) -> list[str]:
-    """Problems between the manifest and the files beside it (missing, size or sha256 differs)."""
+    """Problems between the manifest and the files beside it (missing, size or sha256 differs).
+
+    Raises:
+        ManifestInvalid: the manifest lists a file outside ``folder`` (``artifact_file``); nothing is read.
+    """
     from ciard_deploy.io import sha256_file
 
     problems = []
-    for a in manifest.artifacts:
-        p = Path(folder) / a.file
+    paths = [artifact_file(folder, a.file) for a in manifest.artifacts]  # every path checked before any is read
+    for a, p in zip(manifest.artifacts, paths):
         if not p.is_file():
             problems.append(f"{a.file}: listed in the manifest but missing")
             continue
@@ -215,11 +391,18 @@ def read_onnx_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, str]
 def inspect_artifact(path: str | Path) -> dict[str, Any]:
     """What ``ciard inspect`` shows, as data.
 
-    - a folder or ``manifest.json``: ``{"kind": "manifest", "path", "manifest", "problems"}`` where
-      problems lists files missing or differing from their recorded sha256;
+    - a folder or ``manifest.json``: ``{"kind": "manifest", "path", "manifest", "problems", "mismatches"}``
+      where problems lists files missing or differing from their recorded size or sha256;
     - an ``.onnx`` file: ``{"kind": "onnx", "path", "sha256", "size", "metadata", "other_props",
-      "manifest_entry", "problems"}`` (the entry of a manifest beside it, if one lists the file);
+      "manifest_entry", "problems", "mismatches"}`` (the entry of a manifest beside it, if one lists the file);
     - an ``.engine``/``.plan`` file: the same with the JSON sidecar as metadata.
+
+    ``mismatches`` are the problems that say a file is not what its manifest records
+    (``raise_mismatches`` makes them an error); the others (no ciard metadata) are notes.
+
+    Raises:
+        ManifestInvalid: the manifest (or the one beside the file) does not validate, or lists a file
+            outside its folder: nothing outside is read or hashed.
     """
     from ciard_deploy.errors import UsageError
     from ciard_deploy.io import sha256_file
@@ -231,8 +414,9 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     if p.is_dir() or p.name == MANIFEST_NAME:
         m = load_manifest(p)
         folder = p if p.is_dir() else p.parent
+        problems = check_files(m, folder)
         return {"kind": "manifest", "path": str(manifest_path(p)), "manifest": m.to_dict(),
-                "problems": check_files(m, folder)}
+                "problems": problems, "mismatches": list(problems)}
     suffix = p.suffix.lower()
     if suffix == ".onnx":
         meta, raw = read_onnx_metadata(p)
@@ -243,17 +427,30 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     else:
         raise UsageError(f"cannot inspect {p.name}: expected an export folder, manifest.json, .onnx, .engine or .plan")
     digest = sha256_file(p)
-    entry, problems = None, []
+    entry, mismatches = None, []
     beside = p.parent / MANIFEST_NAME
     if beside.is_file():
         try:
             rec = load_manifest(beside).artifact(p.name)
             entry = rec.to_dict()
             if rec.sha256 != digest:
-                problems.append(f"{p.name}: sha256 {digest[:12]}... differs from the manifest's {rec.sha256[:12]}...")
+                mismatches.append(f"{p.name}: sha256 {digest[:12]}... differs from the manifest's "
+                                  f"{rec.sha256[:12]}...")
+        except ManifestInvalid:
+            raise
         except ArtifactError:
             entry = None
+    problems = list(mismatches)
     if not meta:
         problems.append(f"{p.name} carries no ciard metadata (not exported by ciard export?)")
     return {"kind": kind, "path": str(p), "sha256": digest, "size": p.stat().st_size, "metadata": meta,
-            "other_props": other, "manifest_entry": entry, "problems": problems}
+            "other_props": other, "manifest_entry": entry, "problems": problems, "mismatches": mismatches}
+
+
+def raise_mismatches(rep: dict[str, Any]) -> None:
+    """ArtifactError (exit 2) when ``inspect_artifact`` found files that are not what their manifest
+    records (missing, another size or sha256): the export cannot be trusted as it is."""
+    found = rep.get("mismatches") or []
+    if found:
+        where = rep["path"] if rep["kind"] == "manifest" else str(Path(rep["path"]).parent / MANIFEST_NAME)
+        raise ArtifactError(f"{where}: {len(found)} file(s) differ from what it records: {'; '.join(found)}")

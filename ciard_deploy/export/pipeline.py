@@ -12,12 +12,18 @@ Order of work, so that bad input costs nothing and writes nothing:
 
 An artifact below its agreement threshold is kept and marked ``failed`` in the manifest;
 ``run`` then raises GateFailed (exit 1) unless ``check=False``.
+
+The whole call holds the output folder's lock (``lock.folder_lock``; made for it, and removed again
+if the call leaves it empty): a second export into the same folder is refused (exit 2, naming the
+holder's pid). A staging folder (``.OUT.export-XXXXXXXX``) is removed when the call ends, however it
+ends; one left by a killed export is removed by the next export into the same folder.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -28,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ciard_deploy.io import write_blocker
+from ciard_deploy.lock import holding
 from ciard_deploy.errors import BackendUnavailable, GateFailed, UsageError
 from ciard_deploy.export.base import FORMATS, ExportOptions, FormatSpec, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, load_manifest
@@ -245,6 +252,28 @@ def check_artifact(rec: ArtifactRecord, path: Path, ref: Reference, opts: Export
 
 
 # --------------------------------------------------------------------------- the entry point
+STAGING_INFIX = ".export-"
+
+
+def _staging_pattern(out: Path) -> re.Pattern[str]:
+    """Names of the staging folders of exports into ``out`` (``tempfile.mkdtemp``'s 8 random characters)."""
+    return re.compile(re.escape(f".{out.name}{STAGING_INFIX}") + r"[A-Za-z0-9_]{8}")
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Removes the staging folders an earlier export into ``out`` left beside it when it was killed (SIGKILL,
+    power loss: no ``finally`` ran); returns them. Called holding ``out``'s lock, so none is in use."""
+    if not out.parent.is_dir():
+        return []
+    pattern = _staging_pattern(out)
+    stale = [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    for p in stale:
+        log.info("removing %s, the staging folder of an export into %s that did not finish", p, out)
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+@holding("out_dir")
 def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence[str],
         options: ExportOptions | None = None, *, force: bool = False, progress: Progress | None = None,
         check: bool = True, **overrides: Any) -> ExportResult:
@@ -266,6 +295,7 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
 
     Raises:
         UsageError / ArtifactError / DataError: bad input (exit 2), nothing written.
+        InUse: another export into ``out_dir`` is running (exit 2), nothing written.
         BackendUnavailable: TensorRT or a GPU missing for a TensorRT format (exit 3), nothing written.
         GateFailed: an artifact below its threshold (exit 1), everything written.
     """
@@ -313,7 +343,8 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
     source_info = _source_info(source, meta)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_INFIX}", dir=out.parent))
     total = 1 + 2 * len(names)
     step = 0
 

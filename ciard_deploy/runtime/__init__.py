@@ -51,7 +51,7 @@ def _torch_status() -> str:
     try:
         import torch  # noqa: F401
     except Exception as e:
-        return f"unavailable: {type(e).__name__}: {e} (pip install torch)"
+        return f"unavailable: {type(e).__name__}: {e} (pip install 'ciard-deploy[train]')"
     return "ok"
 
 

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from ciard_deploy.limits import LimitError, loads_json, read_json
+
 PREFIX = "ciard."
 SCHEMA = "ciard-artifact/1"
 SIDECAR_SUFFIX = ".json"
@@ -32,8 +34,8 @@ def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
         if not k.startswith(PREFIX):
             continue
         try:
-            out[k[len(PREFIX):]] = json.loads(v)
-        except (json.JSONDecodeError, TypeError):
+            out[k[len(PREFIX):]] = loads_json(v)  # bounded: a deeply nested value stays the raw string
+        except (LimitError, TypeError):
             out[k[len(PREFIX):]] = v
     return out
 
@@ -50,7 +52,7 @@ def read_sidecar(artifact: str | Path) -> dict[str, Any]:
     if not p.exists():
         return {}
     try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        data = read_json(p)
+    except (OSError, LimitError):
         return {}
     return data if isinstance(data, dict) else {}

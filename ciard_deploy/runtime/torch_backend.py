@@ -12,16 +12,18 @@ from typing import Any
 
 import numpy as np
 
-from ciard_deploy.errors import BackendUnavailable
+from ciard_deploy.errors import TRAIN_EXTRA_HINT, BackendUnavailable
 from ciard_deploy.runtime.base import GRADIENTS, SCORES, BaseBackend, InputSpec
 
 
 def import_torch() -> Any:
     try:
         import torch
-    except Exception as e:
-        raise BackendUnavailable(f"PyTorch is not usable here ({type(e).__name__}: {e}); "
-                                 "pip install torch, or verify an exported .onnx/.engine file instead") from None
+    except Exception as e:  # not installed (a device install), or a broken one (OSError of a CUDA library)
+        why = ("is not installed here" if isinstance(e, ModuleNotFoundError)
+               else f"is not usable here ({type(e).__name__}: {e})")
+        raise BackendUnavailable(f"PyTorch {why}: {TRAIN_EXTRA_HINT}, "
+                                 "or verify an exported .onnx/.engine file instead") from None
     return torch
 
 

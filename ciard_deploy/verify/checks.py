@@ -10,6 +10,7 @@ numpy only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -165,10 +166,12 @@ def provenance(artifact: str | Path, metadata: Mapping[str, Any], pack_model_sha
         section: dict[str, Any] = {"path": str(manifest_file), "listed": False, "expected_sha256": None,
                                    "sha256_matches": None, "status": None, "source_sha256": None}
         out["manifest"] = section
-        try:
-            from ciard_deploy.export.manifest import load_manifest
+        from ciard_deploy.export.manifest import ManifestInvalid, load_manifest
 
+        try:
             manifest = load_manifest(manifest_file)
+        except ManifestInvalid:
+            raise  # a ciard manifest that does not validate (a wrong type, a file outside its folder): exit 2
         except Exception as e:  # noqa: BLE001  an unreadable manifest is a warning here, not a stop
             findings.append(finding("manifest_problem", f"{manifest_file.name} beside {p.name} cannot be read "
                                                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"))
@@ -220,9 +223,15 @@ def metadata_mismatches(pack_meta: Mapping[str, Any], metadata: Mapping[str, Any
     if cls_pack and cls_art and list(cls_pack) != list(cls_art):
         out.append(finding("metadata_mismatch", "the pack's class names differ from the artifact's"))
     eps_art = metadata.get("eps")
-    if eps_art is not None and abs(float(eps_art) - float(pack_meta.get("eps", eps_art))) > 1e-9:
-        from ciard_deploy.attacks.base import format_eps
+    if eps_art is None:
+        return out
+    from ciard_deploy.attacks.base import format_eps
 
+    # the pack's eps is finite and > 0 (load_pack); the artifact's is what its metadata says, maybe anything
+    if isinstance(eps_art, bool) or not isinstance(eps_art, (int, float)) or not math.isfinite(eps_art) or eps_art < 0:
+        out.append(finding("metadata_mismatch", f"the artifact records eps {str(eps_art)[:40]!r}, not a budget: the "
+                                                "pack's eps cannot be checked against it"))
+    elif abs(float(eps_art) - float(pack_meta.get("eps", eps_art))) > 1e-9:
         out.append(finding("metadata_mismatch", f"the pack's attacks use eps {format_eps(float(pack_meta['eps']))}, "
                                                 f"the artifact records eps {format_eps(float(eps_art))}: the gates "
                                                 "judge another budget than the artifact was made for"))

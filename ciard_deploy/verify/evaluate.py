@@ -19,7 +19,8 @@ Resumable (``verify.state``): with a ``VerifyState`` (``run(..., state_path=FILE
 attack's finished batches are saved as it goes and a later call continues after the last one (or
 takes a finished attack whole); steps 1-2 are cheap and always measured again (the state
 module's docstring says why). Per-batch seeds make a resumed report's numbers equal an
-uninterrupted run's.
+uninterrupted run's. A call holds its state file's lock (``lock.file_lock``, ``.FILE.lock`` beside
+it) throughout: a second verify with the same ``--state`` meanwhile is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from ciard_deploy.attacks.state import SAVE_EVERY_S, StateEvent, settings_differences, state_hooks
 from ciard_deploy.errors import UsageError
+from ciard_deploy.lock import holding
 from ciard_deploy.runtime.parity import Parity, compare
 from ciard_deploy.verify.live import (create_live_attacks, family_of, live_families, live_size, resolve_live,
                                       run_live_attack)
@@ -414,6 +416,7 @@ def metrics_of(ev: RuntimeEvaluation, pack: RobustnessPack) -> dict[str, float |
 
 
 # --------------------------------------------------------------------------- the entry point
+@holding("state_path", file=True, hint="wait for it or use another --state")
 def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *, provider: str | None = None,
         gates: Gates | None = None, policy: Policy | None = None, live: str | Sequence[str] | None = None,
         live_n: int | None = None,
@@ -470,6 +473,7 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
             state file that is not a ciard verify state (left as it is) (exit 2).
         StateMismatch: the state file holds a different verification (an ArtifactError naming each
             difference; the file is left as it is) (exit 2).
+        InUse: another ciard process is verifying with the same ``state_path`` (exit 2).
         BackendUnavailable: the runtime or provider is not installed here (exit 3).
         KeyboardInterrupt: Ctrl-C; with ``state_path`` the finished live-attack batches are saved first.
     """

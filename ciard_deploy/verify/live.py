@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.base import (GRADIENTS, QueryAttack, create_attack, parse_attack_spec,
+from ciard_deploy.attacks.base import (GRADIENTS, QueryAttack, create_attack, format_eps, parse_attack_spec,
                                        query_only_patterns)
 from ciard_deploy.attacks.state import AttackRecord
 from ciard_deploy.errors import CiardError, UsageError
@@ -221,7 +221,7 @@ def run_live_attack(backend: Any, pack: RobustnessPack, attack: QueryAttack, tar
             dist = float(np.abs(x_adv - xb).max()) if len(xb) else 0.0
             if x_adv.shape != xb.shape or dist > pack.eps + EPS_TOLERANCE or \
                     (len(x_adv) and (x_adv.min() < 0 or x_adv.max() > 1)):
-                raise RuntimeError(f"{label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {pack.eps:.3g})")
+                raise RuntimeError(f"{label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {format_eps(pack.eps)})")
             done = s + len(pos)
             robust[s:done] = predict(x_adv).argmax(1) == y[pos]
             if rec is not None:

@@ -42,6 +42,7 @@ uninterrupted build's. The folder (``PackPartial`` state, JSON, plus one ``.npz`
     state.json                 kind ciard.pack_partial: key, clean flags, one record per finished attack
     clean.npz                  logits_clean, checksum
     attack-<sha256(label)>.npz adv, logits_adv, label, checksum   (first 16 hex digits of the hash)
+    .ciard.lock                held by the build that uses the folder (``lock.folder_lock``)
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -59,10 +61,15 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ciard_deploy.attacks.state import (AttackRecord, EvaluationKey, ResumableState, StateEvent, StateKey,
                                        StateMismatch)
 from ciard_deploy.errors import ArtifactError, UsageError
+from ciard_deploy.limits import (MAX_ATTACKS, MAX_ARTIFACTS, MAX_INFLATE_RATIO, MAX_NPY_HEADER, MAX_NPZ_MEMBERS,
+                                 MIN_INFLATE_CHECK, ClassNames, Eps, Finite, Fraction, LimitError, NumClasses,
+                                 ShortText, TrainingEps, check_image_shape, loads_json, schema_problems)
+from ciard_deploy.lock import holding, is_lock_file
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +299,145 @@ def save_pack(pack: RobustnessPack, path: str | os.PathLike, force: bool = False
     return p
 
 
+# --------------------------------------------------------------------------- bounded reading (hostile files)
+#: dtype kinds a pack (or a partial-results file) may hold: numbers, bools and text; never objects
+_NPZ_KINDS = "fiubU"
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz``, each member's ``.npy`` header checked before anything is allocated.
+
+    Refuses (``LimitError``, naming the array): a dtype that is not a plain number, bool or text type
+    (pickled objects, structures); a header whose declared shape and dtype do not fill exactly the
+    member's size as the zip records it (a 10^13-element declaration in a small file); a compressed
+    member that inflates more than ``MAX_INFLATE_RATIO`` times its compressed size; members that claim
+    more bytes than the file holds; an array stored twice; more than ``MAX_NPZ_MEMBERS`` arrays.
+    ``zipfile.BadZipFile``, ``OSError`` and ``EOFError`` pass through.
+    """
+    p = Path(path)
+    size = p.stat().st_size
+    with zipfile.ZipFile(p) as zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_NPZ_MEMBERS:
+            raise LimitError(f"holds {len(infos)} arrays, more than {MAX_NPZ_MEMBERS}")
+        if sum(i.compress_size for i in infos) > size:
+            raise LimitError("its members claim more bytes than the file holds")
+        plan: list[tuple[str, zipfile.ZipInfo]] = []
+        for info in infos:
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if any(key == k for k, _ in plan):
+                raise LimitError(f"holds the array {key!r} twice")
+            if info.compress_type != zipfile.ZIP_STORED \
+                    and info.file_size > max(MIN_INFLATE_CHECK, MAX_INFLATE_RATIO * info.compress_size):
+                raise LimitError(f"array {key!r} inflates from {info.compress_size} to {info.file_size} bytes, more "
+                                 f"than {MAX_INFLATE_RATIO} times (a zip bomb?)")
+            with zf.open(info) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=MAX_NPY_HEADER)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=MAX_NPY_HEADER)
+                    else:
+                        raise LimitError(f"array {key!r} is in .npy format {version}, which packs do not use")
+                except LimitError:
+                    raise
+                except (ValueError, TypeError, SyntaxError) as e:
+                    raise LimitError(f"array {key!r} has no valid .npy header ({str(e).splitlines()[0][:80]})") from None
+                offset = f.tell()
+            if dtype.hasobject:
+                raise LimitError(f"array {key!r} holds pickled objects (dtype {dtype}); packs are plain arrays "
+                                 "(refusing to load it)")
+            if dtype.kind not in _NPZ_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+                raise LimitError(f"array {key!r} has dtype {dtype}, not a plain number, bool or text type")
+            declared = math.prod(shape) * dtype.itemsize
+            if offset + declared != info.file_size:
+                raise LimitError(f"array {key!r} declares shape {tuple(shape)} {dtype} ({declared} bytes) but holds "
+                                 f"{info.file_size - offset} bytes")
+            plan.append((key, info))
+        out: dict[str, np.ndarray] = {}
+        for key, info in plan:
+            with zf.open(info) as f:
+                out[key] = np.lib.format.read_array(f, allow_pickle=False, max_header_size=MAX_NPY_HEADER)
+    return out
+
+
+class _Typed(BaseModel):
+    """Typed where a field is present (strict: no "10" for 10, no NaN budgets); unknown keys are kept."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class _PackModelInfo(_Typed):
+    num_classes: NumClasses
+    input_shape: list[int]
+    sha256: ShortText | None = None
+    eps: TrainingEps | None = None
+    classes: ClassNames | None = None
+    dataset: ShortText | None = None
+    arch: ShortText | None = None
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        return check_image_shape(v)
+
+
+class _PackData(_Typed):
+    dataset: ShortText | None = None
+    split: ShortText | None = None
+    n: int | None = Field(default=None, ge=0)
+    seed: int | None = None
+    indices: list[int] | None = None
+
+
+class _PackAttack(_Typed):
+    name: ShortText
+    label: ShortText
+    eps: Eps
+    settings: dict[str, Any] = Field(default_factory=dict)
+    seconds: Finite | None = None
+
+
+class _PackReference(_Typed):
+    clean_acc: Fraction
+    robust_acc: dict[str, Fraction] = Field(default_factory=dict)
+    worst_case_label: ShortText | None = None
+    worst_case_acc: Fraction | None = None
+
+
+class _PackArtifactRecord(_Typed):
+    index: int
+    sha256: ShortText
+    name: ShortText | None = None
+    label: ShortText | None = None
+    eps: Eps | None = None
+    skipped: ShortText | None = None
+    attacks: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_ATTACKS)
+    twin: dict[str, Any] | None = None
+    clean_acc: Fraction | None = None
+    robust_acc: Fraction | None = None
+    seconds: Finite | None = None
+
+
+class PackMetadata(_Typed):
+    """The schema of a pack's ``meta`` (see the module docstring): every field the code reads is typed
+    and bounded; ``load_pack`` refuses a pack whose metadata does not validate, naming the field."""
+
+    format: str
+    schema_version: int
+    model: _PackModelInfo
+    data: _PackData
+    eps: Eps
+    eps_label: ShortText | None = None
+    attacks: list[_PackAttack] = Field(max_length=MAX_ATTACKS)
+    reference: _PackReference
+    versions: dict[str, Any] = Field(default_factory=dict)
+    artifacts: list[_PackArtifactRecord] = Field(default_factory=list, max_length=MAX_ARTIFACTS)
+    tool: ShortText | None = None
+    created: ShortText | None = None
+
+
 # --------------------------------------------------------------------------- load
 def _bad(path: Path, what: str) -> ArtifactError:
     return ArtifactError(f"robustness pack {path.name}: {what}")
@@ -300,11 +446,13 @@ def _bad(path: Path, what: str) -> ArtifactError:
 def load_pack(path: str | os.PathLike) -> RobustnessPack:
     """Reads and validates a pack; any problem is an ``ArtifactError`` (exit 2) with one line.
 
-    Checks, in order: the file is a readable ``.npz`` without pickled objects; it is a ciard
-    pack of a schema this version reads; the checksum; dtypes and shapes against the
-    metadata; every image finite and in [0, 1]; labels in range; every adversarial image
-    within its attack's eps (L-inf, 1e-6 slack) of its clean image; the stored per-sample
-    flags agree with the stored logits.
+    Checks, in order: the file is a readable ``.npz`` without pickled objects, each array's
+    declared shape and dtype filling exactly what the archive holds (``read_npz``: nothing is
+    allocated for a header that lies); it is a ciard pack of a schema this version reads; the
+    checksum; the metadata against ``PackMetadata`` (types, sizes, nesting; every eps finite and
+    > 0, no attack's above the pack's); dtypes and shapes against the metadata; every image
+    finite and in [0, 1]; labels in range; every adversarial image within its attack's eps (L-inf,
+    1e-6 slack) of its clean image; the stored per-sample flags agree with the stored logits.
     """
     from ciard_deploy.io import sha256_file
 
@@ -315,11 +463,10 @@ def load_pack(path: str | os.PathLike) -> RobustnessPack:
     if not zipfile.is_zipfile(p):
         raise _bad(p, "not a valid .npz archive; truncated or corrupt? rebuild it with ciard pack")
     try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = read_npz(p)  # every header checked against the file before an array is allocated
+    except LimitError as e:
+        raise _bad(p, str(e)) from None
     except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise _bad(p, "holds pickled objects; packs are plain arrays (refusing to load it)") from None
         raise _bad(p, f"not a valid .npz archive ({e}); truncated or corrupt? rebuild it with ciard pack") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
         raise _bad(p, f"not a valid .npz archive ({type(e).__name__}: {e}); truncated or corrupt? "
@@ -328,9 +475,9 @@ def load_pack(path: str | os.PathLike) -> RobustnessPack:
         if key not in arrays:
             raise _bad(p, f"has no {key!r} array; not a ciard robustness pack")
     try:
-        meta = json.loads(str(arrays["meta"].reshape(-1)[0]))
+        meta = loads_json(str(arrays["meta"].reshape(-1)[0]))
         stored = str(arrays["checksum"].reshape(-1)[0])
-    except (json.JSONDecodeError, IndexError, TypeError, ValueError) as e:
+    except (LimitError, IndexError, TypeError, ValueError) as e:
         raise _bad(p, f"unreadable metadata ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _bad(p, f"not a ciard robustness pack (format {meta.get('format') if isinstance(meta, dict) else None!r})")
@@ -341,6 +488,10 @@ def load_pack(path: str | os.PathLike) -> RobustnessPack:
     if actual != stored:
         raise _bad(p, "checksum mismatch (damaged, or edited after it was built); rebuild it with ciard pack")
     try:
+        PackMetadata.model_validate(meta)  # typed and bounded; the dict itself is kept (its checksum is over it)
+    except ValidationError as e:
+        raise _bad(p, f"metadata {schema_problems(e, missing='lacks the key')}") from None
+    try:
         pack = _validate(p, arrays, meta)
     except KeyError as e:
         raise _bad(p, f"metadata lacks {e}") from None
@@ -350,6 +501,7 @@ def load_pack(path: str | os.PathLike) -> RobustnessPack:
 
 def _validate(p: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> RobustnessPack:
     model, attacks = meta["model"], meta["attacks"]
+    pack_eps = float(meta["eps"])
     x, y, lc = arrays["x"], arrays["y"], arrays["logits_clean"]
     shape = tuple(int(v) for v in model["input_shape"])
     k = int(model["num_classes"])
@@ -377,11 +529,14 @@ def _validate(p: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> R
         if xa.dtype != np.float32 or xa.shape != x.shape:
             raise _bad(p, f"{a['label']} images must be float32 {x.shape}, got {xa.dtype} {xa.shape}")
         _check_images(p, f"{a['label']} images", xa)
-        eps = float(a["eps"])
+        eps = float(a["eps"])  # finite and > 0 (PackMetadata)
+        if eps > pack_eps + EPS_TOLERANCE:
+            raise _bad(p, f"attack {a['label']} records eps {_eps_text(eps)}, above the pack's eps "
+                          f"{_eps_text(pack_eps)}; not a valid attack record")
         dist = np.abs(xa - x).reshape(n, -1).max(axis=1)
         over = np.flatnonzero(dist > eps + EPS_TOLERANCE)
         if len(over):
-            raise _bad(p, f"{len(over)} {a['label']} image(s) lie outside eps {eps:.6g} of their clean image "
+            raise _bad(p, f"{len(over)} {a['label']} image(s) lie outside eps {_eps_text(eps)} of their clean image "
                           f"(max L-inf distance {float(dist.max()):.6g}, e.g. image {int(over[0])}); not a valid attack")
         _check_logits(p, kl, arrays[kl], n, k)
         adv.append(xa)
@@ -432,12 +587,12 @@ def _validate_artifacts(p: Path, arrays: dict[str, np.ndarray], meta: dict[str, 
             eps = float(rec["eps"])
         except (KeyError, TypeError, ValueError):
             raise _bad(p, f"{name}: white-box record has no valid eps") from None
-        if not np.isfinite(eps) or eps < 0 or eps > pack_eps + EPS_TOLERANCE:
-            raise _bad(p, f"{name}: white-box eps {eps!r} is not within the pack's eps {pack_eps:.6g}")
+        if not np.isfinite(eps) or eps <= 0 or eps > pack_eps + EPS_TOLERANCE:
+            raise _bad(p, f"{name}: white-box eps {eps!r} is not within the pack's eps {_eps_text(pack_eps)}")
         dist = np.abs(xa - x).reshape(n, -1).max(axis=1)
         over = np.flatnonzero(dist > eps + EPS_TOLERANCE)
         if len(over):
-            raise _bad(p, f"{len(over)} {name} white-box image(s) lie outside eps {eps:.6g} of their clean image "
+            raise _bad(p, f"{len(over)} {name} white-box image(s) lie outside eps {_eps_text(eps)} of their clean image "
                           f"(max L-inf distance {float(dist.max()):.6g}); not a valid attack")
         _check_logits(p, f"art_{j}_logits", la, n, k)
         _check_logits(p, f"art_{j}_logits_clean", lc, n, k)
@@ -549,7 +704,8 @@ def check_partial_dir(folder: str | os.PathLike) -> Path:
     if p.exists() and not p.is_dir():
         raise UsageError(f"{p} is a file, not a pack's partial-results folder; move it away")
     if p.is_dir():
-        foreign = sorted(q.name for q in p.iterdir() if not (q.is_file() and _OURS.match(q.name)))
+        foreign = sorted(q.name for q in p.iterdir()
+                         if not (q.is_file() and (_OURS.match(q.name) or is_lock_file(q))))
         if foreign:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise ArtifactError(f"{p} holds files a pack build does not write ({shown}): it is not a pack's "
@@ -605,8 +761,9 @@ def _read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"{path.name} is missing")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = read_npz(path)
+    except LimitError as e:
+        raise ValueError(f"{path.name}: {e}") from None
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as e:
         raise ValueError(f"{path.name} is unreadable ({type(e).__name__})") from None
     missing = [k for k in (*keys, "checksum") if k not in arrays]
@@ -713,7 +870,7 @@ class _Partial:
         try:
             keys = ("meta", *ARTIFACT_ARRAYS)
             arrays = _read_npz(self.folder / _attack_file(rec.label), keys)
-            meta = json.loads(str(arrays["meta"].reshape(-1)[0]))
+            meta = loads_json(str(arrays["meta"].reshape(-1)[0]))
             if not isinstance(meta, dict) or meta.get("sha256") != job.sha256:
                 raise ValueError(f"{_attack_file(rec.label)} holds another artifact's section")
             meta["index"] = job.index
@@ -834,6 +991,7 @@ def _check_labels(labels: Sequence[str]) -> None:
         raise UsageError(f"attack(s) listed twice: {', '.join(dupes)}")
 
 
+@holding("resume_dir", hint="wait for it or use another --out")
 def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int = 1000,
                attacks: Sequence[str] | None = None, eps: float | str | None = None, seed: int = 0,
                data_root: str | None = None, download: bool = False, device: str = "auto", batch_size: int = 256,
@@ -863,7 +1021,9 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     emptied with a log line and the build starts over, since its contents are only a cache of
     what this call recomputes anyway. Either way a folder holding files a build does not write,
     or a ``state.json`` of another kind, is never touched. The folder is not removed here: call
-    ``discard_partial`` once the pack is saved.
+    ``discard_partial`` once the pack is saved. The call holds the folder's lock (``lock.folder_lock``):
+    another build with the same ``resume_dir`` meanwhile is refused (``InUse``, exit 2); a caller that
+    saves and discards after the build holds it around all three (``ciard pack`` does).
 
     Args:
         source: run dir (its best student), ciard checkpoint, or a plain state dict with ``arch``.
@@ -1093,6 +1253,13 @@ def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, att
 
 
 __all__ = ["ARTIFACT_ARRAYS", "ArtifactSection", "DEFAULT_ATTACKS", "EPS_TOLERANCE", "FORMAT", "OnMismatch",
-           "PARTIAL_KIND", "PackKey", "PackPartial", "PackPlan", "SCHEMA_VERSION", "RobustnessPack", "build_pack", "check_output",
+           "PARTIAL_KIND", "PackKey", "PackMetadata", "PackPartial", "PackPlan", "SCHEMA_VERSION", "RobustnessPack", "build_pack", "check_output",
            "check_partial_dir", "checksum_arrays", "default_attacks", "discard_partial", "load_pack",
-           "pack_from_arrays", "partial_dir", "read_partial", "reference_flags", "save_pack", "worst_case_label"]
+           "pack_from_arrays", "partial_dir", "read_npz", "read_partial", "reference_flags", "save_pack", "worst_case_label"]
+
+
+def _eps_text(eps: float) -> str:
+    """An eps in a message as people write it (``8/255``, not 0.0313725)."""
+    from ciard_deploy.attacks.base import format_eps
+
+    return format_eps(float(eps))

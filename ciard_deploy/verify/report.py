@@ -56,7 +56,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from ciard_deploy.io import write_blocker
 from ciard_deploy.errors import UsageError
@@ -332,25 +332,48 @@ class VerifyReport:
         atomic_write_text(path, self.to_junit())
         return Path(path)
 
-    def write_markdown(self, path: str | os.PathLike, chart: bool = True) -> Path:
-        """Writes the Markdown report and, where matplotlib is installed, a chart of clean and
-        robust accuracy per attack for PyTorch vs this artifact beside it (``<name>.png``). The
-        torch-free device install has no matplotlib: the report then simply has no picture."""
+    def write_markdown(self, path: str | os.PathLike, chart: bool | Literal["file", "inline", "none"] = True) -> Path:
+        """Writes the Markdown report with, where matplotlib is installed, a chart of clean and robust
+        accuracy per attack for PyTorch vs this artifact.
+
+        Args:
+            path: the Markdown file.
+            chart: ``"file"`` (or True): the chart is a PNG beside it (``<name>.png``), linked by name;
+                ``"inline"``: the PNG is embedded in the Markdown as a ``data:image/png;base64`` URI (one
+                self-contained file, for a CI step summary or a comment that cannot reach a file);
+                ``"none"`` (or False): no chart. The torch-free device install has no matplotlib: the
+                report then simply has no picture.
+        """
         from ciard_deploy.errors import EnvironmentMissing
         from ciard_deploy.io import atomic_write_text
 
+        mode = ("file" if chart else "none") if isinstance(chart, bool) else chart
+        if mode not in ("file", "inline", "none"):
+            raise ValueError(f"chart must be 'file', 'inline' or 'none', not {chart!r}")
         path = Path(path)
-        png = None
-        if chart:
+        link = None
+        if mode != "none":
+            import tempfile
+
             from ciard_deploy.plots import accuracy_chart, rows_from_reports
 
             try:
-                png = accuracy_chart(rows_from_reports([self.to_dict()]), path.with_suffix(".png"),
-                                     title=f"{self.name}: PyTorch vs runtime")
+                with tempfile.TemporaryDirectory() as tmp:
+                    target = path.with_suffix(".png") if mode == "file" else Path(tmp) / "chart.png"
+                    png = accuracy_chart(rows_from_reports([self.to_dict()]), target,
+                                         title=f"{self.name}: PyTorch vs runtime")
+                    link = png.name if mode == "file" else _data_uri(png.read_bytes())
             except (EnvironmentMissing, ValueError) as e:
                 log.info("no accuracy chart in the Markdown report: %s", e)
-        atomic_write_text(path, self.to_markdown(chart=png.name if png else None))
+        atomic_write_text(path, self.to_markdown(chart=link))
         return path
+
+
+def _data_uri(png: bytes) -> str:
+    """A PNG as a ``data:`` URI a Markdown image can carry inline."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _check_title(code: str) -> str:

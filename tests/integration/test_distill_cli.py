@@ -157,10 +157,9 @@ def test_sigterm_while_a_teacher_trains_keeps_its_cache_and_the_next_call_resume
     """`ciard distill` trains a recipe teacher into the cache first; a SIGTERM there (a preempted job)
     exits 130 with the teacher's state saved in the cache, and the next call resumes the teacher at
     the epoch after the saved one instead of training it again from scratch."""
-    import fcntl
-
     from ciard_deploy.distill.teachers import train_teacher
     from ciard_deploy.distill.trainer import TrainingInterrupted
+    from ciard_deploy.lock import folder_lock
 
     teacher = tmp_path / "teacher.yaml"
     teacher.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 200, "final_attacks": []}}))
@@ -188,9 +187,8 @@ def test_sigterm_while_a_teacher_trains_keeps_its_cache_and_the_next_call_resume
     assert "summary.json" not in files  # not mistaken for a finished teacher
     saved = load_state(run_dir)["epoch"]
     assert 1 <= saved < 200
-    with open(run_dir.with_suffix(".lock"), "w") as f:  # the lock was released with the process
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(f, fcntl.LOCK_UN)
+    with folder_lock(run_dir):  # the cache run's lock was released with the process (InUse otherwise)
+        pass
 
     seen: list[int] = []
 

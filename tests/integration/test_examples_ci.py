@@ -264,7 +264,7 @@ def test_a_renamed_flag_is_caught():
     assert "needs a value" in check_invocation(["verify", "a.onnx", "--pack"], {})[0]
     bad_value = ["verify", "a.onnx", "--pack", "p.npz", "--square-queries", "many"]
     assert "click rejects" in check_invocation(bad_value, {})[0]
-    assert "click rejects" in check_invocation(["verify", "a.onnx"], {})[0]  # --pack is required
+    assert "click rejects" in check_invocation(["verify"], {})[0]  # ARTIFACT is required
 
 
 def test_the_guides_gates_file_is_valid():
@@ -510,6 +510,10 @@ def test_the_guide_lists_every_package_ciard_verify_imports(tmp_path, untrained_
     listed = guide_install_packages()
     missing = sorted(imported - listed)
     assert missing == [], f"ciard verify imports {missing} (modules {res['modules']}); add them to {GUIDE.name}"
+    # and a plain `pip install ciard-deploy` (the base dependencies, no extra) installs each of them
+    reqs = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(), flags=re.S | re.M).group(1)
+    base = {_norm(m) for m in re.findall(r'^\s*"([A-Za-z0-9_.-]+)', reqs, flags=re.M)}
+    assert sorted(imported - base) == [], f"ciard verify imports {sorted(imported - base)}: not base dependencies"
 
 
 # --------------------------------------------------------------------------- README's own commands
@@ -522,7 +526,7 @@ def readme_blocks() -> list[str]:
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
     first, second = readme_blocks()[:2]
-    assert "pip install -e ." in first and ciard_invocations(first) == [["quickstart"]]
+    assert "pip install -e '.[train]'" in first and ciard_invocations(first) == [["quickstart"]]  # torch: the extra
     test_cmd = re.search(r"python -m pytest[^\n`]*", second).group(0).strip()
     ci = (REPO / ".ci" / "run").read_text()
     assert test_cmd in ci.splitlines(), f"README's test command {test_cmd!r} is not a line of .ci/run"

@@ -209,21 +209,19 @@ def corrupt_checkpoint(student, tmp_path):
     return d
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "text_file", "corrupt", "no_format", "unknown_dataset", "exists",
+@pytest.mark.parametrize("case", ["not_a_run", "text_file", "corrupt", "unknown_dataset", "exists",
                                   "unwritable", "bad_batch", "bad_threshold", "bad_calib"])
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(case, student, corrupt_checkpoint, tmp_path):
     out = tmp_path / "out"
     source, flags, needle = str(student), ["--onnx"], ""
     if case == "not_a_run":
         (tmp_path / "empty").mkdir()
-        source, needle = str(tmp_path / "empty"), "without a checkpoint"
+        source, needle = str(tmp_path / "empty"), "neither a run dir with a checkpoint"
     elif case == "text_file":
         (tmp_path / "notes.txt").write_text("hello")
         source, needle = str(tmp_path / "notes.txt"), "notes.txt"
     elif case == "corrupt":
         source, needle = str(corrupt_checkpoint), "corrupt"
-    elif case == "no_format":
-        flags, needle = [], "no format chosen"
     elif case == "unknown_dataset":
         flags, needle = ["--int8", "--dataset", "cifar11"], "cifar11"
     elif case == "exists":

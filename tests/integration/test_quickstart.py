@@ -38,9 +38,9 @@ def quickstart(out: Path, json_out: Path) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory, ciard_cache) -> dict:
     """`ciard quickstart` once (teachers cached per session) and the undefended reference."""
-    cache = tmp_path_factory.getbasetemp() / "ciard-cache"  # the same cache the autouse fixture uses
+    cache = ciard_cache  # the same cache the autouse fixture uses
     root = tmp_path_factory.mktemp("quickstart")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CIARD_CACHE", str(cache))

@@ -50,6 +50,7 @@ def test_shipped_recipe_validates_and_follows_conventions(name):
         assert r.train.epochs == 300 and r.optim.schedule == "ciard" and r.train.selection == "test"
 
 
+@pytest.mark.slow  # the first distill case trains the shipped digits teachers (~40 s)
 @pytest.mark.parametrize("name", sorted(QUICK))
 def test_quick_recipe_smoke_runs_one_short_epoch(name, tmp_path):
     """One epoch on 300 images (teachers come from their full recipes, trained once per session)."""
@@ -61,3 +62,34 @@ def test_quick_recipe_smoke_runs_one_short_epoch(name, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in s["last"].values())
     line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(line["loss"]) and line["images"] > 0
+
+
+#: `ciard run` on every quick recipe but CIARD's (test_workflow and test_quickstart run that one in full):
+#: one epoch on 300 images (teachers from their full recipes, trained once per session, as above), then
+#: the whole deploy chain on small budgets: ONNX FP32, a 60-image fgsm pack, Square 20 live on 20 images.
+#: Gates an epoch can pass (agreement with PyTorch), so exit 0 proves the chain, not the model.
+RUN_SETS = ["train.epochs=1", "data.train_subset=300", "train.final_eval_n=60", "train.final_attacks=[]",
+            "deploy.formats=[onnx]", "deploy.parity_n=60", "deploy.pack.n=60", "deploy.pack.attacks=[fgsm]",
+            "deploy.pack.artifact_attacks=[]", "deploy.live_attacks=[square20]", "deploy.live_n=20",
+            "deploy.gates={min_agreement: 0.99}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(n for n in SHIPPED if n.startswith("quick/") and "_ciard_" not in n))
+def test_quick_recipe_runs_the_whole_chain(name, tmp_path):
+    from typer.testing import CliRunner
+
+    from ciard_deploy.cli import app
+
+    out, summary = tmp_path / "wf", tmp_path / "result.json"
+    args = ["run", name, "--out", str(out), "--threads", "1", "--quiet", "--json", str(summary)]
+    res = CliRunner().invoke(app, args + [a for s in RUN_SETS for a in ("--set", s)])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    result = json.loads(summary.read_text())
+    assert result["status"] == "passed"
+    assert {k: v["action"] for k, v in result["stages"].items()} == dict.fromkeys(
+        ("distill", "export", "pack", "verify"), "ran")
+    (row,) = result["artifacts"]
+    assert row["name"] == "onnx" and row["agreement"] >= 0.99
+    assert row["worst_case"]["label"] == "worst(fgsm+square20)@0.15" and row["worst_case"]["upper_bound"]
+    assert (out / "verify" / "onnx.json").is_file() and (out / "export" / "model.onnx").is_file()

@@ -67,6 +67,31 @@ def test_torch_only_verbs_exit_3_without_torch(untrained_digits_onnx, run_torch_
     assert "PyTorch" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("verb", ["distill", "eval", "quickstart"])
+def test_training_verbs_say_what_to_install_without_torch(verb, untrained_digits_onnx, run_torch_free, tmp_path):
+    """A device install (`pip install ciard-deploy`, no torch): exit 3, one line naming the verb and
+    the `train` extra, no traceback, nothing written; the same guard (cli/common.py) for every verb."""
+    out = tmp_path / "out"
+    args = {"distill": ["distill", "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15", "--out", out],
+            "eval": ["eval", untrained_digits_onnx["checkpoint"], "--attacks", "fgsm", "--n", 10, "--eps", 0.1],
+            "quickstart": ["quickstart", "--out", out]}[verb]
+    res, err = run_torch_free(*args)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert res["code"] == 3 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: ciard {verb} needs PyTorch, which is not installed here: "
+                               "pip install 'ciard-deploy[train]' (CPU-only torch first: pip install torch")
+    assert not out.exists()
+
+
+def test_help_and_doctor_without_torch(run_torch_free, tmp_path):
+    for args in (["--help"], ["verify", "--help"]):
+        res, err = run_torch_free(*args)
+        assert res["code"] == 0 and "Traceback" not in err, err
+    res, err = run_torch_free("doctor", "--json", tmp_path / "doctor.json")
+    assert res["code"] == 0, err
+    assert "unavailable" in json.loads((tmp_path / "doctor.json").read_text())["torch"]
+
+
 def test_no_module_level_torch_imports():
     """What the repository hook greps for, checked here too: verify/, runtime/ and the verify verb."""
     files = [*(REPO / "ciard_deploy" / "verify").glob("*.py"), *(REPO / "ciard_deploy" / "runtime").glob("*.py"),

@@ -277,8 +277,9 @@ def test_provenance_warnings(robust_export, natural_pack, tmp_path):
     assert res.exit_code == 1 and "V103" in res.stdout and "V104" in res.stdout
     err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "mismatch V103" in err[0] and "mismatch V104" in err[0] and "--allow-mismatch" in err[0]
-    # not quiet, not a terminal: plain progress lines with images/s, one series per stage
-    assert "verify inference: 600/600 (100%)" in res.stderr and "img/s" in res.stderr
+    # not quiet, not a terminal: plain progress lines, one series per stage (a rate only where the phase
+    # lasted long enough to measure one: tests/unit/cli/test_progress.py)
+    assert "verify inference: 600/600 (100%)" in res.stderr
     assert "verify square20@0.15:" in res.stderr
     res = invoke("verify", folder / "model.onnx", "--pack", natural_pack, "--square-queries", 0, "--allow-mismatch",
                  "-q")
@@ -354,7 +355,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, robust_export,
         gates.write_text("gates:\n  min_robust: 2\n")
         extra, needle = ["--gates", gates], "min_robust 2 is outside"
     before = robust_pack.read_bytes()
-    res = invoke("verify", artifact, "--pack", pack, "--json", report, "--square-queries", 50, *extra)
+    # --force: the earlier report may be replaced by a good run, never by a refused one
+    res = invoke("verify", artifact, "--pack", pack, "--json", report, "--force", "--square-queries", 50, *extra)
     assert_one_line_error(res, 2, needle)
     assert report.read_text() == "earlier report"
     assert robust_pack.read_bytes() == before

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from ciard_deploy.cli import app
 from ciard_deploy.io import sha256_file
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
@@ -81,7 +81,7 @@ def run_cli(out: Path, sets: list[str], *extra, recipe: str = RECIPE) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, sets) -> dict:
+def first(tmp_path_factory, sets, ciard_cache) -> dict:
     """The library run stopped after epoch 3 of the student, then `ciard run` finishing it."""
     from ciard_deploy import workflow
     from ciard_deploy.config import find_recipe
@@ -98,7 +98,7 @@ def first(tmp_path_factory, sets) -> dict:
 
     # module fixtures start before conftest's per-test cache isolation: point the teacher cache there now
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CIARD_CACHE", str(tmp_path_factory.getbasetemp() / "ciard-cache"))
+        mp.setenv("CIARD_CACHE", str(ciard_cache))
         with pytest.raises(TrainingInterrupted):
             workflow.run(find_recipe(RECIPE), out, overrides=sets, threads=1, train_callbacks=[stop_student])
         interrupted = json.loads((out / "workflow.json").read_text())
@@ -196,6 +196,37 @@ def test_workflow_state_records_inputs_and_outputs(first):
                                                        if k != "export/manifest.json"}
     assert stages["verify"]["inputs"]["pack"] == stages["pack"]["outputs"]
     assert (out / "recipe.yaml").read_text().count("deploy:") == 1
+
+
+# --------------------------------------------------------------------------- the run folder as every verb's input
+def test_every_verb_takes_the_run_folder_and_says_what_it_picked(first, tmp_path):
+    out = first["out"]
+    before = snapshot(out)
+    student = out / "run" / "student_best.safetensors"
+    res = invoke("plot", out, "--out", tmp_path / "plots")
+    assert res.exit_code == 0 and f"using {out / 'run' / 'metrics.jsonl'} from the run folder {out}" in res.stderr
+    assert (tmp_path / "plots" / "accuracy.png").is_file()
+    res = invoke("eval", out, "--attacks", "fgsm", "--n", 50, "--threads", 1, "--json", tmp_path / "e.json")
+    assert res.exit_code == 0 and f"using {student} from the run folder {out}" in res.stderr, res.output
+    assert json.loads((tmp_path / "e.json").read_text())["model"]["sha256"] == sha256_file(student)
+    res = invoke("inspect", out, "--json", tmp_path / "i.json")
+    assert res.exit_code == 0 and f"using {out / 'export'} from the run folder {out}" in res.stderr
+    assert json.loads((tmp_path / "i.json").read_text())["path"] == str(out / "export" / "manifest.json")
+    # verify DIR: each artifact of its manifest, against its pack, with its recipe's gates
+    res = invoke("verify", out, "--live", "none", "--threads", 1)
+    assert res.exit_code == 0, res.output
+    assert f"verify: 2 artifacts of the run folder {out} (model.onnx, model.int8.onnx) against {out / 'pack.npz'}, " \
+           "with gates min_clean 0.9, min_robust 0.3," in res.stderr
+    assert res.stdout.count("PASSED") == 2 and "model.int8.onnx" in res.stdout
+    res = invoke("verify", out, "--live", "none", "--threads", 1, "--min-clean", 0.9999)  # flags override the recipe
+    assert res.exit_code == 1 and "model.onnx: 1 of 6 gates failed: min_clean" in res.stderr, res.output
+    # an artifact in the run folder's export/ finds its pack
+    res = invoke("verify", out / "export" / "model.int8.onnx", "--live", "none", "--json", tmp_path / "v.json")
+    assert res.exit_code == 0 and f"using {out / 'pack.npz'} from the run folder {out}" in res.stderr, res.output
+    rep = json.loads((tmp_path / "v.json").read_text())
+    assert rep["pack"]["path"] == str(out / "pack.npz") and rep["artifact"]["pack_matches_source"] is True
+    assert rep["status"] == "not_gated"  # gates from the recipe only for the whole folder
+    assert snapshot(out) == before  # nothing written into the run folder
 
 
 # --------------------------------------------------------------------------- re-runs
@@ -389,10 +420,10 @@ def test_an_interrupted_pack_stage_resumes_from_its_partial_folder(first, sets, 
     assert workflow.outputs_problem(out, result.state["stages"]["pack"]["outputs"]) is None
 
 
-TRAIN_RECIPE = "quick/digits_pgd_at_none_to_tiny_cnn_linf0.15"  # kind: train, no deploy: section of its own
+TRAIN_RECIPE = "quick/digits_pgd_at_none_to_tiny_cnn_linf0.15"  # kind: train, its deploy: from the quick base
 TRAIN_SETS = ["deploy.formats=[onnx]", "train.epochs=2", "train.eval_every=2", "train.final_attacks=[]",
               "deploy.pack.attacks=[fgsm]", "deploy.pack.artifact_attacks=[mtpgd10]", "deploy.pack.n=100", "deploy.parity_n=100", "deploy.square_queries=50",
-              "deploy.square_n=20", "deploy.gates.min_clean=0.5", "deploy.gates.min_agreement=0.99"]
+              "deploy.square_n=20", "deploy.gates={min_clean: 0.5, min_agreement: 0.99}"]  # these gates alone
 
 
 def test_a_train_recipe_runs_the_chain_and_from_distill_trains_again_from_scratch(tmp_path):
@@ -427,7 +458,7 @@ def test_bad_inputs_exit_2_and_leave_the_workflow_alone(first, sets, tmp_path):
     before = snapshot(out)
     res = invoke("run", RECIPE, "--out", out, "--from", "deploy")
     assert_one_line_error(res, 2, "--from 'deploy' is not a stage", "distill, export, pack, verify")
-    res = invoke("run", "quick/digits_pgd_at_none_to_tiny_cnn_linf0.15", "--out", tmp_path / "x")
+    res = invoke("run", "teachers/digits_natural_small_cnn", "--out", tmp_path / "x")  # teachers are not deployed
     assert_one_line_error(res, 2, "has no deploy: section")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("%")

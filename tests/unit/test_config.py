@@ -189,6 +189,27 @@ def test_shipped_recipes_found_by_name():
         find_recipe("digits_ciard_small_cnn_to_tiny_cnn_linf0.3")
 
 
+def test_every_quick_recipe_has_a_deploy_section_and_says_how_to_run_it():
+    """`ciard run` takes every quick recipe (the deploy: section comes from the quick base); the digits
+    teachers, which extend that base too, are not deployed."""
+    shipped = list_recipes()
+    quick = {n: p for n, p in shipped.items() if n.startswith("quick/")}
+    assert len(quick) == 7
+    for name, path in quick.items():
+        r = load_recipe(path)
+        assert r.deploy is not None and r.deploy.formats == ["onnx", "onnx-int8"], name
+        gates = r.deploy.gates_mapping()
+        assert gates["min_clean"] == 0.9 and gates["min_agreement"] == 0.97, name
+        if r.method.name == "natural":  # undefended: nothing to gate on robustness
+            assert "min_robust" not in gates and "min_agreement_adv" not in gates
+        else:
+            assert gates["min_robust"] == 0.45, name
+        header = "\n".join(path.read_text().splitlines()[:4])
+        assert f"\n#   ciard run recipes/{name}.yaml --out " in header, header
+    for name in ("teachers/digits_natural_small_cnn", "teachers/digits_trades_small_cnn_linf0.15"):
+        assert load_recipe(shipped[name]).deploy is None
+
+
 # --------------------------------------------------------------------------- teachers in the hash
 TEACHER_BASE = {"data": {"dataset": "digits", "batch_size": 32}, "train": {"eval_attack": None, "select_by": "clean"}}
 

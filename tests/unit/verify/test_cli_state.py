@@ -62,7 +62,7 @@ def test_ctrl_c_exits_130_and_the_same_command_continues(tmp_path, linear_onnx, 
     assert res.exit_code == 0, res.output
     assert _numbers(tmp_path / "r.json") == _numbers(tmp_path / "whole.json")
 
-    res = invoke(*args, "--quiet")  # finished in the state: reused, and --quiet says nothing about it
+    res = invoke(*args, "--quiet", "--force")  # finished in the state: reused, and --quiet says nothing about it
     assert res.exit_code == 0 and "state:" not in res.stderr, res.output
     assert json.loads((tmp_path / "r.json").read_text())["results"]["attacks"][-1]["origin"] == "reused"
     assert _numbers(tmp_path / "r.json") == _numbers(tmp_path / "whole.json")

@@ -1,0 +1,69 @@
+"""`run_folder.resolve_run_folder`: the part of a `ciard run` folder a verb needs, or what it lacks.
+
+A run folder here is made by hand (workflow.json and the files of the layout, empty where only their
+presence matters); the integration tests in tests/integration/test_workflow.py use a real one.
+"""
+
+import json
+
+import pytest
+
+from ciard_deploy.errors import ArtifactError
+from ciard_deploy.run_folder import (exported_artifacts, is_run_folder, resolve_run_folder, run_folder_of,
+                                     verify_settings)
+from ciard_deploy.workflow import STATE_FORMAT
+
+pytestmark = pytest.mark.unit
+
+
+def make_run_folder(root, stages):
+    root.mkdir(parents=True)
+    (root / "workflow.json").write_text(json.dumps({"format": STATE_FORMAT, "stages": stages}))
+    return root
+
+
+def test_a_run_folder_gives_each_part_and_names_what_it_lacks(tmp_path):
+    root = make_run_folder(tmp_path / "wf", {"distill": {"status": "done"}, "export": {"status": "interrupted"},
+                                             "pack": {"status": "done"}, "verify": {"status": "pending"}})
+    (root / "run").mkdir()
+    (root / "run" / "student_best.safetensors").write_bytes(b"")
+    (root / "run" / "metrics.jsonl").write_text("{}\n")
+    assert is_run_folder(root) and not is_run_folder(root / "run")
+    assert resolve_run_folder(root, "checkpoint") == root / "run" / "student_best.safetensors"
+    assert resolve_run_folder(root, "metrics") == root / "run" / "metrics.jsonl"
+    with pytest.raises(ArtifactError, match=r"without exported artifacts \(export/manifest.json\): its export stage "
+                                            r"is interrupted; finish it with `ciard run RECIPE --out "):
+        resolve_run_folder(root, "export")
+    with pytest.raises(ArtifactError, match=r"without a robustness pack \(pack.npz\): its pack stage is done but "
+                                            r"its output is gone"):
+        resolve_run_folder(root, "pack")
+    with pytest.raises(ArtifactError, match="is not a `ciard run` folder"):
+        exported_artifacts(root / "run")
+    assert verify_settings(root) == {}  # its verify stage never started
+
+
+def test_anything_else_is_returned_as_it_is_or_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "student_best.safetensors").write_bytes(b"")
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert resolve_run_folder(run, "checkpoint") == run  # a training run dir: read as before
+    assert resolve_run_folder(run, "metrics") == run
+    assert resolve_run_folder(tmp_path / "model.onnx", "export") == tmp_path / "model.onnx"  # files pass through
+    with pytest.raises(ArtifactError, match=r"is neither an export folder \(manifest.json\) nor a `ciard run` "
+                                            r"folder \(workflow.json\)"):
+        resolve_run_folder(run, "export")
+    with pytest.raises(ArtifactError, match=r"neither a pack file \(.npz\)"):
+        resolve_run_folder(run, "pack")
+
+
+def test_an_artifact_knows_its_run_folder_and_the_verify_settings_are_read(tmp_path):
+    inputs = {"gates": {"min_clean": 0.9}, "policy": {"allow_mismatch": False, "strict": True},
+              "settings": {"live_attacks": ["square300"], "live_n": 100, "seed": 0, "provider": "cpu"}}
+    root = make_run_folder(tmp_path / "wf", {"verify": {"status": "done", "inputs": {**inputs, "pack": {}}}})
+    (root / "export").mkdir()
+    (root / "export" / "manifest.json").write_text("{}")
+    assert run_folder_of(root / "export" / "model.onnx") == root
+    assert run_folder_of(tmp_path / "export" / "model.onnx") is None  # no workflow.json above it
+    assert resolve_run_folder(root, "export") == root / "export"
+    assert verify_settings(root) == inputs
