@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from ciard_deploy.errors import UsageError
+from ciard_deploy.errors import ArtifactError, UsageError
 
 #: What a backend can give an attack (the same strings as ``ciard_deploy.attacks.base``).
 SCORES = "scores"
@@ -212,7 +212,9 @@ class BaseBackend(abc.ABC):
         self.stats.images += n
         logits = np.concatenate(outs).astype(np.float32, copy=False)
         if logits.ndim != 2 or len(logits) != n:
-            raise RuntimeError(f"{self.name} returned logits of shape {logits.shape} for {n} images")
+            where = f"{self.path}: " if self.path is not None else ""
+            raise ArtifactError(f"{where}not a classifier: {self.name} returned outputs of shape {tuple(logits.shape)} "
+                                f"for {n} images (ciard needs logits of shape (N, classes))")
         if self.num_classes is None:
             self.num_classes = int(logits.shape[1])
         return logits

@@ -92,3 +92,26 @@ def test_input_spec_round_trip():
     for spec in (InputSpec((3, 32, 32)), InputSpec((1, 8, 8), batch=16), InputSpec((3, 4, 4), max_batch=256)):
         assert InputSpec.from_dict(spec.to_dict()) == spec
     assert InputSpec((1, 8, 8)).to_dict()["shape"] == ["dynamic", 1, 8, 8]
+
+
+class ImageOut(SumBackend):
+    """A graph that is not a classifier: it returns its input images (N, C, H, W)."""
+
+    def _predict(self, images):
+        return images
+
+
+class Collapsed(SumBackend):
+    """A graph whose batch dimension collapses: one row whatever N."""
+
+    def _predict(self, images):
+        return np.zeros((1, 3), np.float32)
+
+
+@pytest.mark.parametrize("backend, shape", [(ImageOut, "(4, 1, 2, 2)"), (Collapsed, "(1, 3)")])
+def test_outputs_that_are_not_logits_are_bad_input_naming_the_file(backend, shape):
+    from ciard_deploy.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"^fake: not a classifier: .*shape " + shape.replace("(", r"\(").replace(")", r"\)")) as e:
+        backend().predict(np.full((4, 1, 2, 2), 0.5, np.float32))
+    assert e.value.exit_code == 2
