@@ -103,12 +103,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape numbers, for metadata and reports."""
+def library_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of the libraries that shape numbers, for metadata and reports (and ``extra`` ones, e.g. a
+    benchmark's independent attack stack); those not installed are left out."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("ciard-deploy", "torch", "torchvision", "numpy", "onnx", "onnxruntime", "tensorrt"):
+    for pkg in ("ciard-deploy", "torch", "torchvision", "numpy", "onnx", "onnxruntime", "tensorrt", *extra):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -74,7 +74,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -617,25 +616,14 @@ def digits_inputs(args: argparse.Namespace, say: Callable[[str], None]) -> tuple
 
 def extract_cifar(tar_path: Path, out: Path, per_class: Mapping[str, int]) -> Path:
     """A small train/test image folder from the CIFAR-10 JPEG tarball (first images of each class)."""
+    from ciard_deploy.data.folders import folder_from_tar
+
     if (out / ".complete").exists():
         return out
-    counts: dict[tuple[str, str], int] = {}
-    with tarfile.open(tar_path) as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            parts = Path(m.name).parts
-            i = next((k for k, p in enumerate(parts) if p in per_class), None)
-            if i is None or len(parts) < i + 3:
-                continue
-            split, cls = parts[i], parts[i + 1]
-            if counts.get((split, cls), 0) >= per_class[split]:
-                continue
-            counts[(split, cls)] = counts.get((split, cls), 0) + 1
-            dest = out / split / cls / parts[-1]
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
-    (out / ".complete").write_text(json.dumps({f"{s}/{c}": k for (s, c), k in sorted(counts.items())}))
+    folder_from_tar(tar_path, out, dict(per_class), num_classes=10)
+    counts = {f"{split.name}/{cls.name}": len(list(cls.iterdir()))
+              for split in sorted(out.iterdir()) if split.is_dir() for cls in sorted(split.iterdir())}
+    (out / ".complete").write_text(json.dumps(counts))
     return out
 
 
@@ -785,15 +773,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from ciard_deploy.io import library_versions
 
-    out = {}
-    for name in ("ciard-deploy", "torch", "torchattacks", "onnx2torch", "onnx", "onnxruntime", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+    return library_versions(extra=("torchattacks", "onnx2torch"))
 
 
 if __name__ == "__main__":

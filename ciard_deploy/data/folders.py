@@ -31,6 +31,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CIARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ciard")))
 
 
+def folder_from_tar(tar_path: str | Path, out: str | Path, per_split: dict[str, int],
+                    num_classes: int | None = None) -> Path:
+    """A small image folder ``out/<split>/<class>/<file>`` from a tarball of images laid out as
+    ``.../<split>/<class>/<file>`` (the CIFAR-10 JPEG copy): the first ``per_split[split]`` images of
+    each class, for tests and benchmarks. With ``num_classes`` it stops reading once every class of every
+    split is full. Member names that are not plain names (``..``, ``.``) are skipped."""
+    import tarfile
+
+    out = Path(out)
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            parts = Path(m.name).parts
+            i = next((k for k, p in enumerate(parts) if p in per_split), None)
+            if i is None or len(parts) < i + 3 or {parts[i + 1], parts[-1]} & {"..", "."}:
+                continue
+            split, cls = parts[i], parts[i + 1]
+            if counts.get((split, cls), 0) >= per_split[split]:
+                continue
+            counts[(split, cls)] = counts.get((split, cls), 0) + 1
+            dest = out / split / cls / parts[-1]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
+            if num_classes is not None and len(counts) == num_classes * len(per_split) \
+                    and all(k >= per_split[sp] for (sp, _), k in counts.items()):
+                break
+    return out
+
+
 # ---------------------------------------------------------------- CIFAR (torchvision)
 def _cifar_info(name: str) -> DatasetInfo:
     if name == "cifar10":

@@ -106,3 +106,25 @@ def test_tinyimagenet_standard_layout(tmp_path):
     (tmp_path / "val" / "val_annotations.txt").unlink()
     with pytest.raises(DataError, match="val_annotations.txt"):
         create_dataset("tinyimagenet", "test", root=str(tmp_path))
+
+
+def test_folder_from_tar_keeps_the_first_images_per_class_and_skips_unsafe_names(tmp_path):
+    import io
+    import tarfile
+
+    from ciard_deploy.data.folders import folder_from_tar
+
+    tar_path = tmp_path / "images.tar.gz"
+    names = [f"cifar/{split}/{cls}/{k}.jpg" for split in ("train", "test") for cls in ("cat", "dog") for k in range(4)]
+    names += ["cifar/train/../evil.jpg", "cifar/test/cat/../../x.jpg", "README"]
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    out = folder_from_tar(tar_path, tmp_path / "out", {"train": 3, "test": 1}, num_classes=2)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["test/cat/0.jpg", "test/dog/0.jpg", "train/cat/0.jpg", "train/cat/1.jpg", "train/cat/2.jpg",
+                     "train/dog/0.jpg", "train/dog/1.jpg", "train/dog/2.jpg"]
+    assert (out / "train/cat/1.jpg").read_text() == "cifar/train/cat/1.jpg"
+    assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "x.jpg").exists()
