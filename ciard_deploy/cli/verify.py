@@ -247,9 +247,13 @@ def _one_artifact_for(flags: dict[str, Optional[Path]], folder: Path, targets: l
     """Report and state files name one artifact's: refused (exit 2) when a run folder holds several."""
     given = [flag for flag, path in flags.items() if path is not None]
     if given:
-        raise UsageError(f"{given[0]} writes one artifact's file, and the run folder {folder} holds {len(targets)} "
+        from ciard_deploy.run_folder import is_run_folder
+
+        what, reports = (("the run folder", f" (the run's own reports are in {folder / 'verify'})")
+                         if is_run_folder(folder) else ("the export folder", ""))
+        raise UsageError(f"{given[0]} writes one artifact's file, and {what} {folder} holds {len(targets)} "
                          f"({', '.join(t.name for t in targets)}): verify one of them, e.g. `ciard verify "
-                         f"{targets[0]} {given[0]} ...` (the run's own reports are in {folder / 'verify'})")
+                         f"{targets[0]} {given[0]} ...`{reports}")
 
 
 def _run_folder_line(folder: Path, targets: list[Path], pack: Path, recorded: dict, gates: Any, live: Optional[str],

@@ -505,3 +505,16 @@ def test_missing_runtime_exits_3(robust_export, robust_pack, tmp_path):
         res = invoke("verify", engine, "--pack", robust_pack, "--json", report)
         assert_one_line_error(res, 3, "TensorRT")
     assert not report.exists()
+
+
+def test_an_export_folder_verifies_each_artifact_of_its_manifest(robust_export, robust_pack, tmp_path):
+    before = {p.name: p.read_bytes() for p in robust_export.iterdir() if p.is_file()}
+    res = invoke("verify", robust_export, "--pack", robust_pack, "--live", "none", "--min-clean", 0.5)
+    assert res.exit_code == 0, res.output
+    assert "verifying the 2 artifact(s) of" in res.stderr and "model.onnx, model.int8.onnx" in res.stderr
+    assert res.stdout.count("PASSED") == 2, res.stdout  # one report per artifact
+    # a report file names one artifact: refused for a folder of two, nothing written
+    res = invoke("verify", robust_export, "--pack", robust_pack, "--json", tmp_path / "r.json")
+    assert res.exit_code == 2 and "the export folder" in res.stderr and "holds 2" in res.stderr, res.output
+    assert not (tmp_path / "r.json").exists()
+    assert {p.name: p.read_bytes() for p in robust_export.iterdir() if p.is_file()} == before
