@@ -44,6 +44,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a write's error (ENOSPC) names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -254,11 +259,70 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, 
     return model.to(device).eval(), meta
 
 
+# ---------------------------------------------------------------- torch files (weights only)
+class UnreadableTorchFile(ArtifactError):
+    """``torch.load(weights_only=True)`` refused or could not read a file; ``reason`` says why in a few words
+    (never torch's own advice, which suggests ``weights_only=False``: that would run the code a hostile file
+    carries). Callers say what the file should have been."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _torch_load_reason(e: BaseException) -> str:
+    """A short reason for a failed ``torch.load(weights_only=True)``, without torch's advice."""
+    import re
+
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        reason = f"it holds pickled code or objects ({found.group(1)}), which ciard never loads"
+    elif "WeightsUnpickler error:" in text:
+        lines = [ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[1].splitlines() if ln.strip()]
+        reason = f"not plain tensors: {lines[0] if lines else 'unpickling failed'}"
+    elif isinstance(e, EOFError):
+        reason = "the file is empty or truncated"
+    elif "PytorchStreamReader" in text or isinstance(e, RuntimeError):
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        reason = f"truncated or damaged: {first.split('. ')[0].removeprefix('PytorchStreamReader ')}"
+    else:
+        first = text.strip().splitlines()[0] if text.strip() else ""
+        reason = f"{type(e).__name__}{': ' + first if first else ''}"
+    if "weights_only" in reason or "arbitrary code" in reason:
+        reason = f"unreadable ({type(e).__name__})"
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` of ``path`` on the CPU with ``weights_only=True`` (no pickled code ever runs), torch's
+    warnings silenced.
+
+    Raises:
+        UnreadableTorchFile: corrupt, truncated, not a torch file, or carrying pickled code or objects (an
+            ArtifactError, exit 2; callers raise their own line with its ``reason``).
+        OSError: the file cannot be opened or read (permission denied, ...).
+    """
+    import pickle
+    import warnings
+
+    import torch
+
+    p = Path(path)
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ... the weights_only Unpickler ..."
+            warnings.simplefilter("ignore")
+            return torch.load(str(p), map_location="cpu", weights_only=True)
+    except (OSError, MemoryError, RecursionError):
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError, UnicodeDecodeError, ImportError) as e:  # what a hostile or damaged file can raise
+        raise UnreadableTorchFile(p, _torch_load_reason(e)) from None
+
+
 # ---------------------------------------------------------------- state dicts
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Tensors from a .safetensors file or a .pt/.pth/.bin file (torch.load weights_only=True)."""
-    import torch
-
     p = Path(path)
     if not p.exists():
         raise ArtifactError(f"checkpoint not found: {p}")
@@ -271,13 +335,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
         except (SafetensorError, OSError, ValueError) as e:
             raise ArtifactError(f"corrupt safetensors file {p}: {e}") from None
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for truncated zips
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise ArtifactError(f"refusing {p}: it contains pickled code or objects, not just weights "
-                                f"(loaded with weights_only=True; re-save it as a plain state dict)") from None
-        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if "WeightsUnpickler error:" in str(e) else type(e).__name__
-        raise ArtifactError(f"cannot read checkpoint {p}: corrupt or not a PyTorch/safetensors file ({detail})") from None
+        obj = load_torch_file(p)
+    except UnreadableTorchFile as e:
+        if "pickled code" in e.reason:
+            raise ArtifactError(f"refusing {p}: {e.reason}; re-save it as a plain state dict (or .safetensors)") \
+                from None
+        raise ArtifactError(f"cannot read checkpoint {p}: corrupt or not a PyTorch/safetensors file ({e.reason})") \
+            from None
     return unwrap_state_dict(obj, p)
 
 

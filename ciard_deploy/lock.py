@@ -80,6 +80,31 @@ def entries(folder: str | os.PathLike) -> list[Path]:
     return [p for p in Path(folder).iterdir() if not is_lock_file(p)]
 
 
+def remove_new_entries(folder: str | os.PathLike, before: set[str]) -> list[str]:
+    """Removes what ``folder`` holds now that it did not hold when ``before`` (names, as :func:`entries` gave
+    them) was taken: what a refused call created, never a file or folder that was there before it (nor the
+    lock file). Returns the names removed; one that cannot be removed is left.
+    Used by ``distill``/``train`` and ``ciard run`` when a refusal comes before any work was kept."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in entries(folder):
+        if p.name in before:
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+        except OSError:
+            log.debug("could not remove %s", p, exc_info=True)
+    return removed
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike, *, hint: str = DEFAULT_HINT, wait: bool = False,
                 remove_if_empty: bool | None = None) -> Iterator[Path]:
@@ -176,6 +201,9 @@ def _make_folder(folder: Path) -> list[Path]:
     """Makes ``folder`` and its missing parents; returns the folders made, the outermost first."""
     missing = []
     p = folder
+    if folder.is_symlink() and not folder.exists():  # never made through a dangling link
+        raise UsageError(f"cannot write to {folder}: it is a symbolic link to {os.readlink(folder)}, which does not "
+                         "exist; remove the link or give another path")
     while not p.exists() and p.parent != p:
         missing.append(p)
         p = p.parent
@@ -219,9 +247,20 @@ def _in_use(lock_file: Path, subject: Path, hint: str) -> InUse:
     return InUse(f"{subject} is in use by another ciard process ({who}); {hint}")
 
 
-def _stamp(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+def _stamp(fd: int, lock_file: Path | None = None) -> None:
+    """Writes this process's pid and host into the held lock file. When that fails (a full disk: ENOSPC) the
+    lock is let go and its file removed before the error goes on: a refused call leaves no lock file."""
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    except OSError as e:
+        if lock_file is None:
+            raise
+        with contextlib.suppress(OSError):  # ours (flocked, or made with O_EXCL): remove it, then let go
+            os.unlink(lock_file)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise OSError(e.errno, e.strerror, str(lock_file.parent)) from None  # names the folder, not a bare fd
 
 
 def _open(lock_file: Path, flags: int, subject: Path) -> int | None:
@@ -263,7 +302,7 @@ def _acquire(lock_file: Path, subject: Path, hint: str, wait: bool) -> int:
                 raise UsageError(f"cannot lock {subject}: {e.strerror or e} ({lock_file})") from None
             log.warning("%s: this file system cannot lock files (%s); another ciard process writing here at the "
                         "same time would not be noticed", subject, e.strerror or e)
-            _stamp(fd)
+            _stamp(fd, lock_file)
             return fd
         # the holder before us removes the file as it lets go: a lock on a file that is no longer at the
         # path is worth nothing, so lock the file that is there now
@@ -272,7 +311,7 @@ def _acquire(lock_file: Path, subject: Path, hint: str, wait: bool) -> int:
         except FileNotFoundError:
             same = False
         if same:
-            _stamp(fd)
+            _stamp(fd, lock_file)
             return fd
         os.close(fd)
 
@@ -311,7 +350,7 @@ def _acquire_exclusive(lock_file: Path, subject: Path, hint: str, wait: bool) ->
             time.sleep(_POLL_S)
             continue
         if fd is not None:
-            _stamp(fd)
+            _stamp(fd, lock_file)
             return fd
 
 
@@ -340,4 +379,4 @@ def _pid_alive(pid: int) -> bool:
 
 
 __all__ = ["DEFAULT_HINT", "LOCK_NAME", "entries", "file_lock", "folder_lock", "holder", "holding", "is_lock_file",
-           "lock_file_of"]
+           "lock_file_of", "remove_new_entries"]

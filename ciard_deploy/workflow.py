@@ -40,6 +40,7 @@ The library never prints: stage events go to ``on_event``, training events to
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -722,7 +723,31 @@ def load_deploy_recipe(recipe: "RecipeBase | str | Path", overrides: Sequence[st
     return recipe
 
 
+def _undone_on_refusal(fn: Callable[..., WorkflowResult]) -> Callable[..., WorkflowResult]:
+    """:func:`run` that, refused before any stage kept a file (a dataset not found in the first stage's
+    setup, a disk full while writing its state), removes the bookkeeping it wrote into ``out_dir``
+    (``workflow.json``, ``recipe.yaml``) when they are new: a refused call leaves the folder as it found it.
+    Anything else new (a stage's files, kept for a resume) keeps them too; an interruption keeps all."""
+
+    @functools.wraps(fn)
+    def wrapper(recipe: Any, out_dir: str | Path, **kwargs: Any) -> WorkflowResult:
+        root = Path(out_dir)
+        before = {p.name for p in lock.entries(root)} if root.is_dir() else set()
+        try:
+            return fn(recipe, out_dir, **kwargs)
+        except (CiardError, OSError) as e:
+            from ciard_deploy.distill.trainer import TrainingInterrupted
+
+            new = {p.name for p in lock.entries(root)} - before if root.is_dir() else set()
+            if not isinstance(e, TrainingInterrupted) and new and new <= {STATE_NAME, Layout(root).recipe.name}:
+                lock.remove_new_entries(root, before)
+            raise
+
+    return wrapper
+
+
 @lock.holding("out_dir")
+@_undone_on_refusal
 def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Sequence[str] = (),
         from_stage: str | None = None, device: str | None = None, threads: int | None = None, entry: str = "run",
         on_event: Callable[[StageEvent], None] | None = None, train_callbacks: Sequence[Any] = (),

@@ -127,6 +127,40 @@ def check_outputs(outputs: dict[str, str | Path | None], force: bool,
                 raise UsageError(f"{flag} {p} already exists; pass --force to overwrite it")
 
 
+def checkpoint_inputs(source: str | Path, flag: str = "CHECKPOINT") -> dict[str, str | Path | None]:
+    """The files a checkpoint argument reads, as ``inputs`` of :func:`check_outputs`: the path given and,
+    where it names a checkpoint (a run dir, a ``ciard run`` folder, a weights file or its card), the weights
+    and the ``.json`` card it resolves to. A source that does not resolve is left to the verb to refuse."""
+    from ciard_deploy.io import checkpoint_paths, resolve_checkpoint
+
+    out: dict[str, str | Path | None] = {flag: source}
+    try:
+        weights, card = checkpoint_paths(resolve_checkpoint(resolve_run_folder(source, "checkpoint")))
+    except (CiardError, OSError, ValueError):
+        return out
+    return {**out, f"{flag} {weights}": weights, f"the card of {flag} {weights}": card}
+
+
+def artifact_inputs(path: str | Path | None, flag: str = "ARTIFACT") -> dict[str, str | Path | None]:
+    """The files an artifact argument reads, as ``inputs`` of :func:`check_outputs`: the path given, the
+    ``manifest.json`` beside an artifact file (or inside an export folder, with every file it holds: each
+    may be one of its artifacts) and, for a checkpoint, its weights and card (:func:`checkpoint_inputs`)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    out: dict[str, str | Path | None] = {flag: path}
+    try:
+        folder = p if p.is_dir() else p.parent
+        out[f"the manifest of {flag}"] = folder / "manifest.json"
+        if p.is_dir():
+            out.update({f"{flag}'s {f.name}": f for f in sorted(p.iterdir()) if f.is_file()})
+    except OSError:
+        return out
+    if p.suffix in (".safetensors", ".json", ".pt", ".pth") or p.is_dir():
+        out.update(checkpoint_inputs(path, flag))
+    return out
+
+
 def write_json(path: str | Path | None, obj: Any, force: bool = False) -> None:
     """``--json PATH``: ``obj`` as JSON, to stdout when PATH is ``-``, else to the file (atomic; an existing
     file only with ``force``: :func:`check_outputs` refuses it before the work, this refuses it again)."""

@@ -10,8 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import (ForceJsonOption, JsonOption, ThreadsOption, apply_threads, check_outputs, console,
-                                     err_console, from_run_folder, handle_errors, note, progress, write_json)
+from ciard_deploy.cli.common import (ForceJsonOption, JsonOption, ThreadsOption, apply_threads, check_outputs,
+                                     checkpoint_inputs, console, err_console, from_run_folder, handle_errors, note,
+                                     progress, write_json)
 
 
 @app.command("eval")
@@ -55,7 +56,9 @@ def eval_cmd(
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if state is not None and json_out is not None and state.resolve() == json_out.resolve():
         raise UsageError(f"--state and --json name the same file ({state}): give them different paths")
-    check_outputs({"--json": json_out}, force, {"CHECKPOINT": checkpoint, "--state": state})
+    inputs = checkpoint_inputs(checkpoint)
+    check_outputs({"--state": state}, True, inputs)  # an existing state is resumed; never the checkpoint or card
+    check_outputs({"--json": json_out}, force, {**inputs, "--state": state})
     checkpoint = from_run_folder(checkpoint, "checkpoint")
     apply_threads(threads)
     try:

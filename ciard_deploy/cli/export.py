@@ -10,9 +10,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import (JsonOption, ForceJsonOption, ThreadsOption, apply_threads, check_outputs, console,
-                                     err_console, from_run_folder, handle_errors, progress, write_json)
-from ciard_deploy.errors import GateFailed, UsageError
+from ciard_deploy.cli.common import (JsonOption, ForceJsonOption, ThreadsOption, apply_threads, artifact_inputs,
+                                     check_outputs, checkpoint_inputs, console, err_console, from_run_folder,
+                                     handle_errors, progress, write_json)
+from ciard_deploy.errors import CiardError, GateFailed, UsageError
+from ciard_deploy.run_folder import resolve_run_folder
 from ciard_deploy.signals import terminate_as_interrupt
 
 
@@ -81,7 +83,7 @@ def export_cmd(
         raise UsageError("missing SOURCE: a run dir or a ciard checkpoint (see ciard export --help)")
     if out is None:
         raise UsageError("missing --out DIR: where the artifacts and manifest.json go")
-    check_outputs({"--json": json_out}, force, {"SOURCE": source})
+    check_outputs({"--json": json_out}, force, checkpoint_inputs(source, "SOURCE"))
     source = from_run_folder(source, "checkpoint")
     threads = apply_threads(threads)
     if not (onnx or fp16 or int8 or tensorrt):
@@ -117,7 +119,11 @@ def inspect_cmd(
     """
     from ciard_deploy.export.manifest import inspect_artifact, raise_mismatches
 
-    check_outputs({"--json": json_out}, force, {"PATH": path})
+    try:
+        read = resolve_run_folder(path, "export")
+    except CiardError:
+        read = path  # inspect_artifact says what is wrong with it
+    check_outputs({"--json": json_out}, force, {**artifact_inputs(read, "PATH"), "PATH": path})
     rep = inspect_artifact(from_run_folder(path, "export"))
     if rep["kind"] == "manifest":
         render_manifest(rep["manifest"])

@@ -75,8 +75,8 @@ def show(
     from ciard_deploy.distill.methods import METHODS
     from ciard_deploy.errors import RecipeError
 
-    check_outputs({"--json": json_out}, force)
     path = find_recipe(name)
+    check_outputs({"--json": json_out}, force, {"NAME": path})
     r = load_recipe(path, overrides)
     try:
         recipe_hash: str | None = r.hash
@@ -156,7 +156,7 @@ def cp(
     if target.resolve() == src.resolve():
         raise UsageError(f"{target} is the recipe being copied: give another destination")
     if target.exists() and not force:
-        raise UsageError(f"{target} exists: pass --force to overwrite it")
+        raise UsageError(f"{target} already exists; pass --force to overwrite it")
     raw = load_raw(src)
     validate_recipe(raw, source=src)  # never copy something that does not validate
     text = (copy_header(src, target, raw)

@@ -16,9 +16,9 @@ import typer
 from rich.markup import escape
 
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import (QuietOption, State, ThreadsOption, apply_threads, check_outputs, console,
-                                     err_console, from_run_folder, handle_errors, is_stdout, note, progress,
-                                     setup_logging, write_json)
+from ciard_deploy.cli.common import (QuietOption, State, ThreadsOption, apply_threads, artifact_inputs, check_outputs,
+                                     checkpoint_inputs, console, err_console, from_run_folder, handle_errors, is_stdout,
+                                     note, progress, setup_logging, write_json)
 from ciard_deploy.errors import GateFailed, UsageError
 from ciard_deploy.lock import folder_lock
 from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
@@ -181,10 +181,13 @@ def pack_cmd(
     if quiet:
         State.quiet = True
         setup_logging(State.verbose, quiet=True)  # the discard log line too
+    inputs = checkpoint_inputs(source, "SOURCE")
+    for a in artifact or []:
+        inputs.update(artifact_inputs(a, f"--artifact {a}"))
+    check_outputs({"--out": out}, True, inputs)  # never an input, --force or not (an existing pack: check_output)
     check_output(out, force)
     partial = check_partial_dir(partial_dir(out))
-    check_outputs({"--json": json_out}, force, {"--out": out, "SOURCE": source,
-                                                **{f"--artifact {a}": a for a in artifact or []}})
+    check_outputs({"--json": json_out}, force, {"--out": out, **inputs})
     source = from_run_folder(source, "checkpoint")
     threads = apply_threads(threads)
     names = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
@@ -386,7 +389,7 @@ def verify_cmd(
         raise UsageError(f"--markdown-chart must be file, inline or none, not {md_chart!r}")
     chart_png = md_out.with_suffix(".png") if md_out is not None and md_chart == "file" else None
     reports = {"--json": json_out, "--junit": junit_out, "--markdown": md_out, "--markdown's chart": chart_png}
-    inputs = {"--pack": pack, "ARTIFACT": artifact, "--gates": gates_file}
+    inputs = {**artifact_inputs(artifact), "--pack": pack, "--gates": gates_file}
     check_outputs({"--state": state, **reports}, True, inputs)  # writable, distinct, no input (a state is resumed)
     check_outputs(reports, force, inputs)  # no existing report overwritten without --force
     flags = {"min_clean": min_clean, "min_robust": min_robust, "max_clean_drop": max_clean_drop,

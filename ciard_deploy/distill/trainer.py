@@ -56,8 +56,9 @@ from torch import nn
 from ciard_deploy.config import DistillRecipe, Recipe, RecipeBase, load_recipe
 from ciard_deploy.distill import ddp
 from ciard_deploy.errors import ArtifactError, CiardError, InUse, RecipeError, UsageError
-from ciard_deploy.io import CheckpointMeta, atomic_path, atomic_write_json, atomic_write_text, save_checkpoint
-from ciard_deploy.lock import entries as lock_entries, folder_lock
+from ciard_deploy.io import (CheckpointMeta, UnreadableTorchFile, atomic_path, atomic_write_json, atomic_write_text,
+                             load_torch_file, save_checkpoint)
+from ciard_deploy.lock import entries as lock_entries, folder_lock, remove_new_entries
 
 log = logging.getLogger(__name__)
 
@@ -485,10 +486,20 @@ class _Trainer:
                               f"resume with the same recipe, or use another --out")
         if not self.state_path.exists():
             return None
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT:
-            raise RecipeError(f"{self.state_path}: not a {STATE_FORMAT} file; use another --out")
+        try:
+            state = load_torch_file(self.state_path)
+        except UnreadableTorchFile as e:
+            raise self._bad_state(e.reason) from None
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise self._bad_state(f"no {STATE_FORMAT} record (found {str(found)[:40]!r})")
         return state
+
+    def _bad_state(self, reason: str) -> ArtifactError:
+        """A ``train_state.pt`` that is not a ciard training state (damaged, or hostile): one line that never
+        suggests loading it some other way."""
+        return ArtifactError(f"{self.state_path}: not a ciard training state (corrupt or not made by ciard): "
+                             f"{reason}; delete it to start over or restore it")
 
     def _check_same_teachers(self) -> None:
         """On resume: each teacher file must be the one the run started with (a checkpoint replaced at
@@ -528,6 +539,19 @@ class _Trainer:
             return self._execute(resume, stop_after_epoch, handle_signals)
 
     def _execute(self, resume: bool, stop_after_epoch: int | None, handle_signals: bool) -> dict[str, Any]:
+        before = {p.name for p in lock_entries(self.run_dir)} if self.run_dir.is_dir() else set()
+        try:
+            return self._execute_held(resume, stop_after_epoch, handle_signals)
+        except (CiardError, OSError) as e:
+            # a refusal before any training (a dataset not found, a teacher checkpoint missing, a disk full
+            # while writing recipe.yaml): the run dir gets back what it held; an interruption keeps its files
+            if self.ctx.is_main and self.phase == "setup" and not isinstance(e, TrainingInterrupted):
+                removed = remove_new_entries(self.run_dir, before)
+                if removed:
+                    log.debug("refused before training: removed %s from %s", ", ".join(removed), self.run_dir)
+            raise
+
+    def _execute_held(self, resume: bool, stop_after_epoch: int | None, handle_signals: bool) -> dict[str, Any]:
         state = self._check_run_dir(resume)
         summary_path = self.run_dir / "summary.json"
         if state is not None and summary_path.exists():
@@ -701,7 +725,12 @@ class _Trainer:
         start_epoch, start_step, epoch_gen, meters = 0, 0, None, {}
         if state is not None:
             self._check_same_teachers()
-            start_epoch, start_step, epoch_gen, meters = self._load_state(state)
+            try:
+                start_epoch, start_step, epoch_gen, meters = self._load_state(state)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+                # the right format tag with the wrong content (missing or mistyped entries, other shapes)
+                raise self._bad_state(f"{type(e).__name__} {str(e).splitlines()[0][:120] if str(e) else ''}".strip()) \
+                    from None
             log.info("resuming %s at epoch %d step %d", self.run_dir, start_epoch + 1, start_step)
         # lines of epochs the state does not hold (all of them, when no state was saved) go: no epoch twice
         self._trim_metrics(start_epoch)

@@ -132,6 +132,8 @@ def _simplify(model: Any, warn: Callable[[str], None]) -> tuple[Any, str | None]
             return model, None
         simplified, ok = onnxsim.simplify(model)
         return (simplified, f"onnxsim {version('onnxsim')}") if ok else (model, None)
+    except OSError:  # the file system's failure (a full disk), not the simplifier's: exit 2 naming the file
+        raise
     except Exception as e:
         warn(f"graph simplification failed ({_first_line(e)}); keeping the exported graph")
         return model, None
@@ -170,11 +172,15 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
     try:
         _dynamo_export(net, example, raw, max(opset, DYNAMO_MIN_OPSET), dynamic)
         details["tool"] = f"torch.onnx (torch.export-based) torch {torch.__version__}"
+    except OSError:  # a full disk or an unwritable folder is no reason to try another exporter
+        raise
     except Exception as e:
         warn(f"the torch.export-based ONNX exporter failed ({_first_line(e)}); falling back to the TorchScript exporter")
         details["dynamo_error"] = _first_line(e)
         try:
             _torchscript_export(net, example, raw, opset, dynamic)
+        except OSError:
+            raise
         except Exception as e2:
             raise ArtifactError(f"ONNX export failed with both exporters: {_first_line(e2)}") from None
         details["tool"] = f"torch.onnx (TorchScript) torch {torch.__version__}"
@@ -187,6 +193,8 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
             onnx.checker.check_model(converted, full_check=True)  # the converter can leave invalid attributes
             proto = converted
             details["opset_converted_from"] = got
+        except OSError:
+            raise
         except Exception as e:
             warn(f"onnx.version_converter could not take the graph from opset {got} to {opset} ({_first_line(e)}); "
                  "exporting with the TorchScript exporter at that opset instead")
@@ -195,6 +203,8 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
                 proto = onnx.load(str(raw))
                 raw.unlink(missing_ok=True)
                 details["tool"] = f"torch.onnx (TorchScript) torch {torch.__version__}"
+            except OSError:
+                raise
             except Exception as e2:
                 raise ArtifactError(f"cannot produce ONNX opset {opset}: the exporter wrote opset {got}, conversion "
                                     f"failed ({_first_line(e)}) and so did the TorchScript exporter "
@@ -223,6 +233,8 @@ def save_onnx(proto: Any, dest: Path, metadata: dict[str, Any], expect_opset: in
     onnx.save_model(proto, str(dest), save_as_external_data=False)
     try:
         onnx.checker.check_model(str(dest), full_check=True)
+    except OSError:
+        raise
     except Exception as e:
         raise ArtifactError(f"{dest.name} fails the ONNX checker: {_first_line(e)}") from None
     saved = onnx.load(str(dest), load_external_data=False)

@@ -19,14 +19,15 @@ from ciard_deploy.runtime.parity import Parity, compare
 class ParityResult(Parity):
     """A Parity judged against a minimum top-1 agreement.
 
-    Truthy when ``top1_agreement >= threshold`` (or when no threshold was set).
+    Truthy when every logit is finite and ``top1_agreement >= threshold`` (or no threshold was set): an
+    artifact that returns NaN or inf for any image is broken whatever the threshold.
     """
 
     threshold: float | None = field(default=None, kw_only=True)
 
     @property
     def passed(self) -> bool:
-        return self.threshold is None or self.top1_agreement >= self.threshold
+        return self.nonfinite == 0 and (self.threshold is None or self.top1_agreement >= self.threshold)
 
     def __bool__(self) -> bool:
         return self.passed

@@ -65,8 +65,13 @@ class ExportResult:
         for a in self.manifest.artifacts:
             if not a.passed:
                 p = a.parity.get("clean", {})
-                out.append(f"{a.file}: top-1 agreement {p.get('top1_agreement', 0):.2%} < "
-                           f"{p.get('threshold', 0):.2%}")
+                bad = {k: v["nonfinite"] for k, v in a.parity.items() if isinstance(v, dict) and v.get("nonfinite")}
+                if bad:  # a broken artifact, whatever its agreement
+                    out.append(f"{a.file}: NaN/inf logits for " + ", ".join(
+                        f"{k} of {a.parity[name].get('n', '?')} {name} images" for name, k in bad.items()))
+                else:
+                    out.append(f"{a.file}: top-1 agreement {p.get('top1_agreement', 0):.2%} < "
+                               f"{p.get('threshold', 0):.2%}")
         return out
 
     def path(self, name: str) -> Path:
@@ -240,13 +245,16 @@ def check_artifact(rec: ArtifactRecord, path: Path, ref: Reference, opts: Export
         clean = compare_logits(ref.logits, logits, opts.threshold(rec.precision))
         rec.parity = {"clean": {**clean.to_dict(), "summary": clean.summary()}}
         rec.metrics = {"clean_acc": accuracy(logits, ref.labels)}
+        adv_ok = True  # NaN/inf logits on the adversarial images fail the artifact too (no threshold there)
         if ref.adv_images is not None:
             adv = backend.predict(ref.adv_images)
+            adv_parity = compare_logits(ref.adv_logits, adv)
+            adv_ok = adv_parity.passed
             rec.parity["adversarial"] = {"attack": ref.attack, "source": "crafted on the PyTorch FP32 student",
-                                         **compare_logits(ref.adv_logits, adv).to_dict()}  # type: ignore[arg-type]
+                                         **adv_parity.to_dict()}  # type: ignore[arg-type]
             rec.metrics[f"{ref.attack} (transfer)"] = accuracy(adv, ref.labels)
         rec.parity["runtime"] = backend.describe()
-    rec.status = "passed" if clean.passed else "failed"
+    rec.status = "passed" if clean.passed and adv_ok else "failed"
     rec.size = path.stat().st_size
     rec.sha256 = sha256_file(path)
 
@@ -372,7 +380,10 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
             spec = FORMATS.get(name)
             dest = staging / spec.filename
             t0 = time.perf_counter()
-            details = spec.load().export(ctx, dest)
+            try:
+                details = spec.load().export(ctx, dest)
+            except OSError as e:  # a full disk while writing it: exit 2 naming the file, the staging folder removed
+                raise _for_output(e, staging, out / spec.filename) from e
             seconds = time.perf_counter() - t0
             tick(f"export {name}")
             ctx.paths[name] = dest
@@ -416,6 +427,22 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
+
+
+def _for_output(e: OSError, staging: Path, target: Path) -> OSError:
+    """``e`` naming ``target`` (the file in ``--out`` being made) when it names no file (a write that failed
+    with ENOSPC names none) or a file in the hidden staging folder, which is removed before the user reads it."""
+    name = e.filename
+    inside = False
+    if name is not None:
+        try:
+            Path(os.fsdecode(name)).resolve().relative_to(staging.resolve())
+            inside = True
+        except (ValueError, OSError, TypeError):
+            inside = False
+    if name is not None and not inside:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(target)) if e.errno is not None else e
 
 
 def _publish(staging: Path, out: Path, files: list[str], manifest: Manifest, force: bool) -> None:

@@ -114,6 +114,9 @@ def quantize_qdq(src: Path, dest: Path, images: np.ndarray, method: str = "minma
     try:
         quant_pre_process(str(src), str(pre))
         model_in = pre
+    except OSError:  # a full disk, a read-only folder: not a graph problem (exit 2 naming the file)
+        pre.unlink(missing_ok=True)
+        raise
     except Exception as e:  # pre-processing is an optimization: quantize the raw graph if it fails
         log.warning("onnxruntime quant_pre_process failed (%s); quantizing the graph as exported", _first_line(e))
         settings["pre_processed"] = False
@@ -124,6 +127,8 @@ def quantize_qdq(src: Path, dest: Path, images: np.ndarray, method: str = "minma
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
                             weight_type=QuantType.QInt8, calibrate_method=methods[method],
                             extra_options={"ActivationSymmetric": bool(symmetric), "WeightSymmetric": True})
+    except OSError:  # ENOSPC, EACCES, ...: the file system's failure, not quantization's (exit 2 naming the file)
+        raise
     except Exception as e:
         raise ArtifactError(f"INT8 quantization failed: {_first_line(e)}") from None
     finally:

@@ -48,6 +48,10 @@ class Parity:
         mean_abs_diff: mean absolute logit difference.
         max_prob_change: largest change of the reference top-1 class's softmax probability.
         worst_index: image with the largest logit difference (-1 if ``n == 0``).
+        nonfinite: images for which the candidate returned a NaN or infinite logit: a defect of the
+            artifact. Each counts as flipped (it has no prediction), and the logit differences and the
+            probability change are over the images finite in both (0 when there are none), so no
+            number of a report is NaN.
     """
 
     n: int
@@ -58,13 +62,17 @@ class Parity:
     max_prob_change: float
     worst_index: int
     flip_indices: tuple[int, ...] = field(default=())
+    nonfinite: int = 0
 
     def summary(self) -> str:
         """One line: ``"top-1 agreement 99.50% (1/200 flipped), max |dlogit| 0.0123 (image 17), mean 0.0011"``."""
         return f"top-1 agreement {self.top1_agreement:.2%} ({self.flips}/{self.n} flipped), {self._logit_summary()}"
 
     def _logit_summary(self) -> str:
-        return f"max |dlogit| {self.max_abs_diff:.3g} (image {self.worst_index}), mean {self.mean_abs_diff:.3g}"
+        text = f"max |dlogit| {self.max_abs_diff:.3g} (image {self.worst_index}), mean {self.mean_abs_diff:.3g}"
+        if self.nonfinite:
+            text += f" (of the finite ones); NaN/inf logits for {self.nonfinite} of {self.n} images"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,7 +84,8 @@ class Parity:
         return cls(n=int(d["n"]), top1_agreement=float(d["top1_agreement"]), flips=int(d["flips"]),
                    max_abs_diff=float(d["max_abs_diff"]), mean_abs_diff=float(d["mean_abs_diff"]),
                    max_prob_change=float(d["max_prob_change"]), worst_index=int(d["worst_index"]),
-                   flip_indices=tuple(int(i) for i in d.get("flip_indices", ())))
+                   flip_indices=tuple(int(i) for i in d.get("flip_indices", ())),
+                   nonfinite=int(d.get("nonfinite", 0)))
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> Parity:
@@ -96,15 +105,22 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Parity:
     n = len(ref)
     if n == 0:
         return Parity(0, 1.0, 0, 0.0, 0.0, 0.0, -1)
-    diff = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
+    cand_ok = np.isfinite(cand).all(axis=1)
+    ok = cand_ok & np.isfinite(ref).all(axis=1)  # rows whose differences are numbers
     top_ref, top_cand = ref.argmax(1), cand.argmax(1)
-    flipped = np.flatnonzero(top_ref != top_cand)
-    rows = np.arange(n)
-    prob_change = np.abs(softmax(ref)[rows, top_ref] - softmax(cand)[rows, top_ref])
+    flipped = np.flatnonzero((top_ref != top_cand) | ~cand_ok)  # a NaN/inf row has no prediction
+    max_abs = mean_abs = max_prob = 0.0
+    worst = -1
+    if ok.any():
+        rows = np.flatnonzero(ok)
+        diff = np.abs(ref[rows].astype(np.float64) - cand[rows].astype(np.float64))
+        prob_change = np.abs(softmax(ref[rows])[np.arange(len(rows)), top_ref[rows]]
+                             - softmax(cand[rows])[np.arange(len(rows)), top_ref[rows]])
+        max_abs, mean_abs, max_prob = float(diff.max()), float(diff.mean()), float(prob_change.max())
+        worst = int(rows[diff.max(axis=1).argmax()])
     return Parity(n=n, top1_agreement=float(1.0 - len(flipped) / n), flips=int(len(flipped)),
-                  max_abs_diff=float(diff.max()), mean_abs_diff=float(diff.mean()),
-                  max_prob_change=float(prob_change.max()), worst_index=int(diff.max(axis=1).argmax()),
-                  flip_indices=tuple(int(i) for i in flipped[:MAX_LISTED_FLIPS]))
+                  max_abs_diff=max_abs, mean_abs_diff=mean_abs, max_prob_change=max_prob, worst_index=worst,
+                  flip_indices=tuple(int(i) for i in flipped[:MAX_LISTED_FLIPS]), nonfinite=int((~cand_ok).sum()))
 
 
 def pooled(parts: Mapping[str, Parity]) -> Parity | None:
@@ -125,7 +141,7 @@ def pooled(parts: Mapping[str, Parity]) -> Parity | None:
     return Parity(n=n, top1_agreement=1.0 - flips / n, flips=flips, max_abs_diff=worst.max_abs_diff,
                   mean_abs_diff=sum(p.mean_abs_diff * p.n for p in items) / n,
                   max_prob_change=max(p.max_prob_change for p in items), worst_index=worst.worst_index,
-                  flip_indices=tuple(listed[:MAX_LISTED_FLIPS]))
+                  flip_indices=tuple(listed[:MAX_LISTED_FLIPS]), nonfinite=sum(p.nonfinite for p in items))
 
 
 __all__ = ["MAX_LISTED_FLIPS", "Parity", "accuracy", "compare", "pooled", "softmax"]

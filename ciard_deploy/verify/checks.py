@@ -83,6 +83,11 @@ CHECKS: dict[str, CheckInfo] = {c.code: c for c in (
               "The torch twin the pack's white-box attacks used agreed with the runtime on fewer than 99.5 % of "
               "images (--allow-untrusted-twin). Every candidate image was still scored on the runtime, so the "
               "white-box number is a valid upper bound, but the attacks followed misleading gradients."),
+    CheckInfo("V114", "non_finite_logits", "The artifact returns NaN or infinite logits",
+              "For some images the runtime returned a NaN or infinite logit: the artifact is broken (an overflow in "
+              "half precision, a bad quantization scale, corrupted weights). Its predictions on those images mean "
+              "nothing, so verify fails whatever the gates, --allow-mismatch or --strict say (exit 1); fix the export. "
+              "Parity and determinism numbers are computed over the finite images only."),
 )}
 _BY_NAME = {c.name: c for c in CHECKS.values()}
 
@@ -240,15 +245,35 @@ def metadata_mismatches(pack_meta: Mapping[str, Any], metadata: Mapping[str, Any
 
 # --------------------------------------------------------------------------- runtime behaviour
 def check_determinism(first: np.ndarray, second: np.ndarray) -> Finding | None:
-    """Compares logits of two identical calls."""
-    if first.shape == second.shape and np.array_equal(first, second):
+    """Compares logits of two identical calls (NaN/inf in the same places count as equal: V114 reports
+    them; the difference is over the rows finite in both calls, never a NaN)."""
+    if first.shape == second.shape and np.array_equal(first, second, equal_nan=True):
         return None
-    diff = float(np.abs(first.astype(np.float64) - second.astype(np.float64)).max()) if first.shape == second.shape \
-        else float("inf")
-    flips = int((first.argmax(1) != second.argmax(1)).sum()) if first.shape == second.shape else len(first)
-    level: Level = "warning" if flips else "info"
+    if first.shape != second.shape:
+        return finding("nondeterministic", f"two calls on the same {len(first)} images gave outputs of shapes "
+                                           f"{first.shape} and {second.shape}")
+    a, b = first.astype(np.float64), second.astype(np.float64)
+    finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
+    diff = float(np.abs(a[finite] - b[finite]).max()) if finite.any() else 0.0
+    flips = int((first.argmax(1) != second.argmax(1)).sum())
+    odd = int((~finite).sum())
+    level: Level = "warning" if flips or odd else "info"
+    where = f" of the rows finite in both (NaN/inf in {odd} rows of one call or both)" if odd else ""
     return finding("nondeterministic", f"two calls on the same {len(first)} images differ by up to {diff:.3g} in the "
-                                       f"logits ({flips} top-1 changes)", level)
+                                       f"logits{where} ({flips} top-1 changes)", level)
+
+
+def check_finite(logits: Mapping[str, np.ndarray]) -> Finding | None:
+    """V114: the images (clean and each attack's, by label) for which the runtime returned a NaN or an
+    infinite logit; such a warning fails verify whatever the policy (``gates.DEFECT_CODES``)."""
+    counts = {label: (int((~np.isfinite(np.asarray(x, np.float64)).all(axis=1)).sum()), len(x))
+              for label, x in logits.items() if len(x)}
+    bad = {label: c for label, c in counts.items() if c[0]}
+    if not bad:
+        return None
+    total, n = sum(c[0] for c in bad.values()), sum(c[1] for c in counts.values())
+    parts = ", ".join(f"{label} {k}/{m}" for label, (k, m) in bad.items())
+    return finding("non_finite_logits", f"the artifact returns NaN/inf logits for {total} of {n} images ({parts})")
 
 
 def check_probabilities(logits: np.ndarray) -> Finding | None:
@@ -334,5 +359,5 @@ def agreement_threshold(precision: str, manifest_thresholds: Mapping[str, float]
 
 
 __all__ = ["CHECKS", "CheckInfo", "DEFAULT_AGREEMENT", "Finding", "agreement_threshold", "check_compatible",
-           "check_determinism", "check_live", "check_parity", "check_probabilities", "finding",
+           "check_determinism", "check_finite", "check_live", "check_parity", "check_probabilities", "finding",
            "metadata_mismatches", "provenance"]

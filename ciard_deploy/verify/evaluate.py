@@ -166,6 +166,11 @@ def stratified_subset(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
+def _correct(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per image: the top-1 class is the label and every logit is finite (a NaN/inf row predicts nothing; V114)."""
+    return (logits.argmax(1) == y) & np.isfinite(logits).all(axis=1)
+
+
 def _predict_all(backend: Any, x: np.ndarray, batch_size: int, tick: Callable[[int], None]) -> np.ndarray:
     outs = []
     for s in range(0, len(x), batch_size):
@@ -250,7 +255,7 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, live: str | Sequence
     t0 = time.perf_counter()
     logits_clean = _predict_all(backend, pack.x, batch_size, tick)
     clean_s = time.perf_counter() - t0
-    clean_correct = logits_clean.argmax(1) == y
+    clean_correct = _correct(logits_clean, y)
     logits: dict[str, np.ndarray] = {"clean": logits_clean}
     ref = pack.reference
     outcomes: list[AttackOutcome] = []
@@ -259,7 +264,7 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, live: str | Sequence
         t0 = time.perf_counter()
         la = _predict_all(backend, xa, batch_size, tick)
         seconds = time.perf_counter() - t0
-        flags = clean_correct & (la.argmax(1) == y)
+        flags = clean_correct & _correct(la, y)
         logits[a["label"]] = la
         per_attack_parity[a["label"]] = compare(la_ref, la)
         outcomes.append(AttackOutcome(
@@ -271,7 +276,7 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, live: str | Sequence
         t0 = time.perf_counter()
         lw = _predict_all(backend, section.x_adv, batch_size, tick)  # type: ignore[union-attr,arg-type]
         seconds = time.perf_counter() - t0
-        flags = clean_correct & (lw.argmax(1) == y)
+        flags = clean_correct & _correct(lw, y)
         m = section.meta  # type: ignore[union-attr]
         label = str(m.get("label") or "wb")
         logits[label] = lw
@@ -550,6 +555,7 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
     if ev.determinism is not None:
         found.append(checks.check_determinism(*ev.determinism))
     found.append(checks.check_probabilities(ev.logits["clean"]))
+    found.append(checks.check_finite(ev.logits))  # V114: fails whatever the policy
     if ev.query and ev.transfer and ev.live_indices is not None:
         idx = ev.live_indices
         best = min(ev.query, key=lambda o: o.robust_acc)  # the strongest live attack

@@ -21,7 +21,9 @@ Warnings are judged too, by a ``Policy`` stored with the gates (``judge_warnings
     does not vouch for the artifact, V109 pack and artifact metadata disagree) fails, unless
     ``allow_mismatch`` (``--allow-mismatch``);
     with ``strict`` (``--strict``) every warning fails (mismatches included); notes (level
-    ``info``) never fail.
+    ``info``) never fail;
+    a warning that says the artifact is broken (``DEFECT_CODES``: V114 NaN/inf logits) fails under
+    every policy (pseudo-gate ``defect V114``).
 
 Each failing warning is a pseudo-gate (``WarningVerdict``: ``mismatch V104``, ``strict V111``).
 A run with no gates set and no failing warning judged nothing: its status is ``not_gated``.
@@ -257,6 +259,8 @@ def unmeasurable(gates: Gates, available: Mapping[str, bool]) -> list[str]:
 # --------------------------------------------------------------------------- judging warnings
 #: warnings that mean "these numbers are not about this artifact": they fail unless allow_mismatch
 MISMATCH_CODES: tuple[str, ...] = ("V103", "V104", "V105", "V109")
+#: warnings that mean "this artifact is broken" (V114 NaN/inf logits): they fail under every policy
+DEFECT_CODES: tuple[str, ...] = ("V114",)
 
 
 @dataclass(frozen=True)
@@ -273,7 +277,8 @@ class Policy:
     strict: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"allow_mismatch": self.allow_mismatch, "strict": self.strict, "mismatch_codes": list(MISMATCH_CODES)}
+        return {"allow_mismatch": self.allow_mismatch, "strict": self.strict, "mismatch_codes": list(MISMATCH_CODES),
+                "defect_codes": list(DEFECT_CODES)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "Policy":
@@ -286,7 +291,7 @@ class Policy:
 class WarningVerdict:
     """A warning that fails the run under its ``Policy``: a pseudo-gate ``mismatch V104`` / ``strict V111``."""
 
-    rule: Literal["mismatch", "strict"]
+    rule: Literal["mismatch", "strict", "defect"]
     code: str
     message: str
 
@@ -299,6 +304,8 @@ class WarningVerdict:
         """What makes it pass: fix the inputs, or accept it with the flag that names the rule."""
         if self.rule == "mismatch":
             return "use the pack and manifest made for this artifact, or pass --allow-mismatch to judge it anyway"
+        if self.rule == "defect":
+            return "a broken artifact: fix the export; no flag accepts it"
         return "resolve the warning, or drop --strict"
 
     def line(self) -> str:
@@ -315,13 +322,15 @@ def judge_warnings(policy: Policy, findings: Any) -> list[WarningVerdict]:
     for f in findings:
         if f.level != "warning":
             continue
-        if f.code in MISMATCH_CODES and not policy.allow_mismatch:
+        if f.code in DEFECT_CODES:
+            out.append(WarningVerdict("defect", f.code, f.message))
+        elif f.code in MISMATCH_CODES and not policy.allow_mismatch:
             out.append(WarningVerdict("mismatch", f.code, f.message))
         elif policy.strict:
             out.append(WarningVerdict("strict", f.code, f.message))
     return out
 
 
-__all__ = ["GateResult", "GateSpec", "Gates", "MISMATCH_CODES", "Policy", "SPECS", "TOLERANCE", "WarningVerdict",
-           "gates_from_mapping", "gates_from_recipe", "judge", "judge_one", "judge_warnings", "load_gates",
+__all__ = ["DEFECT_CODES", "GateResult", "GateSpec", "Gates", "MISMATCH_CODES", "Policy", "SPECS", "TOLERANCE",
+           "WarningVerdict", "gates_from_mapping", "gates_from_recipe", "judge", "judge_one", "judge_warnings", "load_gates",
            "unmeasurable"]

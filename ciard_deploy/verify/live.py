@@ -223,7 +223,8 @@ def run_live_attack(backend: Any, pack: RobustnessPack, attack: QueryAttack, tar
                     (len(x_adv) and (x_adv.min() < 0 or x_adv.max() > 1)):
                 raise RuntimeError(f"{label} broke its budget: max |x_adv - x| = {dist:.3g} (eps {format_eps(pack.eps)})")
             done = s + len(pos)
-            robust[s:done] = predict(x_adv).argmax(1) == y[pos]
+            out = predict(x_adv)
+            robust[s:done] = (out.argmax(1) == y[pos]) & np.isfinite(out).all(axis=1)  # NaN/inf: no prediction
             if rec is not None:
                 rec.per_sample[pos] = robust[s:done]
                 rec.done, rec.queries = done, queries_before + queries[0]

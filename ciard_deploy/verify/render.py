@@ -66,7 +66,8 @@ def parity_table(report: VerifyReport) -> Table:
         rows.append(("adversarial", report.parity["adversarial"]))
     rows += [(f"  {k}", v) for k, v in report.parity.get("per_attack", {}).items()]
     for name, p in rows:
-        t.add_row(name, str(p["n"]), _pct(p["top1_agreement"]), str(p["flips"]), f"{p['max_abs_diff']:.3g}",
+        odd = f" ({p['nonfinite']} NaN/inf)" if p.get("nonfinite") else ""  # V114: differences of the finite rows
+        t.add_row(name, str(p["n"]), _pct(p["top1_agreement"]), str(p["flips"]), f"{p['max_abs_diff']:.3g}{odd}",
                   f"{p['mean_abs_diff']:.3g}")
     return t
 
@@ -84,7 +85,7 @@ def gates_table(report: VerifyReport) -> Table | None:
         t.add_row(g.name, g.metric, measured, f"{g.op} {g.threshold:g}",
                   "[green]pass[/]" if g.passed else "[bold red]FAIL[/]")
     for w in warned:
-        need = "none (or --allow-mismatch)" if w.rule == "mismatch" else "none (--strict)"
+        need = {"mismatch": "none (or --allow-mismatch)", "defect": "finite logits"}.get(w.rule, "none (--strict)")
         t.add_row(w.name, "warning", w.code, need, "[bold red]FAIL[/]")
     return t
 

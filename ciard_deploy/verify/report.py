@@ -25,7 +25,7 @@ The JSON report (``kind: ciard.verify_report``, ``schema_version: 3``) holds::
                 <family>_acc per query-only family (square_acc), live_acc, whitebox_acc}
     gates:     {gate: threshold}           the thresholds, so CI can re-judge without re-running
     gate_results: [{name, metric, op, threshold, measured, passed, description, message}]
-    policy:    {allow_mismatch, strict, mismatch_codes}   how warnings are judged (``gates.Policy``)
+    policy:    {allow_mismatch, strict, mismatch_codes, defect_codes}   how warnings are judged (``gates.Policy``)
     warning_results: [{name ("mismatch V104"), rule, code, passed (false), message, fix}]   the failing ones
     warnings:  [{code, check, level, title, message, doc}]
     timings:   {open_s, clean_s, transfer_s, inference_s, inference_images, inference_images_per_s,
@@ -234,7 +234,8 @@ class VerifyReport:
                 out.text = g.message
         for w in warned:
             case = ET.SubElement(suite, "testcase", classname=classname, name=w.name, time="0")
-            fail = ET.SubElement(case, "failure", type="MismatchWarning" if w.rule == "mismatch" else "StrictWarning",
+            fail = ET.SubElement(case, "failure", type={"mismatch": "MismatchWarning", "defect": "DefectWarning"}
+                                 .get(w.rule, "StrictWarning"),
                                  message=w.line())
             fail.text = f"warning: {w.code} ({WARNING_DOCS}-{w.code.lower()})\n{w.message}\nto pass: {w.fix}\n"
         if not_gated:
@@ -301,7 +302,8 @@ class VerifyReport:
                 measured = "—" if g.measured is None else f"{g.measured:.4f}"
                 lines.append(f"| {g.name} | {measured} | {g.op} {g.threshold:g} | {'✅' if g.passed else '❌'} |")
             for w in warned:
-                need = "no mismatch (or --allow-mismatch)" if w.rule == "mismatch" else "no warning (--strict)"
+                need = {"mismatch": "no mismatch (or --allow-mismatch)", "defect": "finite logits"}.get(
+                    w.rule, "no warning (--strict)")
                 lines.append(f"| {w.name} | {_check_title(w.code)} | {need} | ❌ |")
         warn = [f for f in self.warnings if f.level == "warning"]
         if warn:
@@ -407,8 +409,12 @@ def _json_default(o: Any) -> Any:
 # --------------------------------------------------------------------------- output paths
 def check_writable(path: str | os.PathLike, flag: str) -> Path:
     """Raises UsageError (exit 2) now if ``path`` could not be written later (a folder, a parent that
-    is a file, or a read-only folder)."""
+    is a file, or a read-only folder) or is a dangling symbolic link (what it points at is never created
+    through it, nor the link silently replaced)."""
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise UsageError(f"cannot write {flag} {p}: it is a symbolic link to {os.readlink(p)}, which does not "
+                         "exist; remove the link or give another path")
     if p.is_dir():
         raise UsageError(f"cannot write {flag} {p}: it is a folder")
     blocker = write_blocker(p.parent)

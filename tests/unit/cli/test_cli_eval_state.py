@@ -49,7 +49,7 @@ def test_a_file_that_is_no_state_is_never_overwritten(ckpt, tmp_path, fresh, inv
     meta = ckpt.with_suffix(".json")  # the checkpoint's own metadata, given by mistake
     before = meta.read_bytes()
     res = invoke("eval", ckpt, "-a", "fgsm", "--n", 20, "--eps", "0.1", "--state", meta, *fresh)
-    assert_one_line_error(res, 2, "is not a valid ciard evaluation state", "left as it is")
+    assert_one_line_error(res, 2, "is the same file as the card of CHECKPOINT")  # refused before it is read
     assert meta.read_bytes() == before
 
 
