@@ -406,7 +406,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     """
     from ciard_deploy.errors import UsageError
     from ciard_deploy.io import sha256_file
-    from ciard_deploy.runtime.metadata import read_sidecar
+    from ciard_deploy.runtime.metadata import check_metadata, read_sidecar, sidecar_path
 
     p = Path(path)
     if not p.exists():
@@ -426,6 +426,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         meta, other, kind = read_sidecar(p), {}, "engine"
     else:
         raise UsageError(f"cannot inspect {p.name}: expected an export folder, manifest.json, .onnx, .engine or .plan")
+    check_metadata(meta, p if kind == "onnx" else sidecar_path(p))  # keys of the wrong type: exit 2, one line
     digest = sha256_file(p)
     entry, mismatches = None, []
     beside = p.parent / MANIFEST_NAME

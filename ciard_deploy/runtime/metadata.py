@@ -11,7 +11,11 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from ciard_deploy.limits import LimitError, loads_json, read_json
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ciard_deploy.errors import ArtifactError
+from ciard_deploy.limits import (ClassNames, Finite, LimitError, NumClasses, ShortText, loads_json, read_json,
+                                 schema_problems)
 
 PREFIX = "ciard."
 SCHEMA = "ciard-artifact/1"
@@ -38,6 +42,51 @@ def decode_metadata(props: Mapping[str, str]) -> dict[str, Any]:
         except (LimitError, TypeError):
             out[k[len(PREFIX):]] = v
     return out
+
+
+class _Normalization(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    inside_model: bool | None = None
+    mean: list[Finite] | None = Field(default=None, max_length=4096)
+    std: list[Finite] | None = Field(default=None, max_length=4096)
+
+
+class ArtifactMetadata(BaseModel):
+    """The types of the keys ``KEYS`` an artifact's metadata may carry (all optional: a plain ONNX file has
+    none; unknown keys are kept for newer writers). ``eps`` is left to verify's V109, which names a
+    budget that is not a number as a mismatch."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_: ShortText | None = Field(default=None, alias="schema")
+    arch: ShortText | None = None
+    num_classes: NumClasses | None = None
+    classes: ClassNames | None = None
+    input_spec: dict[str, Any] | None = None
+    normalization: _Normalization | None = None
+    dataset: ShortText | None = None
+    recipe_hash: ShortText | None = None
+    source_sha256: ShortText | None = None
+    precision: ShortText | None = None
+    format: ShortText | None = None
+    opset: int | None = Field(default=None, ge=1, le=10_000)
+    calibration: dict[str, Any] | None = None
+    versions: dict[str, ShortText] | None = None
+    engine: dict[str, Any] | None = None
+
+
+def check_metadata(meta: Mapping[str, Any], where: str | Path) -> dict[str, Any]:
+    """``meta`` (decoded ``ciard.*`` metadata of ``where``) unchanged if its known keys have their types.
+
+    Raises:
+        ArtifactError (exit 2): a key of the wrong type (``num_classes: "ten"``, ``classes`` a mapping, ...),
+            named with the file.
+    """
+    try:
+        ArtifactMetadata.model_validate(dict(meta))
+    except ValidationError as e:
+        problems = schema_problems(e).replace("field '", "field 'ciard.")
+        raise ArtifactError(f"{where}: its ciard metadata does not validate: {problems}") from None
+    return dict(meta)
 
 
 def sidecar_path(artifact: str | Path) -> Path:

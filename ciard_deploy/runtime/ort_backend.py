@@ -15,7 +15,7 @@ import numpy as np
 
 from ciard_deploy.errors import ArtifactError, BackendUnavailable, UsageError
 from ciard_deploy.runtime.base import SCORES, BaseBackend, InputSpec
-from ciard_deploy.runtime.metadata import decode_metadata
+from ciard_deploy.runtime.metadata import check_metadata, decode_metadata
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class OrtBackend(BaseBackend):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"cannot load {path.name} in onnxruntime: {first} "
                                 "(truncated or corrupt file? re-export it)") from None
+        self.metadata = check_metadata(self.metadata, path)  # outside the try: its own one line, not "cannot load"
         wanted = PROVIDERS[self.provider][0]
         active = sess.get_providers()
         if not active or active[0] != wanted:
@@ -134,6 +135,10 @@ class OrtBackend(BaseBackend):
         out_dims = outputs[0].shape
         if len(out_dims) == 2 and isinstance(out_dims[1], int):
             self.num_classes = int(out_dims[1])
+            declared = self.metadata.get("num_classes")
+            if declared is not None and declared != self.num_classes:
+                raise ArtifactError(f"{path}: its metadata says ciard.num_classes {declared}, but its output "
+                                    f"{outputs[0].name} has {self.num_classes} classes (edited or mislabelled file)")
         self._in_name, self._out_name = inp.name, outputs[0].name
         self._sess = sess
         self.active_providers = active

@@ -20,7 +20,7 @@ import numpy as np
 
 from ciard_deploy.errors import ArtifactError, BackendUnavailable
 from ciard_deploy.runtime.base import SCORES, BaseBackend, InputSpec
-from ciard_deploy.runtime.metadata import read_sidecar
+from ciard_deploy.runtime.metadata import check_metadata, read_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class TrtBackend(BaseBackend):
             raise ArtifactError(f"engine file not found: {path}")
         trt = ensure_tensorrt()
         poly_trt = import_polygraphy_trt()
-        self.metadata = read_sidecar(path)
+        self.metadata = check_metadata(read_sidecar(path), sidecar_path(path))
         self.precision = str(self.metadata.get("precision", "unknown"))
         built = self.metadata.get("engine") or {}
         here = cuda_device_info() or {}

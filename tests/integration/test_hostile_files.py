@@ -303,3 +303,29 @@ def test_artifact_metadata_eps_not_a_number_is_v109_and_deep_values_stay_text():
     assert metadata_mismatches({"eps": 0.1}, {"eps": 0.1}) == []
     nested = deep(100_000)
     assert decode_metadata({"ciard.arch": nested, "ciard.eps": "0.1"}) == {"arch": nested, "eps": 0.1}
+
+
+@pytest.mark.parametrize("key, value, needles", [
+    ("num_classes", '"ten"', ("field 'ciard.num_classes'", "valid integer")),
+    ("num_classes", "1000000000", ("field 'ciard.num_classes'",)),
+    ("num_classes", "7", ("ciard.num_classes 7", "has 10 classes")),  # well typed, but not what the graph outputs
+    ("classes", '{"a": 1}', ("field 'ciard.classes'",)),
+    ("normalization", '{"inside_model": true, "mean": "x"}', ("field 'ciard.normalization.mean'",)),
+    ("input_spec", "[1, 2]", ("field 'ciard.input_spec'",)),
+])
+def test_onnx_metadata_of_the_wrong_type_is_refused_naming_the_file_and_key(key, value, needles, work, refused):
+    import onnx
+
+    model = onnx.load(work["onnx"])
+    props = {p.key: p for p in model.metadata_props}
+    if f"ciard.{key}" in props:
+        props[f"ciard.{key}"].value = value
+    else:
+        model.metadata_props.add(key=f"ciard.{key}", value=value)
+    edited = work["root"] / "edited.onnx"
+    onnx.save(model, edited)
+    verbs = [("verify", edited, "--pack", work["pack"], "--live", "none")]
+    if value != "7":  # inspect reads the metadata without running the graph: the type check only
+        verbs.append(("inspect", edited))
+    for verb in verbs:
+        refused(work["root"], *verb, needles=("edited.onnx", *needles))
