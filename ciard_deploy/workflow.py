@@ -458,8 +458,8 @@ def _run_export(ctx: _Context) -> list[Path]:
 
 
 def pack_partial_path(layout: Layout) -> Path:
-    """Where the pack stage keeps its finished attacks while it runs (``verify.pack.partial_dir``)."""
-    from ciard_deploy.verify.pack import partial_dir
+    """Where the pack stage keeps its finished attacks while it runs (``verify.pack_partial.partial_dir``)."""
+    from ciard_deploy.verify.pack_partial import partial_dir
 
     return partial_dir(layout.pack)
 
@@ -473,7 +473,9 @@ def _run_pack(ctx: _Context) -> list[Path]:
     workflow's own stale temp data and is discarded (a log line). The folder is removed once the
     pack is saved: the stage's output (hashed in ``workflow.json``) is the pack alone.
     """
-    from ciard_deploy.verify.pack import build_pack, discard_partial, save_pack
+    from ciard_deploy.verify.pack import save_pack
+    from ciard_deploy.verify.pack_partial import discard_partial
+    from ciard_deploy.verify.pack_build import build_pack
 
     r, d = ctx.recipe, ctx.recipe.deploy
     partial = pack_partial_path(ctx.layout)

@@ -54,7 +54,8 @@ def make_artifact(model_name: str, shape: tuple[int, int, int], folder: Path) ->
 
 def make_pack(artifact: Path, shape: tuple[int, int, int], n: int, folder: Path, threads: int | None) -> Path:
     from ciard_deploy.runtime import open_backend
-    from ciard_deploy.verify.pack import pack_from_arrays, save_pack
+    from ciard_deploy.verify.pack import save_pack
+    from ciard_deploy.verify.pack_build import pack_from_arrays
 
     rng = np.random.default_rng(0)
     x = rng.random((n, *shape), dtype=np.float32)

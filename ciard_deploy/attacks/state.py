@@ -196,7 +196,7 @@ class EvaluationKey(StateKey):
     def create(cls: type[_E], x: Any, y: Any, *, model_sha256: str, arch: str, dataset: str, split: str, seed: int,
                eps: float, indices: Any = None, **extra: Any) -> _E:
         """The key of evaluating images ``x`` and labels ``y`` (numpy arrays, or torch tensors on the CPU);
-        ``extra``: the fields a subclass adds (``verify.pack.PackKey``: batch size, device, torch version)."""
+        ``extra``: the fields a subclass adds (``verify.pack_partial.PackKey``: batch size, device, torch version)."""
         return cls(model_sha256=str(model_sha256), arch=str(arch), dataset=str(dataset), split=str(split),
                    n=int(len(y)), seed=int(seed), eps=float(eps),
                    indices_sha256=None if indices is None else hash_array(np.asarray(indices, dtype=np.int64)),

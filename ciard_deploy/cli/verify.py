@@ -86,7 +86,7 @@ def _interrupted(exc: BaseException) -> str:
 
 def _interrupted_pack(partial: Path, exc: BaseException) -> None:
     """The Ctrl-C (or SIGTERM) line of `ciard pack`: what was kept, and that the same command continues."""
-    from ciard_deploy.verify.pack import read_partial
+    from ciard_deploy.verify.pack_partial import read_partial
 
     state = read_partial(partial)
     labels = [a.label for a in state.attacks] if state is not None else []
@@ -174,8 +174,9 @@ def pack_cmd(
 
     Exit codes: 0 written, 2 bad input, 3 PyTorch missing, 130 interrupted.
     """
-    from ciard_deploy.verify.pack import (build_pack, check_output, check_partial_dir, discard_partial, partial_dir,
-                                          save_pack)
+    from ciard_deploy.verify.pack import check_output, save_pack
+    from ciard_deploy.verify.pack_partial import check_partial_dir, discard_partial, partial_dir
+    from ciard_deploy.verify.pack_build import build_pack
     from ciard_deploy.verify.render import render_pack
 
     if quiet:

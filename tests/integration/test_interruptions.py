@@ -216,7 +216,7 @@ def test_an_interrupted_pack_keeps_the_finished_attack_and_the_same_command_comp
     arrays are half written: the torn temp file stays in the partial folder, untrusted. Either way the same command
     reuses fgsm, runs pgd20, removes the folder and writes the arrays of an uninterrupted build."""
     from ciard_deploy.verify import load_pack
-    from ciard_deploy.verify.pack import _attack_file
+    from ciard_deploy.verify.pack_partial import _attack_file
 
     out, log = tmp_path / "p.npz", tmp_path / "pack.log"
     partial = tmp_path / "p.npz.partial"

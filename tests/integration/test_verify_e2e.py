@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from ciard_deploy.cli import app
 from ciard_deploy.verify import Gates, VerifyReport, build_pack, load_pack, run, save_pack
-from ciard_deploy.verify.pack import checksum_arrays, pack_from_arrays
+from ciard_deploy.verify.pack import checksum_arrays
+from ciard_deploy.verify.pack_build import pack_from_arrays
 
 pytestmark = pytest.mark.integration
 

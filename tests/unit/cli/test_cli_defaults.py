@@ -16,7 +16,7 @@ from ciard_deploy.attacks.base import choose_eps
 from ciard_deploy.cli import app
 from ciard_deploy.errors import UsageError
 from ciard_deploy.models import create_model
-from ciard_deploy.verify.pack import DEFAULT_ATTACKS, default_attacks
+from ciard_deploy.verify.pack_build import DEFAULT_ATTACKS, default_attacks
 
 pytestmark = pytest.mark.unit
 runner = CliRunner()

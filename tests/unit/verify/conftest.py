@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ciard_deploy.verify.pack import RobustnessPack, pack_from_arrays, save_pack
+from ciard_deploy.verify.pack import RobustnessPack, save_pack
+from ciard_deploy.verify.pack_build import pack_from_arrays
 
 EPS = 0.1
 SOURCE_SHA = "ab" * 32

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.verify.pack import (FORMAT, SCHEMA_VERSION, RobustnessPack, checksum_arrays, load_pack, reference_flags, save_pack,
-                                      worst_case_label)
+from ciard_deploy.verify.pack import (FORMAT, SCHEMA_VERSION, RobustnessPack, checksum_arrays, load_pack, reference_flags, save_pack, worst_case_label)
 
 pytestmark = pytest.mark.unit
 

@@ -17,8 +17,7 @@ import pytest
 
 from ciard_deploy.attacks.state import StateMismatch
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.verify.pack import (PARTIAL_KIND, PackKey, _Partial, check_partial_dir, discard_partial, partial_dir,
-                                      read_partial)
+from ciard_deploy.verify.pack_partial import (PARTIAL_KIND, PackKey, _Partial, check_partial_dir, discard_partial, partial_dir, read_partial)
 
 pytestmark = pytest.mark.unit
 
@@ -105,7 +104,7 @@ def test_another_pack_is_refused_and_left_as_it_is(saved_pgd):
 
 def test_another_pack_is_discarded_with_a_log_line_when_the_folder_is_the_callers_temp_data(saved_pgd, arrays,
                                                                                              caplog):
-    with caplog.at_level(logging.INFO, logger="ciard_deploy.verify.pack"):
+    with caplog.at_level(logging.INFO, logger="ciard_deploy.verify.pack_partial"):
         part = open_partial(saved_pgd, [FakeAttack("pgd10")], key=make_key(batch_size=64), on_mismatch="discard")
     assert "discarding the partial pack results" in caplog.text and "batch size 256 (file) vs 64 (now)" in caplog.text
     assert not saved_pgd.exists() and part.clean(arrays["y"], 10) is None
