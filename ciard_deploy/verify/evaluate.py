@@ -37,9 +37,9 @@ import numpy as np
 from ciard_deploy.attacks.state import SAVE_EVERY_S, StateEvent, settings_differences, state_hooks
 from ciard_deploy.errors import UsageError
 from ciard_deploy.lock import holding
+from ciard_deploy.options.live import resolve_live
 from ciard_deploy.runtime.parity import Parity, compare
-from ciard_deploy.verify.live import (create_live_attacks, family_of, live_families, live_size, resolve_live,
-                                      run_live_attack)
+from ciard_deploy.verify.live import create_live_attacks, family_of, live_families, live_size, run_live_attack
 from ciard_deploy.verify.pack import ArtifactSection, RobustnessPack, worst_case_label
 from ciard_deploy.verify.parity import ParityReport
 from ciard_deploy.verify.state import VerifyState
@@ -201,7 +201,7 @@ def evaluate_runtime(backend: Any, pack: RobustnessPack, *, live: str | Sequence
         backend: an open runtime backend (``predict(images) -> logits``).
         pack: a loaded, validated pack whose shape and classes fit the backend.
         live: query-only attack specs run live, in order (``["square1000"]``, or ``"square1000,square5000"``);
-            None: ``verify.live.DEFAULT_LIVE``; ``[]`` or ``"none"``: none.
+            None: ``options.live.DEFAULT_LIVE``; ``[]`` or ``"none"``: none.
         live_n: images the live attacks attack (one seeded class-stratified subset of the pack; None: all).
         batch_size: images per runtime call (and per live-attack batch).
         seed: seed of the live subset; each live attack's batch ``i`` (of the attacked samples, in pack
@@ -454,7 +454,7 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         policy: how warnings are judged (``gates.Policy``; None: the default, where a warning saying the
             numbers are not about this artifact, V103/V104/V105/V109, fails the report).
         live: query-only attacks run live on the runtime (specs: ``["square1000"]`` or
-            ``"square1000,square5000"``; None: ``verify.live.DEFAULT_LIVE``; ``[]``/``"none"``: none).
+            ``"square1000,square5000"``; None: ``options.live.DEFAULT_LIVE``; ``[]``/``"none"``: none).
         live_n: images the live attacks attack (seeded, class-stratified subset; None: all).
         batch_size: images per runtime call.
         seed: seed of the live subset and of the live attacks' batches.

@@ -12,7 +12,7 @@ import pytest
 from ciard_deploy.attacks.state import StateMismatch
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.verify import VerifyState, run
-from ciard_deploy.verify.live import DEFAULT_LIVE, parse_live, resolve_live
+from ciard_deploy.options.live import DEFAULT_LIVE, parse_live, resolve_live
 
 pytestmark = pytest.mark.unit
 
