@@ -6,7 +6,7 @@ An unknown name raises UsageError listing the valid names and the closest match.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Collection, Generic, Iterator, TypeVar
 
 from ciard_deploy.errors import UsageError
 
@@ -14,10 +14,15 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to objects (usually constructors) of one kind."""
+    """Maps names to objects (usually constructors) of one kind.
 
-    def __init__(self, kind: str) -> None:
+    ``catalog``: the names it may hold, declared torch-free elsewhere (``options.catalog``,
+    ``options.methods``) so recipes can be checked without importing the registered modules.
+    """
+
+    def __init__(self, kind: str, catalog: Collection[str] | None = None) -> None:
         self.kind = kind
+        self.catalog = catalog
         self._items: dict[str, T] = {}
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
@@ -27,6 +32,9 @@ class Registry(Generic[T]):
             key = name or getattr(obj, "__name__")
             if key in self._items:
                 raise ValueError(f"{self.kind} {key!r} registered twice")
+            if self.catalog is not None and key not in self.catalog:
+                raise ValueError(f"{self.kind} {key!r} is not in its catalog: add it there (options.catalog / "
+                                 "options.methods) so recipes can name it")
             self._items[key] = obj
             return obj
 

@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 
+from ciard_deploy.options.catalog import DATASET_NAMES
 from ciard_deploy.registry import Registry
 
 Split = Literal["train", "test"]
@@ -84,7 +85,7 @@ class DatasetEntry:
     description: str
 
 
-DATASETS: Registry[DatasetEntry] = Registry("dataset")
+DATASETS: Registry[DatasetEntry] = Registry("dataset", catalog=DATASET_NAMES)
 
 
 def stratified_indices(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

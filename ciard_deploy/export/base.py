@@ -1,4 +1,4 @@
-"""Export formats, their options and the exporter interface.
+"""Export formats and the exporter interface (their options: ``options.export.ExportOptions``).
 
 Every format is a registry entry (``FORMATS``): its CLI flag, file name, precision, the
 runtime that checks it, whether it needs a GPU, which other formats it consumes (exporters
@@ -11,130 +11,16 @@ Torch-free: importing this module (or the manifest) does not import torch.
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, Sequence
 
 from ciard_deploy.errors import UsageError
+from ciard_deploy.options.export import PRECISIONS, ExportOptions, Precision
 from ciard_deploy.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ciard_deploy.export.pipeline import ExportContext
-
-Precision = Literal["fp32", "fp16", "int8"]
-CalibSource = Literal["clean", "adversarial", "mixed"]
-CalibMethod = Literal["minmax", "entropy", "percentile"]
-
-PRECISIONS = ("fp32", "fp16", "int8")
-CALIB_SOURCES = ("clean", "adversarial", "mixed")
-CALIB_METHODS = ("minmax", "entropy", "percentile")
-TRT_INT8_MODES = ("qdq", "calibrator")
-MIN_OPSET, MAX_OPSET = 13, 23
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """Everything ``export.run`` can be told besides the source, the output folder and the formats.
-
-    Attributes:
-        opset: ONNX opset of every ONNX file (verified in the saved file).
-        batch: ``"dynamic"`` (default) or a fixed batch size baked into the graph/engine.
-        dataset: dataset for parity and calibration images (default: the checkpoint's).
-        data_root: where that dataset's files are.
-        n: test images for the parity check and the reference metrics (seeded, class-stratified).
-        seed: seed of every sample and attack.
-        eps: L-inf budget of the reference attack and adversarial calibration (default: the checkpoint's).
-        reference_attack: white-box attack for the PyTorch reference metrics (None: clean only).
-        calib: INT8 calibration images: ``clean``, ``adversarial`` (PGD against the FP32 student) or ``mixed``.
-        calib_n: calibration images from the training split.
-        calib_method: onnxruntime calibration: ``minmax``, ``entropy`` or ``percentile``.
-        calib_attack: attack that makes the adversarial calibration images.
-        int8_symmetric: symmetric activation ranges (zero point 0), which TensorRT requires.
-        min_agreement_fp32/fp16/int8: top-1 agreement with PyTorch below which an artifact fails.
-        provider: onnxruntime execution provider that runs the parity check (cpu, cuda, tensorrt).
-        threads: onnxruntime intra-op threads for the check (None: its default).
-        simplify: run onnxslim (or onnxsim) on the FP32 graph when installed.
-        arch: architecture of a plain state dict without ciard metadata.
-        workspace_mb: TensorRT builder workspace limit.
-        min_batch, opt_batch, max_batch: TensorRT optimization profile for a dynamic batch.
-        trt_int8: ``qdq`` (engine from the INT8 QDQ ONNX: explicit quantization) or ``calibrator``
-            (FP32 ONNX + IInt8EntropyCalibrator2 with a calibration cache).
-        timing_cache: TensorRT timing cache file (default: under $CIARD_CACHE).
-    """
-
-    opset: int = 18
-    batch: int | Literal["dynamic"] = "dynamic"
-    dataset: str | None = None
-    data_root: str | None = None
-    n: int = 512
-    seed: int = 0
-    eps: float | None = None
-    reference_attack: str | None = "pgd20"
-    calib: CalibSource = "clean"
-    calib_n: int = 512
-    calib_method: CalibMethod = "minmax"
-    calib_attack: str = "pgd20"
-    int8_symmetric: bool = True
-    min_agreement_fp32: float = 0.999
-    min_agreement_fp16: float = 0.99
-    min_agreement_int8: float = 0.97
-    provider: str = "cpu"
-    threads: int | None = None
-    simplify: bool = True
-    arch: str | None = None
-    workspace_mb: int = 1024
-    min_batch: int = 1
-    opt_batch: int = 32
-    max_batch: int = 256
-    trt_int8: Literal["qdq", "calibrator"] = "qdq"
-    timing_cache: str | None = None
-
-    def threshold(self, precision: str) -> float:
-        return float(getattr(self, f"min_agreement_{precision}"))
-
-    def with_overrides(self, **overrides: Any) -> "ExportOptions":
-        known = {f.name for f in fields(self)}
-        bad = sorted(set(overrides) - known)
-        if bad:
-            raise UsageError(f"unknown export option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-        return replace(self, **overrides)
-
-    def validate(self) -> "ExportOptions":
-        """Checks every option at once; raises one UsageError listing all problems."""
-        errs: list[str] = []
-        if not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
-            errs.append(f"--opset must be an integer in {MIN_OPSET}..{MAX_OPSET}, got {self.opset!r}")
-        if self.batch != "dynamic" and not (isinstance(self.batch, int) and self.batch >= 1):
-            errs.append(f"--batch must be 'dynamic' or a positive integer, got {self.batch!r}")
-        for name in ("n", "calib_n", "workspace_mb", "min_batch", "opt_batch", "max_batch"):
-            if int(getattr(self, name)) < 1:
-                errs.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
-            errs.append(f"TensorRT profile needs min <= opt <= max batch, got {self.min_batch}/{self.opt_batch}/"
-                        f"{self.max_batch}")
-        if self.calib not in CALIB_SOURCES:
-            errs.append(f"--calib must be one of {', '.join(CALIB_SOURCES)}, got {self.calib!r}")
-        if self.calib_method not in CALIB_METHODS:
-            errs.append(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got {self.calib_method!r}")
-        if self.trt_int8 not in TRT_INT8_MODES:
-            errs.append(f"--trt-int8 must be one of {', '.join(TRT_INT8_MODES)}, got {self.trt_int8!r}")
-        for p in ("fp32", "fp16", "int8"):
-            t = self.threshold(p)
-            if not 0.0 <= t <= 1.0:
-                errs.append(f"--min-agreement-{p} must lie in [0, 1] (a fraction), got {t}")
-        if self.eps is not None and not 0.0 <= float(self.eps) <= 1.0:
-            errs.append(f"--eps must lie in [0, 1], got {self.eps}")
-        if self.provider not in ("cpu", "cuda", "tensorrt"):
-            errs.append(f"--provider must be cpu, cuda or tensorrt, got {self.provider!r}")
-        if self.threads is not None and self.threads < 1:
-            errs.append(f"--threads must be positive, got {self.threads}")
-        if errs:
-            raise UsageError("; ".join(errs))
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class FormatSpec:

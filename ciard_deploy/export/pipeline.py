@@ -36,10 +36,11 @@ import numpy as np
 from ciard_deploy.io import write_blocker
 from ciard_deploy.lock import holding
 from ciard_deploy.errors import BackendUnavailable, GateFailed, UsageError
-from ciard_deploy.export.base import FORMATS, ExportOptions, FormatSpec, resolve_formats
+from ciard_deploy.export.base import FORMATS, FormatSpec, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, load_manifest
 from ciard_deploy.export.parity import compare_logits
 from ciard_deploy.export.quantize import array_sha256
+from ciard_deploy.options.export import ExportOptions
 from ciard_deploy.runtime.base import OUTPUT_NAME, InputSpec
 from ciard_deploy.runtime.metadata import SCHEMA as ARTIFACT_SCHEMA
 from ciard_deploy.runtime.metadata import sidecar_path

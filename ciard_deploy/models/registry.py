@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from ciard_deploy.options.catalog import MODEL_NAMES
 from ciard_deploy.registry import Registry
 
 
@@ -25,7 +26,7 @@ class ModelEntry:
         return sum(p.numel() for p in net.parameters())
 
 
-MODELS: Registry[ModelEntry] = Registry("model")
+MODELS: Registry[ModelEntry] = Registry("model", catalog=MODEL_NAMES)
 
 
 def register_model(name: str, role: str = "") -> Callable:

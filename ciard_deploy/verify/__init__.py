@@ -19,8 +19,8 @@ from __future__ import annotations
 from ciard_deploy.runtime.parity import Parity, compare
 from ciard_deploy.verify.checks import CHECKS, Finding
 from ciard_deploy.verify.evaluate import AttackOutcome, RuntimeEvaluation, evaluate_runtime, run, stratified_subset
-from ciard_deploy.verify.gates import (GateResult, Gates, Policy, gates_from_mapping, gates_from_recipe, judge,
-                                      load_gates)
+from ciard_deploy.options.gates import Gates
+from ciard_deploy.verify.gates import GateResult, Policy, gates_from_mapping, gates_from_recipe, judge, load_gates
 from ciard_deploy.verify.pack import RobustnessPack, load_pack, save_pack
 from ciard_deploy.verify.pack_build import build_pack
 from ciard_deploy.verify.parity import ParityReport

@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from ciard_deploy.errors import ArtifactError
+from ciard_deploy.options.export import MIN_AGREEMENT
 
 Level = Literal["warning", "info"]
 DOCS = "README.md#verify-warnings"
@@ -41,7 +42,8 @@ CHECKS: dict[str, CheckInfo] = {c.code: c for c in (
               "live attacks."),
     CheckInfo("V102", "parity_below_threshold", "Top-1 agreement with PyTorch below threshold",
               "The runtime's predictions differ from the PyTorch reference on more images than the precision "
-              "allows (FP32 0.999, FP16 0.99, INT8 0.97 unless the manifest or --min-agreement says otherwise). "
+              f"allows (FP32 {MIN_AGREEMENT['fp32']:g}, FP16 {MIN_AGREEMENT['fp16']:g}, INT8 {MIN_AGREEMENT['int8']:g} "
+              "unless the manifest or --min-agreement says otherwise). "
               "Check the export (opset, quantization calibration) before trusting any accuracy."),
     CheckInfo("V103", "artifact_hash_mismatch", "Artifact differs from its manifest",
               "The artifact's sha256 is not the one manifest.json beside it records: the file was replaced or "
@@ -346,8 +348,9 @@ def check_parity(label: str, agreement: float, flips: int, n: int, threshold: fl
                                              f"({flips}/{n} flipped), below {threshold:.2%}")
 
 
-#: agreement below which verify warns, by precision (export's defaults; a manifest's own win)
-DEFAULT_AGREEMENT = {"fp32": 0.999, "fp16": 0.99, "int8": 0.97, "unknown": 0.97}
+#: agreement below which verify warns, by precision: export's table (a manifest's own thresholds win); a
+#: precision the artifact does not record is held to the loosest, INT8's
+DEFAULT_AGREEMENT = {**MIN_AGREEMENT, "unknown": MIN_AGREEMENT["int8"]}
 
 
 def agreement_threshold(precision: str, manifest_thresholds: Mapping[str, float], gate: float | None) -> float:

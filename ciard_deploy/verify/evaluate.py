@@ -45,7 +45,8 @@ from ciard_deploy.verify.parity import ParityReport
 from ciard_deploy.verify.state import VerifyState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ciard_deploy.verify.gates import Gates, Policy
+    from ciard_deploy.options.gates import Gates
+    from ciard_deploy.verify.gates import Policy
     from ciard_deploy.verify.report import VerifyReport
 
 log = logging.getLogger(__name__)
@@ -486,7 +487,8 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
     from ciard_deploy.io import library_versions
     from ciard_deploy.runtime import open_backend
     from ciard_deploy.verify import checks
-    from ciard_deploy.verify.gates import Gates, Policy, judge, unmeasurable
+    from ciard_deploy.options.gates import Gates
+    from ciard_deploy.verify.gates import Policy, judge, unmeasurable
     from ciard_deploy.verify.pack import checksum_arrays, load_pack
     from ciard_deploy.verify.report import REPORT_KIND, SCHEMA_VERSION, VerifyReport
     from ciard_deploy.verify.state import VerifyKey

@@ -1,5 +1,8 @@
 """Release gates: thresholds from flags, a YAML file or a recipe -> one pass/fail per gate, with numbers.
 
+The gate table (``SPECS``) and the thresholds (``Gates``) are declared in ``options.gates``; this module
+reads them from files and recipes and judges them.
+
 A gate compares one named metric of a verify run with a threshold::
 
     gate               metric                 passes when
@@ -40,121 +43,16 @@ A gates file (``--gates gates.yaml``)::
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from ciard_deploy.errors import UsageError
+from ciard_deploy.options.gates import SPECS, Gates
 
 #: float slack so that 19/20 >= 0.95 passes despite rounding
 TOLERANCE = 1e-9
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """What one gate checks (the table in the module docstring)."""
-
-    name: str
-    metric: str
-    op: Literal[">=", "<="]
-    kind: Literal["accuracy", "drop", "agreement"]
-    flag: str
-    description: str
-
-
-SPECS: dict[str, GateSpec] = {s.name: s for s in (
-    GateSpec("min_clean", "clean_acc", ">=", "accuracy", "--min-clean", "clean accuracy on the runtime"),
-    GateSpec("min_robust", "worst_case_acc", ">=", "accuracy", "--min-robust",
-             "worst-case robust accuracy on the runtime (every attack of the pack and every live one, per sample)"),
-    GateSpec("max_clean_drop", "clean_drop", "<=", "drop", "--max-clean-drop",
-             "clean accuracy lost against the PyTorch reference in the pack"),
-    GateSpec("max_robust_drop", "robust_drop", "<=", "drop", "--max-robust-drop",
-             "worst case over the transferred attacks lost against the PyTorch reference in the pack"),
-    GateSpec("min_agreement", "agreement_clean", ">=", "agreement", "--min-agreement",
-             "top-1 agreement with the PyTorch reference on the clean images"),
-    GateSpec("min_agreement_adv", "agreement_adversarial", ">=", "agreement", "--min-agreement-adv",
-             "top-1 agreement with the PyTorch reference on the transferred adversarial images"),
-)}
-
-
-def _threshold(name: str, value: Any, source: str) -> float | None:
-    """Parses one threshold (a number or ``"90%"``) and checks it is a sensible fraction."""
-    if value is None:
-        return None
-    spec = SPECS[name]
-    where = f"{spec.flag if source == 'flags' else f'{source}: {name}'}"
-    if isinstance(value, bool):
-        raise UsageError(f"{where} must be a number in [0, 1], got {value!r}")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            v = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
-        except ValueError:
-            raise UsageError(f"{where} must be a number in [0, 1] (or a percentage like 90%), got {value!r}") from None
-    elif isinstance(value, (int, float)):
-        v = float(value)
-    else:
-        raise UsageError(f"{where} must be a number in [0, 1], got {type(value).__name__}")
-    if not math.isfinite(v):
-        raise UsageError(f"{where} must be finite, got {value!r}")
-    if spec.kind == "drop" and v < 0:
-        raise UsageError(f"{where} {value} is negative: a drop limit is the accuracy you accept to lose, >= 0 "
-                         "(a negative limit would demand a gain and can never be certain)")
-    if v < 0 or v > 1:
-        hint = f" (did you mean {v / 100:g}?)" if 1 < v <= 100 else ""
-        raise UsageError(f"{where} {value} is outside [0, 1]: thresholds are fractions, not percents{hint}")
-    return v
-
-
-@dataclass(frozen=True)
-class Gates:
-    """The thresholds of one verify run; ``None`` means no gate. See the module docstring."""
-
-    min_clean: float | None = None
-    min_robust: float | None = None
-    max_clean_drop: float | None = None
-    max_robust_drop: float | None = None
-    min_agreement: float | None = None
-    min_agreement_adv: float | None = None
-
-    @classmethod
-    def create(cls, source: str = "flags", **values: Any) -> "Gates":
-        """Validated gates from keyword values (numbers or ``"90%"`` strings).
-
-        Raises:
-            UsageError: an unknown gate name (with the closest valid one), a threshold outside
-                [0, 1] or a negative drop limit: gates no model can pass are bad input (exit 2),
-                not a failed gate (exit 1).
-        """
-        unknown = sorted(k for k in values if k not in SPECS)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], list(SPECS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise UsageError(f"{source}: unknown gate {unknown[0]!r}.{hint} Valid: {', '.join(SPECS)}")
-        return cls(**{k: _threshold(k, v, source) for k, v in values.items()})
-
-    def items(self) -> list[tuple[str, float]]:
-        """(name, threshold) of the gates that are set, in the fixed order of ``SPECS``."""
-        return [(name, getattr(self, name)) for name in SPECS if getattr(self, name) is not None]
-
-    def __bool__(self) -> bool:
-        return bool(self.items())
-
-    def to_dict(self) -> dict[str, float]:
-        return dict(self.items())
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "gates") -> "Gates":
-        return cls.create(source=source, **dict(d))
-
-    def merged(self, override: "Gates") -> "Gates":
-        """These gates with every gate ``override`` sets replacing ours (flags override a file)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update({k: v for k, v in override.items()})
-        return Gates(**values)
 
 
 def load_gates(path: str | os.PathLike) -> Gates:
@@ -331,6 +229,6 @@ def judge_warnings(policy: Policy, findings: Any) -> list[WarningVerdict]:
     return out
 
 
-__all__ = ["DEFECT_CODES", "GateResult", "GateSpec", "Gates", "MISMATCH_CODES", "Policy", "SPECS", "TOLERANCE",
+__all__ = ["DEFECT_CODES", "GateResult", "MISMATCH_CODES", "Policy", "TOLERANCE",
            "WarningVerdict", "gates_from_mapping", "gates_from_recipe", "judge", "judge_one", "judge_warnings", "load_gates",
            "unmeasurable"]

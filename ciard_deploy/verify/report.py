@@ -62,7 +62,8 @@ from ciard_deploy.io import write_blocker
 from ciard_deploy.errors import UsageError
 from ciard_deploy.verify.checks import CHECKS, Finding
 from ciard_deploy.verify.checks import DOCS as WARNING_DOCS
-from ciard_deploy.verify.gates import GateResult, Gates, Policy, WarningVerdict, judge, judge_warnings
+from ciard_deploy.options.gates import Gates
+from ciard_deploy.verify.gates import GateResult, Policy, WarningVerdict, judge, judge_warnings
 
 REPORT_KIND = "ciard.verify_report"
 SCHEMA_VERSION = 3

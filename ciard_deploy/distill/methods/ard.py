@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from ciard_deploy.distill.losses import cross_entropy, kl_soft, pgd_train_attack
-from ciard_deploy.distill.methods.base import METHODS, Method, MethodConfig, StepResult
-
-
-class ArdConfig(MethodConfig):
-    """ARD hyper-parameters; defaults are the official script's (alpha 1.0, T 30)."""
-
-    alpha: float = Field(1.0, ge=0, le=1, description="weight of the distillation term; 1 - alpha weighs the clean "
-                                                      "cross-entropy (official default 1.0: no CE term)")
-    temperature: float = Field(30.0, gt=0, description="temperature T of both teacher and student in the KL "
-                                                       "(multiplied back by T^2); official default 30")
-    attack_loss: Literal["kl", "ce"] = Field(
-        "kl", description="kl: the attack maximizes the student's KL to the teacher's clean output (ARD as described "
-                          "in the RSLAD/CIARD comparisons); ce: cross-entropy to the label (the official ARD script)")
-    random_start: bool = Field(True, description="start the attack from a uniform point of the eps-ball "
-                                                 "(official script)")
-    kl_reduction: Literal["elementwise", "batchmean"] = Field(
-        "elementwise", description="elementwise: averaged over batch and classes (nn.KLDivLoss() default of the "
-                                   "official code); batchmean: summed over classes")
+from ciard_deploy.distill.methods.base import METHODS, Method, StepResult
+from ciard_deploy.options.methods import ArdConfig
 
 
 @METHODS.register("ard")

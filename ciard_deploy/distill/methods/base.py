@@ -24,19 +24,13 @@ from typing import Any, ClassVar, Mapping
 
 import pydantic
 import torch
-from pydantic import ConfigDict
 from torch import nn
 
 from ciard_deploy.errors import RecipeError, UsageError
+from ciard_deploy.options.methods import METHOD_CATALOG, MethodConfig
 from ciard_deploy.registry import Registry
 
 TEACHER_ROLES = ("clean", "robust")
-
-
-class MethodConfig(pydantic.BaseModel):
-    """Base of each method's hyper-parameters; every field has a description (shown by `ciard recipe show`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass
@@ -147,7 +141,7 @@ def freeze(net: nn.Module) -> nn.Module:
     return net
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", catalog=METHOD_CATALOG)  # names: options.methods
 
 
 def create_method(name: str, cfg: MethodConfig | Mapping[str, Any] | None, student: nn.Module,

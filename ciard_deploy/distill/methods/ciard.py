@@ -22,33 +22,13 @@ import math
 from typing import Any, Mapping
 
 import torch
-from pydantic import Field
 
 from ciard_deploy.distill.losses import cross_entropy, kl_soft, push_weight
 from ciard_deploy.distill.methods.base import METHODS
-from ciard_deploy.distill.methods.dual_teacher import DualTeacherConfig, DualTeacherMethod
+from ciard_deploy.distill.methods.dual_teacher import DualTeacherMethod
 from ciard_deploy.distill.schedules import delayed_cosine_exp, fraction_to_epoch
 from ciard_deploy.errors import ArtifactError
-
-
-class CiardConfig(DualTeacherConfig):
-    """CIARD hyper-parameters; defaults reproduce the released CIFAR-10 script (with a = b = 1)."""
-
-    push_loss: bool = Field(True, description="subtract the contrastive push term (false: the paper's ablation)")
-    push_temperature: float = Field(5.0, gt=0, description="temperature of the student in the push term")
-    teacher_retraining: bool = Field(
-        True, description="fine-tune the robust teacher on the student's adversarial examples after each student "
-                          "step (false: the ablation; the robust teacher is then frozen in eval mode)")
-    teacher_lr: float = Field(1e-4, ge=0, description="base lr of the robust teacher's SGD")
-    teacher_momentum: float = Field(0.1, ge=0, description="momentum of the robust teacher's SGD")
-    teacher_weight_decay: float = Field(2e-4, ge=0, description="weight decay of the robust teacher's SGD")
-    teacher_start_fraction: float = Field(
-        50 / 300, ge=0, le=1, description="fraction of the run without robust-teacher steps: none in the first "
-                                          "round(f * epochs) epochs (50 of 300 in the paper), then lr "
-                                          "teacher_lr * cosine * exp(-0.01 t^2) decaying to 0 at the end")
-    teacher_clean_bn_pass: bool = Field(
-        True, description="also run the robust teacher on the clean batch (train mode, no grad, output unused) "
-                          "so its BatchNorm statistics follow clean and adversarial batches (reference detail)")
+from ciard_deploy.options.methods import CiardConfig
 
 
 @METHODS.register("ciard")

@@ -21,58 +21,16 @@ the next batch (also as the reference).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
 import torch
-from pydantic import Field, model_validator
 
 from ciard_deploy.distill.losses import kl_soft, pgd_train_attack, softmax_entropy
-from ciard_deploy.distill.methods.base import Method, MethodConfig, StepResult
+from ciard_deploy.distill.methods.base import Method, StepResult
 from ciard_deploy.distill.schedules import milestone_epochs
 from ciard_deploy.errors import ArtifactError
+from ciard_deploy.options.methods import DualTeacherConfig
 
-PAPER_MILESTONES = (215 / 300, 260 / 300, 285 / 300)
-
-
-class DualTeacherConfig(MethodConfig):
-    """Hyper-parameters shared by MTARD and CIARD."""
-
-    adaptive_temperatures: bool = Field(
-        True, description="move the two teacher temperatures toward equal output entropies after each step "
-                          "(B-MTARD / CIARD); false keeps them at temp_init")
-    temp_init: float = Field(1.0, gt=0, description="initial temperature of both teachers")
-    temp_lr: float = Field(0.001, ge=0, description="temperature step per batch")
-    temp_min: float = Field(1.0, gt=0, description="lower bound of the temperatures")
-    temp_max: float = Field(10.0, gt=0, description="upper bound of the temperatures")
-    adaptive_weights: bool = Field(
-        False, description="MTARD adaptive teacher weights a, b (start 0.5/0.5, moved each step by weight_lr "
-                           "toward each term's relative progress L/L_first_batch, normalized to sum 1); "
-                           "false uses the fixed rob_weight and nat_weight")
-    weight_lr: float = Field(0.025, ge=0, le=1, description="step of the adaptive weights per batch")
-    rob_weight: float = Field(1.0, ge=0, description="fixed weight a of L_rob (used when adaptive_weights is false)")
-    nat_weight: float = Field(1.0, ge=0, description="fixed weight b of L_nat (used when adaptive_weights is false)")
-    kl_reduction: Literal["elementwise", "batchmean"] = Field(
-        "elementwise", description="elementwise: KL terms averaged over batch and classes (reference code; "
-                                   "num_classes times smaller than batchmean); batchmean: summed over classes")
-    start_std: float = Field(0.001, ge=0, description="std of the Gaussian noise the training PGD starts from")
-    shrink_milestones: tuple[float, ...] = Field(
-        PAPER_MILESTONES, description="where the temperature and weight step sizes shrink, as fractions of the "
-                                      "run (215, 260, 285 of 300 epochs; epoch round(f * epochs), 1-based)")
-    shrink_factor: float = Field(0.1, gt=0, le=1, description="factor applied to both step sizes at a milestone")
-    shrink_mode: Literal["per_batch", "once"] = Field(
-        "per_batch", description="per_batch: multiply on every batch of a milestone epoch (the released CIARD "
-                                 "script; the steps underflow and temperatures/weights freeze from the first "
-                                 "milestone); once: a single tenfold shrink at the start of each milestone epoch")
-
-    @model_validator(mode="after")
-    def _check_bounds(self) -> "DualTeacherConfig":
-        if not self.temp_min <= self.temp_init <= self.temp_max:
-            raise ValueError(f"need temp_min <= temp_init <= temp_max, got {self.temp_min}, {self.temp_init}, "
-                             f"{self.temp_max}")
-        bad = [f for f in self.shrink_milestones if not 0.0 <= f <= 1.0]
-        if bad:
-            raise ValueError(f"shrink_milestones are fractions of the run in [0, 1], got {bad}")
-        return self
 
 
 class DualTeacherMethod(Method):

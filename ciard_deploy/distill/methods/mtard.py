@@ -7,24 +7,11 @@ frozen (eval, no gradients). Temperatures adapt as in B-MTARD (the version CIARD
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import Field
 
 from ciard_deploy.distill.methods.base import METHODS
-from ciard_deploy.distill.methods.dual_teacher import DualTeacherConfig, DualTeacherMethod
-
-
-class MtardConfig(DualTeacherConfig):
-    """MTARD hyper-parameters (official scripts: adaptive weights, rate 0.025, shrink once per milestone)."""
-
-    adaptive_weights: bool = Field(
-        True, description="adaptive teacher weights (start 0.5/0.5, moved each step by weight_lr toward each "
-                          "term's relative progress L/L_first_batch, normalized to sum 1); false uses the fixed "
-                          "rob_weight and nat_weight")
-    shrink_mode: Literal["per_batch", "once"] = Field(
-        "once", description="once: a single tenfold shrink of the temperature/weight steps per milestone epoch "
-                            "(MTARD scripts); per_batch: on every batch of a milestone epoch (CIARD script)")
+from ciard_deploy.distill.methods.dual_teacher import DualTeacherMethod
+from ciard_deploy.options.methods import MtardConfig
 
 
 @METHODS.register("mtard")

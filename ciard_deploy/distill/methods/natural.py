@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 
 from ciard_deploy.distill.losses import cross_entropy
-from ciard_deploy.distill.methods.base import METHODS, Method, MethodConfig, StepResult
-
-
-class NaturalConfig(MethodConfig):
-    """Natural training has no hyper-parameters of its own (optimizer and schedule are the trainer's)."""
+from ciard_deploy.distill.methods.base import METHODS, Method, StepResult
+from ciard_deploy.options.methods import NaturalConfig
 
 
 @METHODS.register("natural")

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
 from ciard_deploy.distill.losses import cross_entropy, pgd_train_attack
-from ciard_deploy.distill.methods.base import METHODS, Method, MethodConfig, StepResult
-
-
-class PgdAtConfig(MethodConfig):
-    """Madry PGD-AT; the attack budget (eps, steps, step size) comes from the recipe's attack section."""
-
-    random_start: bool = Field(True, description="start PGD from a uniform random point of the eps-ball "
-                                                 "(Madry et al.); false starts from the clean image")
+from ciard_deploy.distill.methods.base import METHODS, Method, StepResult
+from ciard_deploy.options.methods import PgdAtConfig
 
 
 @METHODS.register("pgd_at")

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from ciard_deploy.distill.losses import kl_soft, pgd_train_attack
-from ciard_deploy.distill.methods.base import METHODS, Method, MethodConfig, StepResult
-
-
-class RsladConfig(MethodConfig):
-    """RSLAD hyper-parameters (official CIFAR script defaults)."""
-
-    adv_weight: float = Field(5 / 6, ge=0, description="weight of KL(Tr(x) || S(x_adv)) (5/6)")
-    nat_weight: float = Field(1 / 6, ge=0, description="weight of KL(Tr(x) || S(x)) (1/6)")
-    start_std: float = Field(0.001, ge=0, description="std of the Gaussian noise the attack starts from")
-    kl_reduction: Literal["elementwise", "batchmean"] = Field(
-        "elementwise", description="elementwise: averaged over batch and classes (official code); batchmean: "
-                                   "summed over classes, averaged over the batch")
+from ciard_deploy.distill.methods.base import METHODS, Method, StepResult
+from ciard_deploy.options.methods import RsladConfig
 
 
 @METHODS.register("rslad")

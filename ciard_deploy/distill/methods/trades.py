@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from ciard_deploy.distill.losses import cross_entropy, kl_soft, pgd_train_attack
-from ciard_deploy.distill.methods.base import METHODS, Method, MethodConfig, StepResult
-
-
-class TradesConfig(MethodConfig):
-    """TRADES hyper-parameters (defaults of the official CIFAR-10 script)."""
-
-    beta: float = Field(6.0, ge=0, description="weight of the robust KL term (1/lambda in the paper; 6.0 on CIFAR-10)")
-    start_std: float = Field(0.001, ge=0, description="std of the Gaussian noise the attack starts from "
-                                                       "(x + std * randn)")
-    kl_reduction: Literal["batchmean", "elementwise"] = Field(
-        "batchmean", description="batchmean: KL summed over classes, averaged over the batch (the official "
-                                 "code); elementwise: also averaged over classes (num_classes times smaller)")
+from ciard_deploy.distill.methods.base import METHODS, Method, StepResult
+from ciard_deploy.options.methods import TradesConfig
 
 
 @METHODS.register("trades")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ciard_deploy.errors import UsageError
-from ciard_deploy.verify.gates import (SPECS, Gates, gates_from_mapping, gates_from_recipe, judge, load_gates,
-                                       unmeasurable)
+from ciard_deploy.options.gates import SPECS, Gates
+from ciard_deploy.verify.gates import gates_from_mapping, gates_from_recipe, judge, load_gates, unmeasurable
 
 pytestmark = pytest.mark.unit
 
