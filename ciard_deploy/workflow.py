@@ -367,23 +367,18 @@ def stage_inputs(stage: str, recipe: "RecipeBase", layout: Layout, teachers: Map
         return {"recipe_hash": recipe.hash, "teachers": dict(teachers or {})}
     if stage in ("export", "pack"):
         ckpt = _file_hashes(layout, _checkpoint_files(layout.run))
+    # the deploy keys come from the option models' model_dump() (DeployConfig.stage_options, whose STAGE_KEYS
+    # give every deploy field to a stage): a key added to a model cannot be left out of the skip decision
     if stage == "export":
-        return {"checkpoint": ckpt, "options": {"formats": list(d.formats), "opset": d.opset, "calib": d.calib,
-                                                "calib_n": d.calib_n, "calib_method": d.calib_method,
-                                                "parity_n": d.parity_n, "seed": d.seed, "provider": d.provider}}
+        return {"checkpoint": ckpt, "options": d.stage_options("export")}
     if stage == "pack":
         return {"checkpoint": ckpt, "artifacts": _attacked_artifacts(state),
-                "pack": {"attacks": list(d.pack.attacks), "n": d.pack.n, "eps": _pack_eps(recipe),
-                         "step_size": d.pack.step_size, "seed": d.seed,
-                         "artifact_attacks": list(d.pack.artifact_attacks),
-                         "allow_untrusted_twin": d.pack.allow_untrusted_twin}}
+                "pack": {**d.stage_options("pack"), "eps": _pack_eps(recipe)}}  # eps resolved (null: attack.eps)
     if stage == "verify":
         exported = dict((state or {}).get("stages", {}).get("export", {}).get("outputs", {}))
         return {"artifacts": {k: v for k, v in exported.items() if not k.endswith("manifest.json")},
                 "pack": _file_hashes(layout, [layout.pack]),
-                "settings": {"live_attacks": list(d.live_attacks), "live_n": d.live_n, "seed": d.seed,
-                             "provider": d.provider},
-                "gates": d.gates_mapping(), "policy": d.policy_mapping()}
+                "settings": d.stage_options("verify"), "gates": d.gates_mapping(), "policy": d.policy_mapping()}
     raise UsageError(f"unknown stage {stage!r}")
 
 

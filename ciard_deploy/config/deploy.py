@@ -13,7 +13,6 @@ The recipe YAML keys are those of before (``square_queries`` / ``square_n`` stil
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, ClassVar, Literal, Mapping
 
@@ -31,12 +30,12 @@ from ciard_deploy.options.pack import PackOptions
 log = logging.getLogger(__name__)
 
 
-def _export_field(name: str, description: str | None = None) -> Any:
-    """``ExportOptions``' field ``name`` (default and description), for a deploy key that means the same."""
-    f: FieldInfo = copy.copy(ExportOptions.model_fields[name])
-    if description is not None:
-        f.description = description
-    return f
+def _export_field(name: str, description: str | None = None, **constraints: Any) -> Any:
+    """A deploy key that means ``ExportOptions``' field ``name``: its default and description (or
+    ``description``), with the recipe's ``constraints`` (``gt=0``: a recipe error at the key, where
+    ``ExportOptions`` words the same rule for the CLI flag)."""
+    f: FieldInfo = ExportOptions.model_fields[name]
+    return Field(f.default, description=description or f.description, **constraints)
 
 
 def _live_text(queries: Any) -> str:
@@ -54,9 +53,9 @@ class DeployConfig(Section):
                                            "tensorrt-fp32, tensorrt-fp16, tensorrt-int8; each one is verified")
     opset: int = _export_field("opset")
     calib: Literal["clean", "adversarial", "mixed"] = _export_field("calib")
-    calib_n: int = _export_field("calib_n")
+    calib_n: int = _export_field("calib_n", gt=0)
     calib_method: Literal["minmax", "entropy", "percentile"] = _export_field("calib_method")
-    parity_n: int = _export_field("n", "test images of the export's parity check against PyTorch")
+    parity_n: int = _export_field("n", "test images of the export's parity check against PyTorch", gt=0)
     pack: PackOptions = Field(default_factory=PackOptions, description="the robustness pack built on the PyTorch "
                                                                         "student")
     live_attacks: list[str] = Field(
