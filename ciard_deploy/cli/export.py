@@ -13,7 +13,9 @@ from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import (JsonOption, ForceJsonOption, ThreadsOption, apply_threads, artifact_inputs,
                                      check_outputs, checkpoint_inputs, console, err_console, from_run_folder,
                                      handle_errors, progress, write_json)
+from ciard_deploy.cli.model_options import model_option
 from ciard_deploy.errors import CiardError, GateFailed, UsageError
+from ciard_deploy.options.export import ExportOptions
 from ciard_deploy.run_folder import resolve_run_folder
 from ciard_deploy.signals import terminate_as_interrupt
 
@@ -40,26 +42,26 @@ def export_cmd(
     fp16: bool = typer.Option(False, "--fp16", help="ONNX FP16 (and an FP16 engine with --tensorrt)."),
     int8: bool = typer.Option(False, "--int8", help="ONNX INT8 QDQ (and an INT8 engine with --tensorrt)."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="TensorRT engine per chosen precision (FP32 if none): needs TensorRT and an NVIDIA GPU."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset, checked in the saved file."),
-    batch: str = typer.Option("dynamic", "--batch", help="'dynamic' or a fixed batch size baked into the graph/engine."),
-    calib: str = typer.Option("clean", "--calib", help="INT8 calibration images: clean, adversarial (PGD on the FP32 student) or mixed."),
-    calib_n: int = typer.Option(512, "--calib-n", help="Calibration images from the training split."),
-    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax, entropy or percentile."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset for parity and calibration (default: the checkpoint's)."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Where the dataset files are."),
-    n: int = typer.Option(512, "--n", help="Test images for the parity check and the reference metrics."),
-    eps: Optional[str] = typer.Option(None, "--eps", help="L-inf budget for pgd20 and adversarial calibration (default: the checkpoint's)."),
-    min_agreement_fp32: float = typer.Option(0.999, "--min-agreement-fp32", help="Minimum top-1 agreement with PyTorch (fraction)."),
-    min_agreement_fp16: float = typer.Option(0.99, "--min-agreement-fp16"),
-    min_agreement_int8: float = typer.Option(0.97, "--min-agreement-int8"),
-    provider: str = typer.Option("cpu", "--provider", help="onnxruntime provider for the check: cpu, cuda, tensorrt."),
+    opset: int = model_option(ExportOptions, "opset"),
+    batch: str = model_option(ExportOptions, "batch"),
+    calib: str = model_option(ExportOptions, "calib"),
+    calib_n: int = model_option(ExportOptions, "calib_n"),
+    calib_method: str = model_option(ExportOptions, "calib_method"),
+    dataset: Optional[str] = model_option(ExportOptions, "dataset", "--dataset", "-d"),
+    data_root: Optional[str] = model_option(ExportOptions, "data_root"),
+    n: int = model_option(ExportOptions, "n"),
+    eps: Optional[str] = model_option(ExportOptions, "eps"),
+    min_agreement_fp32: float = model_option(ExportOptions, "min_agreement_fp32"),
+    min_agreement_fp16: float = model_option(ExportOptions, "min_agreement_fp16"),
+    min_agreement_int8: float = model_option(ExportOptions, "min_agreement_int8"),
+    provider: str = model_option(ExportOptions, "provider"),
     threads: ThreadsOption = None,
-    seed: int = typer.Option(0, "--seed"),
-    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a plain state dict without ciard metadata (with --dataset)."),
-    workspace_mb: int = typer.Option(1024, "--workspace-mb", help="TensorRT builder workspace (MiB)."),
-    max_batch: int = typer.Option(256, "--max-batch", help="TensorRT profile's largest batch (dynamic batch)."),
-    trt_int8: str = typer.Option("qdq", "--trt-int8", help="INT8 engine from the QDQ ONNX (qdq) or an entropy calibrator (calibrator)."),
-    simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="onnxslim/onnxsim when installed."),
+    seed: int = model_option(ExportOptions, "seed"),
+    arch: Optional[str] = model_option(ExportOptions, "arch"),
+    workspace_mb: int = model_option(ExportOptions, "workspace_mb"),
+    max_batch: int = model_option(ExportOptions, "max_batch"),
+    trt_int8: str = model_option(ExportOptions, "trt_int8"),
+    simplify: bool = model_option(ExportOptions, "simplify"),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs (the artifacts, manifest.json, --json)."),
     list_formats: bool = typer.Option(False, "--list", help="Show the formats, their options and whether they can run here, then exit."),
     json_out: Optional[Path] = typer.Option(
@@ -89,13 +91,12 @@ def export_cmd(
     if not (onnx or fp16 or int8 or tensorrt):
         onnx = True  # no format flag: ONNX FP32
     formats = export.formats_from_flags(onnx=onnx, fp16=fp16, int8=int8, tensorrt=tensorrt)
-    options = export.ExportOptions(
+    options = ExportOptions(
         opset=opset, batch=_parse_batch(batch), dataset=dataset, data_root=data_root, n=n, seed=seed,
-        eps=parse_eps(eps) if eps is not None else None, calib=calib, calib_n=calib_n,  # type: ignore[arg-type]
-        calib_method=calib_method, min_agreement_fp32=min_agreement_fp32,  # type: ignore[arg-type]
-        min_agreement_fp16=min_agreement_fp16, min_agreement_int8=min_agreement_int8, provider=provider, threads=threads,
-        simplify=simplify, arch=arch, workspace_mb=workspace_mb, max_batch=max_batch,
-        opt_batch=min(32, max_batch), trt_int8=trt_int8)  # type: ignore[arg-type]
+        eps=parse_eps(eps) if eps is not None else None, calib=calib, calib_n=calib_n, calib_method=calib_method,
+        min_agreement_fp32=min_agreement_fp32, min_agreement_fp16=min_agreement_fp16,
+        min_agreement_int8=min_agreement_int8, provider=provider, threads=threads, simplify=simplify, arch=arch,
+        workspace_mb=workspace_mb, max_batch=max_batch, opt_batch=min(32, max_batch), trt_int8=trt_int8)
     with terminate_as_interrupt(), progress("export", unit="step") as update:  # SIGTERM: staging removed, exit 130
         result = export.run(source, out, formats, options, force=force, progress=update, check=False)
     manifest = result.manifest.to_dict()

@@ -19,8 +19,12 @@ from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import (QuietOption, State, ThreadsOption, apply_threads, artifact_inputs, check_outputs,
                                      checkpoint_inputs, console, err_console, from_run_folder, handle_errors, is_stdout,
                                      note, progress, setup_logging, write_json)
+from ciard_deploy.cli.model_options import gate_options, model_option
 from ciard_deploy.errors import GateFailed, UsageError
 from ciard_deploy.lock import folder_lock
+from ciard_deploy.options.gates import Gates
+from ciard_deploy.options.live import resolve_live
+from ciard_deploy.options.pack import PackOptions
 from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
 
 
@@ -120,7 +124,7 @@ def pack_cmd(
                              help="The pack file to write (.npz). While it is built, each finished attack is kept in "
                                   "OUT.partial/ beside it (removed once the pack is saved)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset of the test sample (default: the checkpoint's)."),
-    n: int = typer.Option(1000, "--n", help="Test images (seeded, class-stratified)."),
+    n: int = model_option(PackOptions, "n"),
     attacks: Optional[str] = typer.Option(
         None, "--attacks", "-a",
         help="Comma-separated white-box attacks crafted on the PyTorch model: fgsm, pgd20, cw30, apgd-ce, apgd-t, "
@@ -136,21 +140,16 @@ def pack_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per attack call."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture, for a plain state dict without metadata."),
-    step_size: Optional[str] = typer.Option(None, "--step-size",
-                                            help="Step of pgd/cw (default 2/255, made for 8/255; use about eps/4 at larger eps)."),
+    step_size: Optional[str] = model_option(PackOptions, "step_size"),
     artifact: Optional[list[Path]] = typer.Option(
         None, "--artifact",
         help="An exported .onnx file (repeatable) to attack white-box itself: a torch twin of its graph gives the "
              "gradients, its runtime scores every iterate; `ciard verify` of that file then measures the artifact, "
              "not only attacks transferred from PyTorch."),
-    artifact_attacks: str = typer.Option(
-        "apgd-ce,apgd-t,fab-t,mtpgd100", "--artifact-attacks",
-        help="The white-box cascade run on each --artifact (AutoAttack's gradient attacks at reference strength and a "
-             "multi-targeted margin PGD)."),
-    allow_untrusted_twin: bool = typer.Option(
-        False, "--allow-untrusted-twin",
-        help="Attack through a twin that agrees with the runtime on fewer than 99.5 % of images instead of refusing "
-             "(reports say so)."),
+    artifact_attacks: str = model_option(PackOptions, "artifact_attacks", help="Comma-separated white-box attacks run "
+                                         "on each --artifact itself (gradients from its twin, every iterate scored on "
+                                         "its runtime)."),
+    allow_untrusted_twin: bool = model_option(PackOptions, "allow_untrusted_twin"),
     threads: ThreadsOption = None,
     force: bool = typer.Option(False, "--force", help="Overwrite --out (and --json) if it exists."),
     json_out: Optional[Path] = typer.Option(
@@ -290,6 +289,7 @@ def _on_torch(path: Path) -> bool:
 
 @app.command("verify")
 @handle_errors
+@gate_options
 def verify_cmd(
     artifact: Path = typer.Argument(
         ..., help="Exported model: .onnx (onnxruntime), .engine/.plan (TensorRT), a checkpoint (PyTorch), or a `ciard "
@@ -311,12 +311,7 @@ def verify_cmd(
     square_n: Optional[int] = typer.Option(None, "--square-n", help="Deprecated: --live-n."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Images per runtime call."),
     threads: ThreadsOption = None,
-    min_clean: Optional[float] = typer.Option(None, "--min-clean", help="Gate: clean accuracy on the runtime >= this (0..1)."),
-    min_robust: Optional[float] = typer.Option(None, "--min-robust", help="Gate: worst-case robust accuracy (all attacks, per sample) >= this."),
-    max_clean_drop: Optional[float] = typer.Option(None, "--max-clean-drop", help="Gate: clean accuracy lost vs the pack's PyTorch reference <= this."),
-    max_robust_drop: Optional[float] = typer.Option(None, "--max-robust-drop", help="Gate: transferred worst case lost vs the PyTorch reference <= this."),
-    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Gate: top-1 agreement with PyTorch on clean images >= this."),
-    min_agreement_adv: Optional[float] = typer.Option(None, "--min-agreement-adv", help="Gate: top-1 agreement on the adversarial images >= this."),
+    gate_flags: dict = typer.Option(None, hidden=True),  # replaced by one flag per gate of SPECS (gate_options)
     gates_file: Optional[Path] = typer.Option(None, "--gates", help="YAML file of gates (flags override it)."),
     allow_mismatch: bool = typer.Option(
         False, "--allow-mismatch",
@@ -363,8 +358,7 @@ def verify_cmd(
     (mismatch, or any under --strict), 2 bad input, 3 runtime missing, 130 interrupted.
     """
     from ciard_deploy.verify.evaluate import run
-    from ciard_deploy.verify.gates import Gates, Policy, gates_from_mapping, load_gates
-    from ciard_deploy.verify.live import resolve_live
+    from ciard_deploy.verify.gates import Policy, gates_from_mapping, load_gates
     from ciard_deploy.verify.render import render_report
 
     if quiet:
@@ -393,11 +387,8 @@ def verify_cmd(
     inputs = {**artifact_inputs(artifact), "--pack": pack, "--gates": gates_file}
     check_outputs({"--state": state, **reports}, True, inputs)  # writable, distinct, no input (a state is resumed)
     check_outputs(reports, force, inputs)  # no existing report overwritten without --force
-    flags = {"min_clean": min_clean, "min_robust": min_robust, "max_clean_drop": max_clean_drop,
-             "max_robust_drop": max_robust_drop, "min_agreement": min_agreement,
-             "min_agreement_adv": min_agreement_adv}
     gates = base_gates.merged(load_gates(gates_file)) if gates_file is not None else base_gates
-    gates = gates.merged(Gates.create(**{k: v for k, v in flags.items() if v is not None}))
+    gates = gates.merged(Gates.create(**{k: v for k, v in gate_flags.items() if v is not None}))
     if recorded is not None:
         note(_run_folder_line(folder, targets, pack, recorded, gates, live, live_n, square_queries))
     failures = []
