@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 #: how the loop gets a distillation's teachers, ``(recipe, info, device, *, callbacks, ctx) -> (models, refs)``:
 #: ``trainer.resolve_teachers``, which trains the ones missing from the cache as nested runs (passed in, so
 #: this module never imports the trainer)
-TeacherSource = Callable[..., "tuple[dict[str, nn.Module], dict[str, Any]]"]
+TeacherSource = Callable[..., tuple[dict[str, nn.Module], dict[str, Any]]]
 
 
 def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:

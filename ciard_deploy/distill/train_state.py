@@ -3,7 +3,7 @@
 training state) and the trimming of ``metrics.jsonl`` to the epochs the saved state holds.
 
 What goes *into* the state (weights, optimizer, every RNG) is assembled by the loop
-(``loop.Trainer.state``); this module owns the file and its checks.
+(``loop.TrainingLoop._state``); this module owns the file and its checks.
 """
 
 from __future__ import annotations

@@ -115,17 +115,17 @@ def run(recipe: Recipe | str | Path, out_dir: str | Path, *, resume: bool = Fals
     old_level = pkg_log.level
     if not ctx.is_main:
         pkg_log.setLevel(logging.ERROR)  # rank 0 alone logs
-    trainer: TrainingLoop | None = None
+    training: TrainingLoop | None = None
     try:
-        trainer = TrainingLoop(recipe, Path(out_dir), dev, ctx, list(callbacks or []), control or RunControl(),
-                               resolve_teachers)
-        with _run_dir_lock(trainer.run_dir, ctx):
-            return trainer.execute(resume=resume, stop_after_epoch=stop_after_epoch, handle_signals=handle_signals)
+        training = TrainingLoop(recipe, Path(out_dir), dev, ctx, list(callbacks or []), control or RunControl(),
+                                resolve_teachers)
+        with _run_dir_lock(training.run_dir, ctx):
+            return training.execute(resume=resume, stop_after_epoch=stop_after_epoch, handle_signals=handle_signals)
     finally:
         pkg_log.setLevel(old_level)
         if ctx.owns_group:
             # the DDP reducer and gloo work objects go before the process group, not at interpreter exit
-            del trainer
+            del training
             gc.collect()
         ctx.close()
 
