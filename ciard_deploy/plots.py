@@ -35,7 +35,7 @@ DEFAULT_SUBDIR = "plots"
 DPI = 110
 
 # --------------------------------------------------------------------------- key-matching rules
-# One metrics.jsonl line (distill/trainer.py ``_end_epoch``) is flat per-epoch averages plus a nested
+# One metrics.jsonl line (distill/loop.py ``_end_epoch``) is flat per-epoch averages plus a nested
 # ``eval`` dict on evaluation epochs, e.g. for CIARD:
 #   {"epoch": 3, "lr": 0.025, "loss": .., "loss_rob": .., "loss_nat": .., "loss_push": .., "loss_teacher": ..,
 #    "w_rob": .., "w_nat": .., "tau_robust": .., "tau_clean": .., "entropy_robust": .., "entropy_clean": ..,

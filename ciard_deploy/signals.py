@@ -6,7 +6,7 @@ finished work since the last save is lost, a staging folder stays behind and nob
 Inside ``terminate_as_interrupt()`` SIGTERM raises ``Terminated``, a ``KeyboardInterrupt``, so the
 code paths that already save on Ctrl-C (the pack's partial folder, verify's state file, export's
 staging clean-up) run, and the CLI exits 130 with its usual line, naming the signal
-(``interrupted (SIGTERM): ...``). Training has its own handler (``distill.trainer``: finish the
+(``interrupted (SIGTERM): ...``). Training has its own handler (``distill.run_context``: finish the
 step, save, exit 130), which takes over while a run trains.
 
 Torch-free, ground floor.

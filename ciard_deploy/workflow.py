@@ -733,7 +733,7 @@ def _undone_on_refusal(fn: Callable[..., WorkflowResult]) -> Callable[..., Workf
         try:
             return fn(recipe, out_dir, **kwargs)
         except (CiardError, OSError) as e:
-            from ciard_deploy.distill.trainer import TrainingInterrupted
+            from ciard_deploy.distill.events import TrainingInterrupted
 
             new = {p.name for p in lock.entries(root)} - before if root.is_dir() else set()
             if not isinstance(e, TrainingInterrupted) and new and new <= {STATE_NAME, Layout(root).recipe.name}:
@@ -836,7 +836,7 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
                 else:
                     files = _run_verify(ctx)
             except BaseException as e:
-                from ciard_deploy.distill.trainer import TrainingInterrupted
+                from ciard_deploy.distill.events import TrainingInterrupted
 
                 interrupted = isinstance(e, (TrainingInterrupted, KeyboardInterrupt))
                 record.update(status="interrupted" if interrupted else "failed", error=str(e) or type(e).__name__,

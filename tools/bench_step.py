@@ -93,7 +93,7 @@ class PlainCiardStep:
 
 # --------------------------------------------------------------------------- ours
 class OurStep:
-    """The trainer's own step (``ciard_deploy.distill.trainer.train_step``) on the ciard method."""
+    """The trainer's own step (``ciard_deploy.distill.loop.train_step``) on the ciard method."""
 
     def __init__(self, student: nn.Module, clean: nn.Module, robust: nn.Module, device: torch.device, amp: str,
                  channels_last: bool) -> None:
@@ -110,7 +110,7 @@ class OurStep:
         self.device, self.amp, self.channels_last = device, amp, channels_last
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        from ciard_deploy.distill.trainer import train_step
+        from ciard_deploy.distill.loop import train_step
 
         return train_step(self.method, self.opt, self.scaler, x, y, 100, self.device, self.amp, self.channels_last)[2]
 

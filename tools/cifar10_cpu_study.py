@@ -98,7 +98,7 @@ def common_overrides(args: argparse.Namespace, epochs: int) -> list[str]:
 def train_teachers(args: argparse.Namespace, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The smoke teacher recipes at this study's sizes: written under OUT/recipes, trained once (cached)."""
     from ciard_deploy.config import apply_overrides, load_raw, validate_recipe
-    from ciard_deploy.distill.teachers import train_teacher
+    from ciard_deploy.distill.trainer import train_teacher
     from ciard_deploy.io import load_checkpoint
 
     out: dict[str, dict[str, Any]] = {}

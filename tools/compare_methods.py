@@ -82,7 +82,7 @@ def ensure_cifar_folder(data_root: Path, tar_path: Path) -> Path:
 def evaluate_best(run_dir: Path, attacks: list[str], eps: float, step_size: float | None, n: int | None,
                   dataset: str, data_root: str | None, seed: int) -> dict[str, float]:
     from ciard_deploy.data import create_dataset, stratified_indices
-    from ciard_deploy.distill.trainer import evaluate_model
+    from ciard_deploy.distill.selection import accuracy_metrics
     from ciard_deploy.io import load_checkpoint
 
     model, _ = load_checkpoint(run_dir / "student_best")
@@ -91,7 +91,7 @@ def evaluate_best(run_dir: Path, attacks: list[str], eps: float, step_size: floa
     x, y = test.tensors(idx)
     import torch
 
-    return evaluate_model(model, x, y, attacks, eps, 500, torch.device("cpu"), seed=seed, step_size=step_size)
+    return accuracy_metrics(model, x, y, attacks, eps, 500, torch.device("cpu"), seed=seed, step_size=step_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,7 @@
 """Verbs that train: ``ciard distill`` (a student from teachers) and ``ciard train`` (a teacher or a
-no-teacher baseline). Both parse, call ``ciard_deploy.distill.trainer.run`` and render."""
+no-teacher baseline). Both parse, call ``ciard_deploy.distill.trainer.run`` and render.
+
+Torch-free at import: the trainer (torch) is imported when a verb runs."""
 
 from __future__ import annotations
 
@@ -16,7 +18,12 @@ from rich.table import Table
 
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import ForceJsonOption, JsonOption, check_outputs, write_json
-from ciard_deploy.cli.common import DeviceOption, QuietOption, SetOption, State, console, err_console, handle_errors
+from ciard_deploy.cli.common import (DeviceOption, QuietOption, SetOption, State, console, err_console, handle_errors,
+                                     progress)
+from ciard_deploy.config import find_recipe, load_recipe
+from ciard_deploy.distill.events import TrainingInterrupted
+from ciard_deploy.errors import UsageError
+from ciard_deploy.plots import safe_training_curves
 
 
 class TrainProgress:
@@ -82,8 +89,6 @@ class TrainProgress:
         elif ev.kind == "final_eval":
             self._close_bar()
             if self.final_update is None:
-                from ciard_deploy.cli.common import progress
-
                 self.final = contextlib.ExitStack()
                 self.final_update = self.final.enter_context(progress(f"{self._prefix()}final eval", unit="img"))
             self.final_update(ev.step, ev.steps, stage=ev.message)
@@ -144,9 +149,7 @@ def _console_logs_at(level: int) -> Iterator[None]:
 
 def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume: bool, device: Optional[str],
                 quiet: bool, json_out: Optional[Path] = None, force: bool = False) -> None:
-    from ciard_deploy.config import find_recipe, load_recipe
-    from ciard_deploy.distill.trainer import TrainingInterrupted, run
-    from ciard_deploy.errors import UsageError
+    from ciard_deploy.distill.trainer import run  # torch: imported when a verb runs, not with the CLI
 
     path = find_recipe(recipe)
     rec = load_recipe(path, overrides)
@@ -172,8 +175,6 @@ def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume:
         return  # under torchrun, rank 0 alone reports
     render_summary(summary)
     write_json(json_out, summary, force)
-    from ciard_deploy.plots import safe_training_curves
-
     plots = safe_training_curves(out)  # logs instead of failing: a finished run never breaks on a plot
     if not quiet:
         if plots:

@@ -143,7 +143,7 @@ def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Opt
     from ciard_deploy import workflow
     from ciard_deploy.cli.distill import TrainProgress, _console_logs_at
     from ciard_deploy.cli.verify import StagedProgress
-    from ciard_deploy.distill.trainer import TrainingInterrupted
+    from ciard_deploy.distill.events import TrainingInterrupted
 
     if quiet:
         State.quiet = True

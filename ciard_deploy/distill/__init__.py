@@ -3,8 +3,8 @@
     from ciard_deploy.distill import run
     summary = run("recipes/quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15.yaml", "runs/ciard")
 
-``run`` and the trainer's event types are loaded on first use (PEP 562), so importing this
-package stays cheap.
+``run`` and ``resolve_teachers`` are loaded on first use (PEP 562), so importing this package stays
+cheap and torch-free; the event types (``events``) are torch-free and imported here directly.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ from __future__ import annotations
 from ciard_deploy._lazy import lazy_attributes
 from typing import TYPE_CHECKING
 
+from ciard_deploy.distill.events import RunControl, TrainEvent, TrainingInterrupted
+
 if TYPE_CHECKING:  # pragma: no cover
-    from ciard_deploy.distill.teachers import resolve_teachers
-    from ciard_deploy.distill.trainer import RunControl, TrainEvent, TrainingInterrupted, run
+    from ciard_deploy.distill.trainer import resolve_teachers, run
 
 _LAZY = {
     "run": "ciard_deploy.distill.trainer",
-    "RunControl": "ciard_deploy.distill.trainer",
-    "TrainEvent": "ciard_deploy.distill.trainer",
-    "TrainingInterrupted": "ciard_deploy.distill.trainer",
-    "resolve_teachers": "ciard_deploy.distill.teachers",
+    "resolve_teachers": "ciard_deploy.distill.trainer",
 }
 
 

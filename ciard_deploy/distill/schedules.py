@@ -1,4 +1,5 @@
-"""CIARD's learning-rate shape and epoch-milestone helpers, shared by the trainer and the methods.
+"""Learning-rate schedules: the student's per-epoch lr factor (:func:`lr_factor`, every
+``optim.schedule``), CIARD's lr shape and the epoch-milestone helpers shared by the trainer and the methods.
 
 The reference script (CIARD.py, 300 epochs) sets, once per epoch ``e`` counted from 1:
 
@@ -14,7 +15,10 @@ so both reach exactly 0 at e = 300. With a 0-based loop index ``i`` pass ``e = i
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ciard_deploy.config import RecipeBase
 
 
 def cosine_exp_factor(t: float) -> float:
@@ -61,3 +65,19 @@ def milestone_epochs(fractions: Sequence[float], epochs: int) -> list[int]:
     0-based indices 214, 259, 284; a short run gets the same relative positions.
     """
     return sorted(max(0, fraction_to_epoch(f, epochs) - 1) for f in fractions)
+
+
+def lr_factor(recipe: RecipeBase, epoch_index: int) -> float:
+    """The student lr multiplier in epoch ``epoch_index`` (0-based) for the recipe's schedule.
+
+    ``ciard``: 1 up to ``decay_start`` of the run, then (0.5 + 0.5 cos(pi t)) exp(-0.01 t^2)
+    reaching exactly 0 at the last epoch, as the reference counts epochs (1-based).
+    """
+    o, epochs = recipe.optim, recipe.train.epochs
+    if o.schedule == "ciard":
+        return delayed_cosine_exp(epoch_index + 1, round(o.decay_start * epochs), epochs)
+    if o.schedule == "step":
+        return o.gamma ** sum(1 for m in o.milestones if m <= epoch_index)
+    if o.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch_index / epochs))
+    return 1.0

@@ -1,4 +1,4 @@
-"""Load the teachers a distillation recipe names, training and caching the missing ones.
+"""Where a distillation's teachers come from: a checkpoint, or a teacher recipe trained into the cache.
 
 A teacher is given in a recipe by one of:
 
@@ -13,6 +13,11 @@ A teacher is given in a recipe by one of:
   from the student recipe's ``data.data_root`` when that one is set (``--set data.data_root=DIR``
   on the distillation reaches its teachers too).
 
+Here: loading a teacher checkpoint (:func:`load_teacher`) and the cache's folders (:func:`cached_run_dir`,
+:func:`is_trained`). Resolving a recipe's teachers and training the missing ones are nested runs of the
+trainer, so they live with it: ``trainer.resolve_teachers`` and ``trainer.train_teacher`` (this module
+imports nothing of the trainer).
+
 The student's recipe hash covers each teacher recipe's content through that same hash
 (``DistillRecipe.teacher_hash``); a run refuses a teacher recipe that changed since the student
 recipe was hashed, or that no longer matches the ``recipe_hash`` a resolved recipe pins.
@@ -20,21 +25,19 @@ recipe was hashed, or that no longer matches the ``recipe_hash`` a resolved reci
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ciard_deploy.config import (TEACHER_ROLES, DistillRecipe, TeacherSpec, TrainRecipe, check_teacher_pin,
-                                 load_teacher_recipe)
-from ciard_deploy.errors import ArtifactError, RecipeError
+from ciard_deploy.config import TeacherSpec, TrainRecipe, load_teacher_recipe
+from ciard_deploy.errors import ArtifactError
 from ciard_deploy.io import checkpoint_paths, load_checkpoint, load_weights_into, sha256_file
-from ciard_deploy.lock import folder_lock
+from ciard_deploy.models import create_model
 
 log = logging.getLogger(__name__)
 
@@ -61,53 +64,8 @@ def is_trained(run_dir: Path) -> bool:
         return False
 
 
-def _exclusive(run_dir: Path, enabled: bool) -> contextlib.AbstractContextManager:
-    """The cache run's own lock (``lock.folder_lock``), waited for: two distillations never train the same
-    teacher at once, the second one takes it from the cache when the first is done. The training inside
-    takes the same lock again (it is this thread's already)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return folder_lock(run_dir, wait=True)
-
-
-def train_teacher(recipe: TrainRecipe, role: str, device: torch.device | str, *, callbacks: Sequence[Any] = (),
-                  ctx: Any = None) -> tuple[Path, bool]:
-    """Trains (or reuses) a teacher recipe in the cache; returns (run dir, trained now?).
-
-    ``callbacks`` get a ``teacher`` event before a teacher is trained (then the nested run's events)
-    or a ``teacher_reused`` event naming the cached run it is taken from."""
-    from ciard_deploy.distill import ddp
-    from ciard_deploy.distill.trainer import TrainEvent, run
-
-    ctx = ctx or ddp.DistContext()
-    run_dir = cached_run_dir(recipe)
-    name = f"{role} teacher: {recipe.method.name} {recipe.model.arch} ({recipe.train.epochs} epochs)"
-
-    def reused() -> tuple[Path, bool]:
-        log.info("reusing the %s from the cache %s", name, run_dir)
-        for cb in callbacks:
-            cb(TrainEvent("teacher_reused", run_dir, message=f"reusing the {name} from the cache {run_dir}"))
-        return run_dir, False
-
-    done = ddp.broadcast_object(is_trained(run_dir), ctx)
-    if done:
-        return reused()
-    with _exclusive(run_dir, enabled=ctx.is_main and not ctx.enabled):
-        if is_trained(run_dir):  # trained by another process while we waited
-            return reused()
-        what = f"{name} -> {run_dir}"
-        log.info("training the %s", what)
-        for cb in callbacks:
-            cb(TrainEvent("teacher", run_dir, message=f"training the {what}"))
-        run(recipe, run_dir, resume=True, device=str(device), callbacks=callbacks)
-    ctx.barrier()
-    return run_dir, True
-
-
 def load_teacher(spec: TeacherSpec, role: str, info: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """A teacher from a checkpoint (ciard checkpoint or plain state dict); returns (model, reference)."""
-    from ciard_deploy.models import create_model
-
     path = Path(spec.checkpoint or "")
     weights, meta_path = checkpoint_paths(path)
     if path.suffix in ("", ".safetensors", ".json") and meta_path.exists() and weights.exists():
@@ -135,35 +93,4 @@ def load_teacher(spec: TeacherSpec, role: str, info: Any, device: torch.device) 
     return model.to(device), ref
 
 
-def resolve_teachers(recipe: DistillRecipe, info: Any, device: torch.device, *, callbacks: Sequence[Any] = (),
-                     ctx: Any = None) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
-    """Every teacher the recipe names, on ``device``, with its reference for ``teachers.json``.
-
-    Teachers given by recipe are trained first when not cached (see module docstring).
-    """
-    models: dict[str, nn.Module] = {}
-    refs: dict[str, dict[str, Any]] = {}
-    for role in TEACHER_ROLES:
-        spec = getattr(recipe.teachers, role)
-        if spec is None:
-            continue
-        if spec.recipe is not None:
-            t_recipe = load_teacher_recipe(spec.recipe, role, recipe.data.dataset, recipe.data.data_root)
-            check_teacher_pin(recipe, role, t_recipe)
-            if spec.arch is not None and spec.arch != t_recipe.model.arch:
-                raise RecipeError(f"teachers.{role}.arch: {spec.arch!r} but its recipe trains {t_recipe.model.arch!r}")
-            run_dir, trained_now = train_teacher(t_recipe, role, device, callbacks=callbacks, ctx=ctx)
-            model, ref = load_teacher(TeacherSpec(checkpoint=str(run_dir / "student_best.safetensors")), role,
-                                      info, device)
-            ref.update(source="recipe", recipe=str(spec.recipe), recipe_hash=t_recipe.hash, trained_now=trained_now,
-                       run_dir=str(run_dir))
-        else:
-            model, ref = load_teacher(spec, role, info, device)
-        models[role] = model
-        refs[role] = ref
-        log.info("%s teacher: %s %s (sha256 %s)", role, ref["arch"], ref["path"], ref["sha256"][:12])
-    return models, refs
-
-
-__all__ = ["cached_run_dir", "is_trained", "load_teacher", "load_teacher_recipe", "resolve_teachers",
-           "teacher_cache_dir", "train_teacher"]
+__all__ = ["cached_run_dir", "is_trained", "load_teacher", "load_teacher_recipe", "teacher_cache_dir"]

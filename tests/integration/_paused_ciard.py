@@ -67,9 +67,9 @@ def at_replace(name: str, nth: int) -> None:
 
 
 def at_train_step(nth: int) -> None:
-    from ciard_deploy.distill import trainer
+    from ciard_deploy.distill import loop
 
-    real = trainer.train_step
+    real = loop.train_step
     calls = [0]
 
     def paused_step(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -78,7 +78,7 @@ def at_train_step(nth: int) -> None:
             pause(f"before training step {nth}")
         return real(*args, **kwargs)
 
-    trainer.train_step = paused_step
+    loop.train_step = paused_step
 
 
 if __name__ == "__main__":

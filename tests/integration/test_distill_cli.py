@@ -157,8 +157,8 @@ def test_sigterm_while_a_teacher_trains_keeps_its_cache_and_the_next_call_resume
     """`ciard distill` trains a recipe teacher into the cache first; a SIGTERM there (a preempted job)
     exits 130 with the teacher's state saved in the cache, and the next call resumes the teacher at
     the epoch after the saved one instead of training it again from scratch."""
-    from ciard_deploy.distill.teachers import train_teacher
-    from ciard_deploy.distill.trainer import TrainingInterrupted
+    from ciard_deploy.distill.events import TrainingInterrupted
+    from ciard_deploy.distill.trainer import train_teacher
     from ciard_deploy.lock import folder_lock
 
     teacher = tmp_path / "teacher.yaml"

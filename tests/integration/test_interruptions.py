@@ -122,21 +122,21 @@ def test_resume_after_a_failed_state_save_lists_every_epoch_once(tiny_recipe, tm
     """The disk fills up as the first epoch's state is saved (its metrics line is written already) and the line
     of the next epoch is torn: --resume starts over (no state), keeps no stale line, and its metrics.jsonl
     equals an uninterrupted run's."""
-    from ciard_deploy.distill import trainer
+    from ciard_deploy.distill import loop, trainer
 
     whole = tmp_path / "whole"
     trainer.run(tiny_recipe, whole, handle_signals=False)
 
-    real = trainer._Trainer._save_state
+    real = loop.TrainingLoop._save_state
 
     def full_disk(self, *args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer._Trainer, "_save_state", full_disk)
+    monkeypatch.setattr(loop.TrainingLoop, "_save_state", full_disk)
     with pytest.raises(OSError):
         trainer.run(tiny_recipe, out, handle_signals=False)
-    monkeypatch.setattr(trainer._Trainer, "_save_state", real)
+    monkeypatch.setattr(loop.TrainingLoop, "_save_state", real)
     assert metric_epochs(out) == [1] and not (out / "train_state.pt").exists()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "lr": 0.1, "lo')  # a torn write

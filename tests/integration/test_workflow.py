@@ -85,7 +85,7 @@ def first(tmp_path_factory, sets, ciard_cache) -> dict:
     """The library run stopped after epoch 3 of the student, then `ciard run` finishing it."""
     from ciard_deploy import workflow
     from ciard_deploy.config import find_recipe
-    from ciard_deploy.distill.trainer import TrainingInterrupted
+    from ciard_deploy.distill.events import TrainingInterrupted
 
     out = tmp_path_factory.mktemp("wf") / "digits"
     seen: list[int] = []

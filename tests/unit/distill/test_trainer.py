@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from ciard_deploy.config import recipe_from_dict
-from ciard_deploy.distill.trainer import (lr_factor, recipe_differences, rng_state, run, selection_score,
-                                          set_rng_state)
+from ciard_deploy.distill.rng import rng_state, set_rng_state
+from ciard_deploy.distill.schedules import lr_factor
+from ciard_deploy.distill.selection import selection_score
+from ciard_deploy.distill.train_state import recipe_differences
+from ciard_deploy.distill.trainer import run
 from ciard_deploy.errors import RecipeError, UsageError
 
 pytestmark = pytest.mark.unit

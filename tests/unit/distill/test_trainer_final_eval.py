@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from ciard_deploy.config import recipe_from_dict
-from ciard_deploy.distill import trainer
-from ciard_deploy.distill.trainer import TrainingInterrupted, run
+from ciard_deploy.distill import summary
+from ciard_deploy.distill.events import TrainingInterrupted
+from ciard_deploy.distill.trainer import run
 
 pytestmark = pytest.mark.unit
 
@@ -27,16 +28,16 @@ ONE_EPOCH = {"kind": "train", "model": {"arch": "tiny_cnn"}, "method": {"name": 
 
 @pytest.fixture()
 def counted(monkeypatch):
-    """Calls of ``evaluate_model`` made by the final evaluation (those with a progress callback)."""
+    """Calls of ``accuracy_metrics`` made by the final evaluation (those with a progress callback)."""
     calls: list[int] = []
-    real = trainer.evaluate_model
+    real = summary.accuracy_metrics
 
-    def evaluate_model(*args, progress=None, **kwargs):
+    def accuracy_metrics(*args, progress=None, **kwargs):
         if progress is not None:
             calls.append(1)
         return real(*args, progress=progress, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(summary, "accuracy_metrics", accuracy_metrics)
     return calls
 
 
@@ -76,10 +77,10 @@ def test_sigint_during_final_eval_exits_130_with_the_resume_command(tmp_path, mo
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(ONE_EPOCH))
     out = tmp_path / "run"
-    real = trainer.evaluate_model
+    real = summary.accuracy_metrics
     batches: list[str] = []
 
-    def evaluate_model(*args, progress=None, **kwargs):
+    def accuracy_metrics(*args, progress=None, **kwargs):
         if progress is None:
             return real(*args, **kwargs)
 
@@ -90,7 +91,7 @@ def test_sigint_during_final_eval_exits_130_with_the_resume_command(tmp_path, mo
 
         return real(*args, progress=with_sigint, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(summary, "accuracy_metrics", accuracy_metrics)
     res = invoke("train", recipe, "--out", out)
     assert res.exit_code == 130, res.output
     assert len(batches) == 1  # stopped at the first batch
@@ -99,7 +100,7 @@ def test_sigint_during_final_eval_exits_130_with_the_resume_command(tmp_path, mo
     assert "before the final evaluation finished" in res.stderr
     assert f"resume with: ciard train {recipe} --out {out} --resume" in " ".join(res.stderr.split())
     assert {"student_best.safetensors", "student_last.safetensors", "train_state.pt"} <= set(os.listdir(out))
-    monkeypatch.setattr(trainer, "evaluate_model", real)
+    monkeypatch.setattr(summary, "accuracy_metrics", real)
     res = invoke("train", recipe, "--out", out, "--resume")
     assert res.exit_code == 0, res.output
     assert "training finished earlier, running the final evaluation" in res.stderr
@@ -109,7 +110,8 @@ def test_sigint_during_final_eval_exits_130_with_the_resume_command(tmp_path, mo
 def test_a_teacher_reused_from_the_cache_says_which_and_from_where(tmp_path, monkeypatch):
     from ciard_deploy.cli.common import err_console
     from ciard_deploy.cli.distill import TrainProgress
-    from ciard_deploy.distill.teachers import cached_run_dir, train_teacher
+    from ciard_deploy.distill.teachers import cached_run_dir
+    from ciard_deploy.distill.trainer import train_teacher
 
     monkeypatch.setenv("CIARD_CACHE", str(tmp_path / "cache"))
     teacher = recipe_from_dict({**ONE_EPOCH, "model": {"arch": "small_cnn"}})
