@@ -33,7 +33,9 @@ from torch import nn
 from ciard_deploy.config import (TEACHER_ROLES, DistillRecipe, TeacherSpec, TrainRecipe, check_teacher_pin,
                                  load_teacher_recipe)
 from ciard_deploy.errors import ArtifactError, RecipeError
-from ciard_deploy.io import checkpoint_paths, load_checkpoint, load_weights_into, sha256_file
+from ciard_deploy.checkpoints import checkpoint_paths, load_weights_into
+from ciard_deploy.fingerprint import sha256_file
+from ciard_deploy.model_loader import load_checkpoint
 from ciard_deploy.lock import folder_lock
 
 log = logging.getLogger(__name__)

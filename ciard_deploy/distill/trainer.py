@@ -56,8 +56,8 @@ from torch import nn
 from ciard_deploy.config import DistillRecipe, Recipe, RecipeBase, load_recipe
 from ciard_deploy.distill import ddp
 from ciard_deploy.errors import ArtifactError, CiardError, InUse, RecipeError, UsageError
-from ciard_deploy.io import (CheckpointMeta, UnreadableTorchFile, atomic_path, atomic_write_json, atomic_write_text,
-                             load_torch_file, save_checkpoint)
+from ciard_deploy.checkpoints import CheckpointMeta, UnreadableTorchFile, load_torch_file, save_checkpoint
+from ciard_deploy.io import atomic_path, atomic_write_json, atomic_write_text
 from ciard_deploy.lock import entries as lock_entries, folder_lock, remove_new_entries
 
 log = logging.getLogger(__name__)
@@ -928,7 +928,8 @@ class _Trainer:
 
     def _final_summary(self, digests: list[dict[str, str]]) -> dict[str, Any]:
         from ciard_deploy.data import create_dataset, stratified_indices
-        from ciard_deploy.io import load_weights_into, sha256_file
+        from ciard_deploy.checkpoints import load_weights_into
+        from ciard_deploy.fingerprint import sha256_file
 
         r, t, d = self.recipe, self.recipe.train, self.recipe.data
         test = self.data.test or create_dataset(d.dataset, "test", d.data_root, d.download)

@@ -30,10 +30,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ciard_deploy.errors import ArtifactError
+from ciard_deploy import fingerprint
+from ciard_deploy.errors import ArtifactError, UsageError
+from ciard_deploy.io import atomic_write_json
 from ciard_deploy.limits import (MAX_ARTIFACTS, MAX_ATTACKS, ClassNames, Finite, Fraction, LimitError, NotJson,
                                  NumClasses, ShortText, TrainingEps, check_image_shape, read_json, schema_problems)
-from ciard_deploy.runtime.metadata import decode_metadata, encode_metadata
+from ciard_deploy.runtime.metadata import (check_metadata, decode_metadata, encode_metadata, read_sidecar,
+                                           sidecar_path)
 
 SCHEMA = "ciard-export-manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -137,7 +140,6 @@ class Manifest:
             raise ArtifactError(f"manifest is missing the key {e}") from None
 
     def write(self, folder: str | Path) -> Path:
-        from ciard_deploy.io import atomic_write_json
 
         path = Path(folder) / MANIFEST_NAME
         atomic_write_json(path, self.to_dict())
@@ -336,7 +338,6 @@ def check_files(manifest: Manifest, folder: str | Path) -> list[str]:
     Raises:
         ManifestInvalid: the manifest lists a file outside ``folder`` (``artifact_file``); nothing is read.
     """
-    from ciard_deploy.io import sha256_file
 
     problems = []
     paths = [artifact_file(folder, a.file) for a in manifest.artifacts]  # every path checked before any is read
@@ -347,7 +348,7 @@ def check_files(manifest: Manifest, folder: str | Path) -> list[str]:
         if p.stat().st_size != a.size:
             problems.append(f"{a.file}: size {p.stat().st_size} differs from the manifest's {a.size}")
             continue
-        digest = sha256_file(p)
+        digest = fingerprint.sha256_file(p)
         if digest != a.sha256:
             problems.append(f"{a.file}: sha256 {digest[:12]}... differs from the manifest's {a.sha256[:12]}...")
     return problems
@@ -404,9 +405,6 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         ManifestInvalid: the manifest (or the one beside the file) does not validate, or lists a file
             outside its folder: nothing outside is read or hashed.
     """
-    from ciard_deploy.errors import UsageError
-    from ciard_deploy.io import sha256_file
-    from ciard_deploy.runtime.metadata import check_metadata, read_sidecar, sidecar_path
 
     p = Path(path)
     if not p.exists():
@@ -427,7 +425,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     else:
         raise UsageError(f"cannot inspect {p.name}: expected an export folder, manifest.json, .onnx, .engine or .plan")
     check_metadata(meta, p if kind == "onnx" else sidecar_path(p))  # keys of the wrong type: exit 2, one line
-    digest = sha256_file(p)
+    digest = fingerprint.sha256_file(p)
     entry, mismatches = None, []
     beside = p.parent / MANIFEST_NAME
     if beside.is_file():

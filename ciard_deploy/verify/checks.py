@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from ciard_deploy import fingerprint
 from ciard_deploy.errors import ArtifactError
 
 Level = Literal["warning", "info"]
@@ -155,11 +156,10 @@ def provenance(artifact: str | Path, metadata: Mapping[str, Any], pack_model_sha
     Returns:
         (a report section, findings, the manifest's agreement thresholds by precision or {}).
     """
-    from ciard_deploy.io import sha256_file
 
     p = Path(artifact)
     findings: list[Finding] = []
-    digest = sha256_file(p) if p.is_file() else None
+    digest = fingerprint.sha256_file(p) if p.is_file() else None
     out: dict[str, Any] = {"sha256": digest, "size": p.stat().st_size if p.is_file() else None, "manifest": None,
                            "metadata_source_sha256": metadata.get("source_sha256"),
                            "pack_model_sha256": pack_model_sha256 or None, "source_sha256": None,

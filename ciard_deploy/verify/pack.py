@@ -37,7 +37,6 @@ The partial results of a resumable build: ``verify/pack_partial.py``; the builde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -51,6 +50,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ciard_deploy.errors import ArtifactError, UsageError
+from ciard_deploy.fingerprint import checksum_arrays, sha256_file
+from ciard_deploy.io import atomic_path
 from ciard_deploy.limits import (MAX_ATTACKS, MAX_ARTIFACTS, MAX_INFLATE_RATIO, MAX_NPY_HEADER, MAX_NPZ_MEMBERS,
                                  MIN_INFLATE_CHECK, ClassNames, Eps, Finite, Fraction, LimitError, NumClasses,
                                  ShortText, TrainingEps, check_image_shape, loads_json, schema_problems)
@@ -63,18 +64,6 @@ SCHEMA_VERSION = 2
 EPS_TOLERANCE = 1e-6
 
 Progress = Callable[..., None]
-
-
-def worst_case_label(attacks: Sequence[dict[str, Any]]) -> str:
-    """``worst(fgsm+pgd20)@0.1`` (or each label when budgets differ), as ``EvalResult`` names it."""
-    from ciard_deploy.attacks.base import format_eps
-
-    if not attacks:
-        return "worst()"
-    eps = {format_eps(float(a["eps"])) for a in attacks}
-    if len(eps) == 1:
-        return f"worst({'+'.join(a['name'] for a in attacks)})@{eps.pop()}"
-    return f"worst({'+'.join(a['label'] for a in attacks)})"
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -240,19 +229,6 @@ class ArtifactSection:
 ARTIFACT_ARRAYS = ("adv", "logits", "logits_clean", "found_by")
 
 
-# --------------------------------------------------------------------------- checksum
-def checksum_arrays(arrays: dict[str, np.ndarray]) -> str:
-    """``"sha256:<hex>"`` over each array's name, dtype, shape and bytes, in name order."""
-    h = hashlib.sha256()
-    for key in sorted(arrays):
-        if key == "checksum":
-            continue
-        a = np.ascontiguousarray(arrays[key])
-        h.update(f"{key}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return f"sha256:{h.hexdigest()}"
-
-
 # --------------------------------------------------------------------------- save
 def check_output(path: str | os.PathLike, force: bool = False, flag: str = "--out") -> Path:
     """Refuses an output path that exists (without ``force``), is a folder, or cannot be written."""
@@ -271,7 +247,6 @@ def save_pack(pack: RobustnessPack, path: str | os.PathLike, force: bool = False
     Raises:
         UsageError: ``path`` exists and ``force`` is false, or cannot be written.
     """
-    from ciard_deploy.io import atomic_path, sha256_file
 
     p = check_output(path, force)
     arrays = pack.arrays()
@@ -438,7 +413,6 @@ def load_pack(path: str | os.PathLike) -> RobustnessPack:
     finite and in [0, 1]; labels in range; every adversarial image within its attack's eps (L-inf,
     1e-6 slack) of its clean image; the stored per-sample flags agree with the stored logits.
     """
-    from ciard_deploy.io import sha256_file
 
     p = Path(path)
     if not p.is_file():
@@ -615,5 +589,4 @@ def _eps_text(eps: float) -> str:
 
 
 __all__ = ["ARTIFACT_ARRAYS", "ArtifactSection", "EPS_TOLERANCE", "FORMAT", "PackMetadata", "SCHEMA_VERSION",
-           "RobustnessPack", "check_output", "checksum_arrays", "load_pack", "read_npz", "reference_flags", "save_pack",
-           "worst_case_label"]
+           "RobustnessPack", "check_output", "load_pack", "read_npz", "reference_flags", "save_pack"]

@@ -173,7 +173,7 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
             twin is below the fidelity threshold (without ``allow_untrusted_twin``).
     """
     from ciard_deploy.attacks.artifact import attack_artifact
-    from ciard_deploy.io import sha256_file
+    from ciard_deploy.fingerprint import sha256_file
     from ciard_deploy.runtime import open_backend
     from ciard_deploy.verify import checks
 

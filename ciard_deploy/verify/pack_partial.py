@@ -29,14 +29,14 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.state import (AttackRecord, EvaluationKey, ResumableState, StateEvent, StateKey,
-                                       StateMismatch)
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.limits import (LimitError, loads_json)
+from ciard_deploy.fingerprint import checksum_arrays
+from ciard_deploy.io import atomic_path, write_blocker
+from ciard_deploy.limits import LimitError, loads_json
 from ciard_deploy.lock import is_lock_file
-
-
-from ciard_deploy.verify.pack import (ARTIFACT_ARRAYS, EPS_TOLERANCE, ArtifactSection, _accuracy, _validate_artifacts, checksum_arrays, read_npz, reference_flags)
+from ciard_deploy.resume import (AttackRecord, EvaluationKey, ResumableState, StateEvent, StateKey, StateMismatch)
+from ciard_deploy.verify.pack import (ARTIFACT_ARRAYS, EPS_TOLERANCE, ArtifactSection, _accuracy, _validate_artifacts,
+                                      read_npz, reference_flags)
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,6 @@ def check_partial_dir(folder: str | os.PathLike) -> Path:
         UsageError: ``folder`` is a file, or cannot be made or written.
         ArtifactError: ``folder`` holds files a pack build does not write (it is someone else's).
     """
-    from ciard_deploy.io import write_blocker
-
     p = Path(folder)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{p} is a file, not a pack's partial-results folder; move it away")
@@ -136,13 +134,7 @@ def check_partial_dir(folder: str | os.PathLike) -> Path:
 
 def read_partial(folder: str | os.PathLike) -> PackPartial | None:
     """The partial state in ``folder``, or None where there is none (or it is unreadable): for messages."""
-    path = Path(folder) / PARTIAL_STATE
-    if not path.is_file():
-        return None
-    try:
-        return PackPartial.load(path)
-    except ArtifactError:
-        return None
+    return PackPartial.peek(Path(folder) / PARTIAL_STATE)
 
 
 def discard_partial(folder: str | os.PathLike) -> bool:
@@ -165,8 +157,6 @@ def discard_partial(folder: str | os.PathLike) -> bool:
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from ciard_deploy.io import atomic_path
-
     arrays = dict(arrays)
     arrays["checksum"] = np.array([checksum_arrays(arrays)])
     with atomic_path(path) as tmp:
@@ -212,17 +202,10 @@ class _Partial:
                 raise
             self._discard(f"it holds a different pack ({'; '.join(e.differences)})")
         except ArtifactError as e:
-            if on_mismatch == "refuse" or self._other_kind():
+            if on_mismatch == "refuse" or PackPartial.holds_other_kind(self.path):
                 raise  # a file of another kind is never overwritten
             self._discard(str(e))
         self.clean_saved = False
-
-    def _other_kind(self) -> bool:
-        try:
-            d = json.loads(self.path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False  # unparseable, in a folder of only our own names: our own, damaged
-        return not (isinstance(d, dict) and d.get("kind") == PARTIAL_KIND)
 
     def _discard(self, why: str) -> None:
         log.info("discarding the partial pack results in %s: %s; building from scratch", self.folder, why)

@@ -11,7 +11,7 @@ from ciard_deploy.data import get_dataset_info
 from ciard_deploy.distill.teachers import load_teacher, load_teacher_recipe, resolve_teachers
 from ciard_deploy.distill.trainer import run
 from ciard_deploy.errors import ArtifactError, RecipeError
-from ciard_deploy.io import CheckpointMeta, save_checkpoint
+from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
 from ciard_deploy.models import create_model
 
 pytestmark = pytest.mark.unit

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from ciard_deploy.attacks.state import StateMismatch
+from ciard_deploy.resume import StateMismatch
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.verify import VerifyState, run
 from ciard_deploy.verify.live import DEFAULT_LIVE, parse_live, resolve_live
