@@ -520,7 +520,7 @@ def run_verify(artifact: Path, pack_path: Path, args: argparse.Namespace) -> tup
 
 def measure(dataset: str, fmt: str, artifact: Path, fallbacks: Sequence[Path], pack_path: Path,
             args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
-    from ciard_deploy.verify.pack import load_pack
+    from ciard_deploy.verify.pack_load import load_pack
 
     pack = load_pack(pack_path)
     x, y = np.ascontiguousarray(pack.x, dtype=np.float32), np.asarray(pack.y, dtype=np.int64)
@@ -603,7 +603,7 @@ def digits_inputs(args: argparse.Namespace, say: Callable[[str], None]) -> tuple
             p = work / "export-fp16" / FORMATS["fp16"]
             if not p.exists():
                 say(f"digits: exporting FP16 from {run_dir / 'run'} into {p.parent}")
-                from ciard_deploy.verify.pack import load_pack
+                from ciard_deploy.verify.pack_load import load_pack
 
                 ciard("export", run_dir / "run", "--out", p.parent, "--fp16", "--n", load_pack(pack).n,
                       threads=args.threads, say=say, ok=(0, 1))

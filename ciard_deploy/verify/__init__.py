@@ -21,7 +21,8 @@ from ciard_deploy.verify.checks import CHECKS, Finding
 from ciard_deploy.verify.measure import AttackOutcome, RuntimeEvaluation, evaluate_runtime, stratified_subset
 from ciard_deploy.verify.gates import (GateResult, Gates, Policy, gates_from_mapping, gates_from_recipe, judge,
                                       load_gates)
-from ciard_deploy.verify.pack import RobustnessPack, load_pack, save_pack
+from ciard_deploy.verify.pack import RobustnessPack, save_pack
+from ciard_deploy.verify.pack_load import load_pack
 from ciard_deploy.verify.pack_build import build_pack
 from ciard_deploy.verify.parity_report import ParityReport
 from ciard_deploy.verify.report import VerifyReport, check_report_paths, check_writable

@@ -35,8 +35,8 @@ from ciard_deploy.io import atomic_path, write_blocker
 from ciard_deploy.limits import LimitError, loads_json
 from ciard_deploy.lock import is_lock_file
 from ciard_deploy.resume import (AttackRecord, EvaluationKey, ResumableState, StateEvent, StateKey, StateMismatch)
-from ciard_deploy.verify.pack import (ARTIFACT_ARRAYS, EPS_TOLERANCE, ArtifactSection, _accuracy, _validate_artifacts,
-                                      read_npz, reference_flags)
+from ciard_deploy.verify.pack import ARTIFACT_ARRAYS, EPS_TOLERANCE, ArtifactSection, reference_flags, top1_correct
+from ciard_deploy.verify.pack_load import read_npz, validate_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class _Partial:
             lc = _read_npz(self.folder / PARTIAL_CLEAN, ("logits_clean",))["logits_clean"]
             if lc.dtype != np.float32 or lc.shape != (len(y), num_classes) or not np.isfinite(lc).all():
                 raise ValueError(f"{PARTIAL_CLEAN} holds {lc.dtype} {lc.shape}, not float32 ({len(y)}, {num_classes})")
-            if not np.array_equal(_accuracy(lc, y), self.state.clean_correct):
+            if not np.array_equal(top1_correct(lc, y), self.state.clean_correct):
                 raise ValueError(f"{PARTIAL_CLEAN} disagrees with the clean flags of {PARTIAL_STATE}")
         except ValueError as e:
             self._refuse(str(e))
@@ -276,7 +276,7 @@ class _Partial:
                 raise ValueError(f"{_attack_file(rec.label)} holds another artifact's section")
             meta["index"] = job.index
             pack_arrays = {"x": x, "y": y} | {f"art_{job.index}_{k}": arrays[k] for k in ARTIFACT_ARRAYS}
-            (section,) = _validate_artifacts(self.folder, pack_arrays, {"eps": self.key.eps, "artifacts": [meta]},
+            (section,) = validate_artifacts(self.folder, pack_arrays, {"eps": self.key.eps, "artifacts": [meta]},
                                              x, y, int(arrays["logits"].shape[1]))
             if not np.array_equal(section.found_by == -1, rec.per_sample):  # type: ignore[union-attr]
                 raise ValueError(f"{rec.label} flags disagree with {PARTIAL_STATE}")

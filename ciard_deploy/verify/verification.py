@@ -28,7 +28,8 @@ from ciard_deploy.verify import checks
 from ciard_deploy.verify.gates import Gates, Policy, judge, unmeasurable
 from ciard_deploy.verify.live import create_live_attacks, resolve_live
 from ciard_deploy.verify.measure import DEFAULT_BATCH, Progress, evaluate_runtime, metrics_of
-from ciard_deploy.verify.pack import RobustnessPack, load_pack
+from ciard_deploy.verify.pack import RobustnessPack
+from ciard_deploy.verify.pack_load import load_pack
 from ciard_deploy.verify.report import REPORT_KIND, SCHEMA_VERSION, VerifyReport
 from ciard_deploy.verify.state import VerifyKey, VerifyState
 

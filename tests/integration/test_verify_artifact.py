@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from ciard_deploy.verify.verification import run as verify
-from ciard_deploy.verify.pack import load_pack, save_pack
+from ciard_deploy.verify.pack import save_pack
+from ciard_deploy.verify.pack_load import load_pack
 from ciard_deploy.verify.pack_build import build_pack
 
 pytestmark = pytest.mark.integration
