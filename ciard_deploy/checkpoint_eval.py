@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ciard_deploy.attacks import create_attack, parse_attack_spec, parse_eps
-from ciard_deploy.attacks.base import choose_eps
+from ciard_deploy.attacks.budget import choose_eps
 from ciard_deploy.attacks.cascade import evaluate as cascade
 from ciard_deploy.checkpoints import resolve_checkpoint
 from ciard_deploy.data import load_test_set_for
@@ -32,7 +32,7 @@ def run(source: str | Path, attacks: list[str], eps: float | str | None = None, 
         on_state: Callable[..., None] | None = None) -> dict[str, Any]:
     """Evaluates ``source`` (run dir, ciard checkpoint, or a plain state dict with ``arch``).
 
-    ``eps`` None measures at the training eps the checkpoint records (``attacks.base.choose_eps``);
+    ``eps`` None measures at the training eps the checkpoint records (``attacks.budget.choose_eps``);
     a given eps that differs from it is used, and the result says so (``eps_warning``).
 
     With ``state_path`` the evaluation is resumable: the file (JSON, see ``ciard_deploy.resume``) is

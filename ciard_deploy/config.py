@@ -68,7 +68,7 @@ def _registered(registry: Any, name: str) -> str:
 
 
 def _eps_value(v: Any) -> float:
-    from ciard_deploy.attacks.base import parse_eps
+    from ciard_deploy.attacks.budget import parse_eps
 
     try:
         return parse_eps(v)
@@ -78,7 +78,7 @@ def _eps_value(v: Any) -> float:
 
 def _eps_text(v: float) -> str | float:
     """``8/255`` stays ``"8/255"`` when written back; other values stay numbers."""
-    from ciard_deploy.attacks.base import format_eps, parse_eps
+    from ciard_deploy.attacks.budget import format_eps, parse_eps
 
     text = format_eps(v)
     try:

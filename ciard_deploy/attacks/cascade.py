@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ciard_deploy.attacks.base import TORCH_CAPABILITIES, Attack, ensure_capabilities, format_eps
+from ciard_deploy.attacks.base import Attack, TORCH_CAPABILITIES, ensure_capabilities
+from ciard_deploy.attacks.budget import format_eps
 from ciard_deploy.attacks.common import check_inputs, frozen_eval
 from ciard_deploy.attacks.results import AttackResult, EvalResult
 from ciard_deploy.errors import UsageError

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.base import format_eps
+from ciard_deploy.attacks.budget import format_eps
 
 SCHEMA_KIND = "ciard.attack_eval"
 SCHEMA_VERSION = 1

@@ -230,7 +230,7 @@ def metadata_mismatches(pack_meta: Mapping[str, Any], metadata: Mapping[str, Any
     eps_art = metadata.get("eps")
     if eps_art is None:
         return out
-    from ciard_deploy.attacks.base import format_eps
+    from ciard_deploy.attacks.budget import format_eps
 
     # the pack's eps is finite and > 0 (load_pack); the artifact's is what its metadata says, maybe anything
     if isinstance(eps_art, bool) or not isinstance(eps_art, (int, float)) or not math.isfinite(eps_art) or eps_art < 0:

@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.base import (GRADIENTS, QueryAttack, create_attack, format_eps, parse_attack_spec,
-                                       query_only_patterns)
+from ciard_deploy.attacks.base import GRADIENTS, QueryAttack, create_attack, parse_attack_spec, query_only_patterns
+from ciard_deploy.attacks.budget import format_eps
 from ciard_deploy.resume import AttackRecord
 from ciard_deploy.errors import CiardError, UsageError
 from ciard_deploy.verify.pack import EPS_TOLERANCE, RobustnessPack

@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.base import format_eps
+from ciard_deploy.attacks.budget import format_eps
 from ciard_deploy.attacks.results import worst_case_label
 from ciard_deploy.errors import UsageError
 from ciard_deploy.resume import SAVE_EVERY_S, StateEvent, settings_differences, state_hooks

@@ -158,7 +158,7 @@ class RobustnessPack:
     def _training_eps(self) -> dict[str, Any]:
         """``training_eps`` (what the source checkpoint records, or None) and ``eps_warning`` when the
         pack's budget differs from it."""
-        from ciard_deploy.attacks.base import EpsChoice
+        from ciard_deploy.attacks.budget import EpsChoice
 
         recorded = (self.meta.get("model") or {}).get("eps")
         choice = EpsChoice(self.eps, None if recorded is None else float(recorded), True)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ciard_deploy import __version__
-from ciard_deploy.attacks.base import choose_eps, create_attack, format_eps, parse_attack_spec, parse_eps
+from ciard_deploy.attacks.base import create_attack, parse_attack_spec
+from ciard_deploy.attacks.budget import choose_eps, format_eps, parse_eps
 from ciard_deploy.attacks.results import worst_case_label
 from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
 from ciard_deploy.devices import resolve_device

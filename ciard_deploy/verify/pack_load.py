@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ciard_deploy.attacks.base import format_eps
+from ciard_deploy.attacks.budget import format_eps
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.fingerprint import checksum_arrays, sha256_file
 from ciard_deploy.limits import (MAX_ATTACKS, MAX_ARTIFACTS, MAX_INFLATE_RATIO, MAX_NPY_HEADER, MAX_NPZ_MEMBERS,

@@ -238,7 +238,7 @@ def test_pack_eps_edits_are_refused(case, needles, work, refused):
 def test_pack_whose_eps_is_raised_consistently_is_flagged_against_the_artifact(work, invoke):
     """Pack eps, attack eps and images all moved to 0.3 (checksum recomputed): the pack is self-consistent,
     so it loads, but the artifact records eps 0.1: V109 fails verify unless --allow-mismatch."""
-    from ciard_deploy.attacks.base import format_eps
+    from ciard_deploy.attacks.budget import format_eps
 
     def edit(m):
         m["eps"], m["eps_label"] = 0.3, format_eps(0.3)

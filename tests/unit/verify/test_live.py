@@ -240,7 +240,8 @@ def test_a_schema_1_state_is_read_and_resumed(tmp_path, linear_onnx, pack_file):
 TOY_ATTACK = '''
 import numpy as np
 
-from ciard_deploy.attacks.base import Budget, QueryAttack
+from ciard_deploy.attacks.base import QueryAttack
+from ciard_deploy.attacks.budget import Budget
 
 
 class RandomSign(QueryAttack):
