@@ -117,7 +117,7 @@ def inspect_cmd(
 
     A file that is not what its manifest records (missing, another size or sha256) is exit 2, after the table.
     """
-    from ciard_deploy.export.manifest import inspect_artifact, raise_mismatches
+    from ciard_deploy.export.inspection import inspect_artifact, raise_mismatches
 
     try:
         read = resolve_run_folder(path, "export")
