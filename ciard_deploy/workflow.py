@@ -246,7 +246,7 @@ def changed_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[
 
 def outputs_problem(root: Path, outputs: Mapping[str, str]) -> str | None:
     """None when every recorded output exists with its recorded sha256, else what is wrong."""
-    from ciard_deploy.io import sha256_file
+    from ciard_deploy.fingerprint import sha256_file
 
     if not outputs:
         return "no outputs recorded"
@@ -320,13 +320,13 @@ def _new_state(entry: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- inputs of each stage
 def _file_hashes(layout: Layout, paths: Sequence[Path]) -> dict[str, str]:
-    from ciard_deploy.io import sha256_file
+    from ciard_deploy.fingerprint import sha256_file
 
     return {layout.rel(p): sha256_file(p) for p in paths if p.is_file()}
 
 
 def _checkpoint_files(run_dir: Path) -> list[Path]:
-    from ciard_deploy.io import checkpoint_paths, resolve_checkpoint
+    from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
 
     ckpt = resolve_checkpoint(run_dir)
     return [p for p in checkpoint_paths(ckpt) if p.is_file()]
@@ -335,7 +335,8 @@ def _checkpoint_files(run_dir: Path) -> list[Path]:
 def _teacher_inputs(recipe: "RecipeBase") -> dict[str, Any]:
     """What the teachers of a distill recipe are: their recipe's hash, or their checkpoint's sha256."""
     from ciard_deploy.config import TEACHER_ROLES, DistillRecipe
-    from ciard_deploy.io import checkpoint_paths, sha256_file
+    from ciard_deploy.checkpoints import checkpoint_paths
+    from ciard_deploy.fingerprint import sha256_file
 
     if not isinstance(recipe, DistillRecipe):
         return {}
@@ -564,9 +565,9 @@ def _run_verify(ctx: _Context) -> list[Path]:
     other state is the workflow's own stale file and is started over. Once the stage is done the
     states are removed: the stage's outputs (hashed in ``workflow.json``) are the reports only.
     """
-    from ciard_deploy.attacks.state import StateMismatch
+    from ciard_deploy.resume import StateMismatch
     from ciard_deploy.export.manifest import load_manifest
-    from ciard_deploy.verify.evaluate import run as verify_run
+    from ciard_deploy.verify.verification import run as verify_run
 
     d = ctx.recipe.deploy
     manifest = load_manifest(ctx.layout.export)
@@ -622,7 +623,7 @@ def _combined_chart(layout: Layout, manifest: Any) -> None:
 def summarize(layout: Layout) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     """Rows per artifact, the PyTorch reference and the failures, from the manifest and the reports on disk."""
     from ciard_deploy.export.manifest import load_manifest
-    from ciard_deploy.io import checkpoint_paths, resolve_checkpoint
+    from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
     from ciard_deploy.verify.report import VerifyReport
 
     manifest = load_manifest(layout.export)

@@ -264,7 +264,7 @@ def untrained_digits_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
     from ciard_deploy import export
     from ciard_deploy.data import get_dataset_info
-    from ciard_deploy.io import CheckpointMeta, save_checkpoint
+    from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
     from ciard_deploy.models import create_model
     from ciard_deploy.verify import build_pack, save_pack
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from ciard_deploy import export
     from ciard_deploy.attacks.artifact import attack_artifact, create_artifact_attacks
     from ciard_deploy.data import load_test_set_for
-    from ciard_deploy.io import load_model
+    from ciard_deploy.model_loader import load_model
     from ciard_deploy.runtime import open_backend
     from ciard_deploy.twin import build_twin
     from ciard_deploy.twin.fidelity import measure_fidelity, random_in_ball

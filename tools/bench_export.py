@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from ciard_deploy.export.onnx import export_fp32, save_onnx, topological_sort
-from ciard_deploy.export.parity import compare_logits
+from ciard_deploy.export.parity_gate import compare_logits
 from ciard_deploy.export.quantize import build_calibration_set, quantize_qdq
 from ciard_deploy.models import create_model
 from ciard_deploy.runtime.ort_backend import OrtBackend
-from ciard_deploy.runtime.parity import accuracy
+from ciard_deploy.runtime.parity_metrics import accuracy
 
 
 # --------------------------------------------------------------------------- helpers
@@ -113,7 +113,7 @@ def train_digits_student(eps: float, epochs: int = 12, seed: int = 0) -> torch.n
     """small_cnn PGD-AT (Madry) on digits at ``eps``: the shipped quick PGD-AT recipe, run by the trainer."""
     from ciard_deploy.config import find_recipe
     from ciard_deploy.distill.trainer import run
-    from ciard_deploy.io import load_model
+    from ciard_deploy.model_loader import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         run(find_recipe("quick/digits_pgd_at_none_to_tiny_cnn_linf0.15"), Path(tmp) / "run", handle_signals=False,

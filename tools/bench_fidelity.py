@@ -23,7 +23,7 @@ classifies it correctly on the clean image and on every candidate image every at
   Every returned image is projected onto the eps-ball and [0, 1] and scored on the artifact's
   onnxruntime session; the broken samples' candidates are scored once more at the end.
 
-``verify``'s number comes from the product's library (``ciard_deploy.verify.evaluate.run``) with
+``verify``'s number comes from the product's library (``ciard_deploy.verify.verification.run``) with
 its own defaults (its live Square on all pack images; ``--verify-square-queries``,
 ``--verify-square-n`` and ``--verify-set NAME=VALUE`` change them). Its per-sample flags are read
 generically from ``report.per_sample``: clean AND every attack's bit string there (a string as long
@@ -503,7 +503,7 @@ def independent_worst_case(artifact: Path, fallbacks: Sequence[Path], x: np.ndar
 
 # =========================================================================== verify, through the product's library
 def run_verify(artifact: Path, pack_path: Path, args: argparse.Namespace) -> tuple[dict[str, Any], float]:
-    from ciard_deploy.verify.evaluate import run as verify_run
+    from ciard_deploy.verify.verification import run as verify_run
 
     t0 = time.perf_counter()
     kwargs: dict[str, Any] = {"seed": args.seed, "threads": args.threads}
@@ -520,7 +520,7 @@ def run_verify(artifact: Path, pack_path: Path, args: argparse.Namespace) -> tup
 
 def measure(dataset: str, fmt: str, artifact: Path, fallbacks: Sequence[Path], pack_path: Path,
             args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
-    from ciard_deploy.verify.pack import load_pack
+    from ciard_deploy.verify.pack_load import load_pack
 
     pack = load_pack(pack_path)
     x, y = np.ascontiguousarray(pack.x, dtype=np.float32), np.asarray(pack.y, dtype=np.int64)
@@ -603,7 +603,7 @@ def digits_inputs(args: argparse.Namespace, say: Callable[[str], None]) -> tuple
             p = work / "export-fp16" / FORMATS["fp16"]
             if not p.exists():
                 say(f"digits: exporting FP16 from {run_dir / 'run'} into {p.parent}")
-                from ciard_deploy.verify.pack import load_pack
+                from ciard_deploy.verify.pack_load import load_pack
 
                 ciard("export", run_dir / "run", "--out", p.parent, "--fp16", "--n", load_pack(pack).n,
                       threads=args.threads, say=say, ok=(0, 1))

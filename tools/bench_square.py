@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from ciard_deploy.data.digits import load_digits_split
-    from ciard_deploy.io import load_model
+    from ciard_deploy.model_loader import load_model
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

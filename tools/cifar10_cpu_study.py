@@ -99,7 +99,7 @@ def train_teachers(args: argparse.Namespace, raw: dict[str, Any]) -> dict[str, d
     """The smoke teacher recipes at this study's sizes: written under OUT/recipes, trained once (cached)."""
     from ciard_deploy.config import apply_overrides, load_raw, validate_recipe
     from ciard_deploy.distill.trainer import train_teacher
-    from ciard_deploy.io import load_checkpoint
+    from ciard_deploy.model_loader import load_checkpoint
 
     out: dict[str, dict[str, Any]] = {}
     (args.out / "recipes").mkdir(parents=True, exist_ok=True)
@@ -138,14 +138,14 @@ def student_recipe(args: argparse.Namespace, raw: dict[str, Any], method: str, t
 def evaluate_resumably(run_dir: Path, attacks: list[str], n: int, state: str, **common: Any) -> dict[str, Any]:
     """``ciard eval``'s library call with an evaluation state in the run dir: a second invocation on the
     same student reuses every finished attack (a retrained student's state is discarded)."""
-    from ciard_deploy import evaluate
-    from ciard_deploy.attacks.state import StateMismatch
+    from ciard_deploy import checkpoint_eval
+    from ciard_deploy.resume import StateMismatch
 
     try:
-        return evaluate.run(str(run_dir), attacks, n=n, state_path=run_dir / state, **common)
+        return checkpoint_eval.run(str(run_dir), attacks, n=n, state_path=run_dir / state, **common)
     except StateMismatch as e:
         print(f"{run_dir.name}: {state}: {e}; evaluating afresh", file=sys.stderr, flush=True)
-        return evaluate.run(str(run_dir), attacks, n=n, state_path=run_dir / state, fresh=True, **common)
+        return checkpoint_eval.run(str(run_dir), attacks, n=n, state_path=run_dir / state, fresh=True, **common)
 
 
 def evaluate_student(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:

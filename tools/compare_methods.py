@@ -83,7 +83,7 @@ def evaluate_best(run_dir: Path, attacks: list[str], eps: float, step_size: floa
                   dataset: str, data_root: str | None, seed: int) -> dict[str, float]:
     from ciard_deploy.data import create_dataset, stratified_indices
     from ciard_deploy.distill.selection import accuracy_metrics
-    from ciard_deploy.io import load_checkpoint
+    from ciard_deploy.model_loader import load_checkpoint
 
     model, _ = load_checkpoint(run_dir / "student_best")
     test = create_dataset(dataset, "test", data_root)

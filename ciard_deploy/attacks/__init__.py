@@ -15,25 +15,10 @@ from __future__ import annotations
 from ciard_deploy._lazy import lazy_attributes
 from typing import TYPE_CHECKING
 
-from ciard_deploy.attacks.base import (
-    ATTACKS,
-    CAPABILITIES,
-    GRADIENTS,
-    SCORES,
-    TORCH_CAPABILITIES,
-    Attack,
-    AttackEntry,
-    Budget,
-    MissingCapability,
-    QueryAttack,
-    attack_requires,
-    create_attack,
-    ensure_capabilities,
-    format_eps,
-    list_attacks,
-    parse_attack_spec,
-    parse_eps,
-)
+from ciard_deploy.attacks.base import (ATTACKS, Attack, AttackEntry, CAPABILITIES, GRADIENTS, MissingCapability,
+                                       QueryAttack, SCORES, TORCH_CAPABILITIES, attack_requires, create_attack,
+                                       ensure_capabilities, list_attacks, parse_attack_spec)
+from ciard_deploy.attacks.budget import Budget, format_eps, parse_eps
 from ciard_deploy.attacks.results import AttackResult, EvalResult
 from ciard_deploy.attacks.square import SquareAttack
 

@@ -9,7 +9,8 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from ciard_deploy.attacks.base import GRADIENTS, Budget, _check_positive
+from ciard_deploy.attacks.base import GRADIENTS, _check_positive
+from ciard_deploy.attacks.budget import Budget
 from ciard_deploy.attacks.common import TorchAttack
 from ciard_deploy.errors import EnvironmentMissing, UsageError
 

@@ -1,6 +1,6 @@
 """AutoAttack-style evaluation of a torch model: clean, each attack, per-sample worst case.
 
-Resumable through an ``EvaluationState`` (``attacks.state``): finished attacks are reused, a
+Resumable through an ``EvaluationState`` (``ciard_deploy.resume``): finished attacks are reused, a
 partial one continues, and the state is saved as the evaluation goes.
 """
 
@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ciard_deploy.attacks.base import TORCH_CAPABILITIES, Attack, ensure_capabilities, format_eps
+from ciard_deploy.attacks.base import Attack, TORCH_CAPABILITIES, ensure_capabilities
+from ciard_deploy.attacks.budget import format_eps
 from ciard_deploy.attacks.common import check_inputs, frozen_eval
 from ciard_deploy.attacks.results import AttackResult, EvalResult
-from ciard_deploy.attacks.state import (SAVE_EVERY_S, AttackRecord, EvaluationState, StateEvent, data_hash,
-                                       state_hooks)
 from ciard_deploy.errors import UsageError
+from ciard_deploy.fingerprint import data_hash
+from ciard_deploy.resume import SAVE_EVERY_S, AttackRecord, EvaluationState, StateEvent, state_hooks
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def evaluate(model: nn.Module, x: torch.Tensor | np.ndarray, y: torch.Tensor | n
     re-checked by a fresh forward pass, and a sample counts as robust in the worst case only
     if it is correct on clean *and* under every attack.
 
-    With a ``state`` (see ``attacks.state``) the evaluation is resumable: its clean flags and
+    With a ``state`` (see ``ciard_deploy.resume``) the evaluation is resumable: its clean flags and
     finished attacks are reused instead of recomputed, an attack it holds partway continues
     with the samples not yet attacked, and the rest run and are recorded. When the state has a
     ``path`` it is saved there (atomically) after the clean pass, after every finished attack,

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciard_deploy.attacks.base import GRADIENTS, Budget, _check_positive, format_eps
+from ciard_deploy.attacks.base import GRADIENTS, _check_positive
+from ciard_deploy.attacks.budget import Budget, format_eps
 from ciard_deploy.attacks.common import TorchAttack, make_generator, project_linf
 
 log = logging.getLogger(__name__)

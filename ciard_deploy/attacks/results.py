@@ -6,14 +6,30 @@ numpy only (no torch), so verify/report code can load and re-judge them anywhere
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.base import format_eps
+from ciard_deploy.attacks.budget import format_eps
 
 SCHEMA_KIND = "ciard.attack_eval"
 SCHEMA_VERSION = 1
+
+
+def worst_case_label(attacks: Sequence[Any]) -> str:
+    """The worst case's name: ``worst(fgsm+pgd20)@8/255``, or each attack's label when their budgets differ.
+
+    ``attacks``: records with ``name``, ``label`` and ``eps`` (``AttackResult``s, or report/pack dicts).
+    """
+    def get(a: Any, k: str) -> Any:
+        return a[k] if isinstance(a, Mapping) else getattr(a, k)
+
+    if not attacks:
+        return "worst()"
+    eps_labels = {format_eps(float(get(a, "eps"))) for a in attacks}
+    if len(eps_labels) == 1:
+        return f"worst({'+'.join(get(a, 'name') for a in attacks)})@{eps_labels.pop()}"
+    return f"worst({'+'.join(get(a, 'label') for a in attacks)})"
 
 
 def _flags(value: Any) -> np.ndarray | None:
@@ -80,12 +96,7 @@ class EvalResult:
     @property
     def worst_case_label(self) -> str:
         """E.g. ``"worst(fgsm+pgd20+aa)@8/255"``; each attack keeps its own budget if they differ."""
-        if not self.attacks:
-            return "worst()"
-        eps_labels = {format_eps(a.eps) for a in self.attacks}
-        if len(eps_labels) == 1:
-            return f"worst({'+'.join(a.name for a in self.attacks)})@{eps_labels.pop()}"
-        return f"worst({'+'.join(a.label for a in self.attacks)})"
+        return worst_case_label(self.attacks)
 
     @property
     def worst_case(self) -> np.ndarray | None:

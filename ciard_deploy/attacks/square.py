@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ciard_deploy.attacks.base import SCORES, Budget, QueryAttack, _check_positive
+from ciard_deploy.attacks.base import QueryAttack, SCORES, _check_positive
+from ciard_deploy.attacks.budget import Budget
 from ciard_deploy.errors import UsageError
 
 PredictFn = Callable[[np.ndarray], np.ndarray]

@@ -131,7 +131,7 @@ def checkpoint_inputs(source: str | Path, flag: str = "CHECKPOINT") -> dict[str,
     """The files a checkpoint argument reads, as ``inputs`` of :func:`check_outputs`: the path given and,
     where it names a checkpoint (a run dir, a ``ciard run`` folder, a weights file or its card), the weights
     and the ``.json`` card it resolves to. A source that does not resolve is left to the verb to refuse."""
-    from ciard_deploy.io import checkpoint_paths, resolve_checkpoint
+    from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
 
     out: dict[str, str | Path | None] = {flag: source}
     try:

@@ -50,7 +50,7 @@ def eval_cmd(
     Rerunning with --state FILE and more attacks runs only the new ones; after Ctrl-C, the same
     command continues where it stopped.
     """
-    from ciard_deploy import evaluate
+    from ciard_deploy import checkpoint_eval  # imports torch: `ciard --help` stays torch-free
     from ciard_deploy.errors import UsageError
 
     names = [a.strip() for a in attacks.split(",") if a.strip()]
@@ -63,7 +63,7 @@ def eval_cmd(
     apply_threads(threads)
     try:
         with progress("eval", unit="img") as update:
-            rep = evaluate.run(checkpoint, names, eps, n=n, dataset=dataset, data_root=data_root,
+            rep = checkpoint_eval.run(checkpoint, names, eps, n=n, dataset=dataset, data_root=data_root,
                                download=download, arch=arch, device=device, batch_size=batch_size, seed=seed,
                                progress=update, state_path=state, fresh=fresh, on_state=_state_line)
     except KeyboardInterrupt:

@@ -357,7 +357,7 @@ def verify_cmd(
     Exit codes: 0 every gate passed (or no gates: NOT GATED), 1 a gate failed or a warning failed
     (mismatch, or any under --strict), 2 bad input, 3 runtime missing, 130 interrupted.
     """
-    from ciard_deploy.verify.evaluate import run
+    from ciard_deploy.verify.verification import run
     from ciard_deploy.verify.gates import Policy, gates_from_mapping, load_gates
     from ciard_deploy.verify.render import render_report
 

@@ -12,7 +12,6 @@ teacher. Multi-node: run torchrun on every node with ``--nnodes``, ``--node_rank
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ciard_deploy.fingerprint import checksum_arrays
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +175,10 @@ def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
 
 
 def state_digest(module: nn.Module) -> str:
-    """sha256 of a module's state dict (names, shapes and bytes): equal digests, equal weights."""
-    h = hashlib.sha256()
+    """``fingerprint.checksum_arrays`` of a module's state dict (names, dtypes, shapes and bytes): equal
+    digests, equal weights (compared across ranks, never stored; bfloat16 is read as float32)."""
+    arrays = {}
     for k, v in module.state_dict().items():
-        t = v.detach().cpu().contiguous()
-        h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
+        t = v.detach().cpu()
+        arrays[k] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    return checksum_arrays(arrays)

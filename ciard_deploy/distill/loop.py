@@ -34,7 +34,8 @@ from ciard_deploy.distill.summary import final_test_metrics, run_summary, studen
 from ciard_deploy.distill.train_state import (STATE_FORMAT, STATE_NAME, bad_state, check_run_dir, check_same_teachers,
                                               save_train_state, trim_metrics)
 from ciard_deploy.errors import CiardError, RecipeError, UsageError
-from ciard_deploy.io import CheckpointMeta, atomic_write_json, atomic_write_text, save_checkpoint
+from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
+from ciard_deploy.io import atomic_write_json, atomic_write_text
 from ciard_deploy.lock import entries as lock_entries, remove_new_entries
 from ciard_deploy.models import create_model
 

@@ -17,7 +17,8 @@ from ciard_deploy.config import DistillRecipe, RecipeBase
 from ciard_deploy.distill.selection import accuracy_metrics
 from ciard_deploy.distill.splits import DataSplits, load_test_split
 from ciard_deploy.errors import UsageError
-from ciard_deploy.io import CheckpointMeta, load_weights_into, save_checkpoint, sha256_file
+from ciard_deploy.checkpoints import CheckpointMeta, load_weights_into, save_checkpoint
+from ciard_deploy.fingerprint import sha256_file
 from ciard_deploy.models import create_model
 
 log = logging.getLogger(__name__)

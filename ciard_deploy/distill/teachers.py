@@ -36,7 +36,9 @@ from torch import nn
 
 from ciard_deploy.config import TeacherSpec, TrainRecipe, load_teacher_recipe
 from ciard_deploy.errors import ArtifactError
-from ciard_deploy.io import checkpoint_paths, load_checkpoint, load_weights_into, sha256_file
+from ciard_deploy.checkpoints import checkpoint_paths, load_weights_into
+from ciard_deploy.model_loader import load_checkpoint
+from ciard_deploy.fingerprint import sha256_file
 from ciard_deploy.models import create_model
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ import torch
 
 from ciard_deploy.config import RecipeBase, load_recipe
 from ciard_deploy.errors import ArtifactError, RecipeError, UsageError
-from ciard_deploy.io import UnreadableTorchFile, atomic_path, atomic_write_text, load_torch_file
+from ciard_deploy.checkpoints import UnreadableTorchFile, load_torch_file
+from ciard_deploy.io import atomic_path, atomic_write_text
 from ciard_deploy.lock import entries as lock_entries
 
 log = logging.getLogger(__name__)

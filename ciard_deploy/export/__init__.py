@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ciard_deploy.export.base import FORMATS, Exporter, FormatSpec, format_table, formats_from_flags, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, check_files, load_manifest
-from ciard_deploy.export.parity import ParityResult, compare_logits
+from ciard_deploy.export.parity_gate import ParityResult, compare_logits
 from ciard_deploy.export.pipeline import ExportResult, run
 from ciard_deploy.options.export import ExportOptions
 

@@ -18,7 +18,8 @@ Schema ``ciard-export-manifest/1`` (every key always present; ``null`` where it 
     versions:  {python, torch, onnx, onnxruntime, onnxscript, tensorrt, ...}
     warnings:  [str]
 
-Torch-free, so ``verify`` on a device can read it and check hashes.
+Torch-free, so ``verify`` on a device can read it and check hashes. ``ciard inspect`` of a folder or an
+artifact is ``export/inspection.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ciard_deploy import fingerprint
 from ciard_deploy.errors import ArtifactError
+from ciard_deploy.io import atomic_write_json
 from ciard_deploy.limits import (MAX_ARTIFACTS, MAX_ATTACKS, ClassNames, Finite, Fraction, LimitError, NotJson,
                                  NumClasses, ShortText, TrainingEps, check_image_shape, read_json, schema_problems)
 from ciard_deploy.runtime.metadata import decode_metadata, encode_metadata
@@ -137,7 +140,6 @@ class Manifest:
             raise ArtifactError(f"manifest is missing the key {e}") from None
 
     def write(self, folder: str | Path) -> Path:
-        from ciard_deploy.io import atomic_write_json
 
         path = Path(folder) / MANIFEST_NAME
         atomic_write_json(path, self.to_dict())
@@ -336,7 +338,6 @@ def check_files(manifest: Manifest, folder: str | Path) -> list[str]:
     Raises:
         ManifestInvalid: the manifest lists a file outside ``folder`` (``artifact_file``); nothing is read.
     """
-    from ciard_deploy.io import sha256_file
 
     problems = []
     paths = [artifact_file(folder, a.file) for a in manifest.artifacts]  # every path checked before any is read
@@ -347,7 +348,7 @@ def check_files(manifest: Manifest, folder: str | Path) -> list[str]:
         if p.stat().st_size != a.size:
             problems.append(f"{a.file}: size {p.stat().st_size} differs from the manifest's {a.size}")
             continue
-        digest = sha256_file(p)
+        digest = fingerprint.sha256_file(p)
         if digest != a.sha256:
             problems.append(f"{a.file}: sha256 {digest[:12]}... differs from the manifest's {a.sha256[:12]}...")
     return problems
@@ -385,73 +386,3 @@ def read_onnx_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, str]
         raise ArtifactError(f"cannot read {p.name} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                             " (truncated or corrupt?)") from None
     return decode_metadata(raw), raw
-
-
-# --------------------------------------------------------------------------- ciard inspect
-def inspect_artifact(path: str | Path) -> dict[str, Any]:
-    """What ``ciard inspect`` shows, as data.
-
-    - a folder or ``manifest.json``: ``{"kind": "manifest", "path", "manifest", "problems", "mismatches"}``
-      where problems lists files missing or differing from their recorded size or sha256;
-    - an ``.onnx`` file: ``{"kind": "onnx", "path", "sha256", "size", "metadata", "other_props",
-      "manifest_entry", "problems", "mismatches"}`` (the entry of a manifest beside it, if one lists the file);
-    - an ``.engine``/``.plan`` file: the same with the JSON sidecar as metadata.
-
-    ``mismatches`` are the problems that say a file is not what its manifest records
-    (``raise_mismatches`` makes them an error); the others (no ciard metadata) are notes.
-
-    Raises:
-        ManifestInvalid: the manifest (or the one beside the file) does not validate, or lists a file
-            outside its folder: nothing outside is read or hashed.
-    """
-    from ciard_deploy.errors import UsageError
-    from ciard_deploy.io import sha256_file
-    from ciard_deploy.runtime.metadata import check_metadata, read_sidecar, sidecar_path
-
-    p = Path(path)
-    if not p.exists():
-        raise ArtifactError(f"nothing to inspect at {p}")
-    if p.is_dir() or p.name == MANIFEST_NAME:
-        m = load_manifest(p)
-        folder = p if p.is_dir() else p.parent
-        problems = check_files(m, folder)
-        return {"kind": "manifest", "path": str(manifest_path(p)), "manifest": m.to_dict(),
-                "problems": problems, "mismatches": list(problems)}
-    suffix = p.suffix.lower()
-    if suffix == ".onnx":
-        meta, raw = read_onnx_metadata(p)
-        other = {k: v for k, v in raw.items() if not k.startswith("ciard.")}
-        kind = "onnx"
-    elif suffix in (".engine", ".plan"):
-        meta, other, kind = read_sidecar(p), {}, "engine"
-    else:
-        raise UsageError(f"cannot inspect {p.name}: expected an export folder, manifest.json, .onnx, .engine or .plan")
-    check_metadata(meta, p if kind == "onnx" else sidecar_path(p))  # keys of the wrong type: exit 2, one line
-    digest = sha256_file(p)
-    entry, mismatches = None, []
-    beside = p.parent / MANIFEST_NAME
-    if beside.is_file():
-        try:
-            rec = load_manifest(beside).artifact(p.name)
-            entry = rec.to_dict()
-            if rec.sha256 != digest:
-                mismatches.append(f"{p.name}: sha256 {digest[:12]}... differs from the manifest's "
-                                  f"{rec.sha256[:12]}...")
-        except ManifestInvalid:
-            raise
-        except ArtifactError:
-            entry = None
-    problems = list(mismatches)
-    if not meta:
-        problems.append(f"{p.name} carries no ciard metadata (not exported by ciard export?)")
-    return {"kind": kind, "path": str(p), "sha256": digest, "size": p.stat().st_size, "metadata": meta,
-            "other_props": other, "manifest_entry": entry, "problems": problems, "mismatches": mismatches}
-
-
-def raise_mismatches(rep: dict[str, Any]) -> None:
-    """ArtifactError (exit 2) when ``inspect_artifact`` found files that are not what their manifest
-    records (missing, another size or sha256): the export cannot be trusted as it is."""
-    found = rep.get("mismatches") or []
-    if found:
-        where = rep["path"] if rep["kind"] == "manifest" else str(Path(rep["path"]).parent / MANIFEST_NAME)
-        raise ArtifactError(f"{where}: {len(found)} file(s) differ from what it records: {'; '.join(found)}")

@@ -162,7 +162,7 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
     import onnx
     import torch
 
-    from ciard_deploy.io import unwrap_model
+    from ciard_deploy.checkpoints import unwrap_model
 
     net = copy.deepcopy(unwrap_model(model)).cpu().eval()
     dynamic = batch == "dynamic"

@@ -38,13 +38,13 @@ from ciard_deploy.lock import holding
 from ciard_deploy.errors import BackendUnavailable, GateFailed, UsageError
 from ciard_deploy.export.base import FORMATS, FormatSpec, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, load_manifest
-from ciard_deploy.export.parity import compare_logits
-from ciard_deploy.export.quantize import array_sha256
+from ciard_deploy.export.parity_gate import compare_logits
+from ciard_deploy.fingerprint import float32_sha256
 from ciard_deploy.options.export import ExportOptions
 from ciard_deploy.runtime.base import OUTPUT_NAME, InputSpec
 from ciard_deploy.runtime.metadata import SCHEMA as ARTIFACT_SCHEMA
 from ciard_deploy.runtime.metadata import sidecar_path
-from ciard_deploy.runtime.parity import accuracy
+from ciard_deploy.runtime.parity_metrics import accuracy
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., None]
@@ -164,7 +164,8 @@ def _planned_files(names: Sequence[str]) -> list[str]:
 
 
 def _source_info(source: str | Path, meta: Any) -> dict[str, Any]:
-    from ciard_deploy.io import checkpoint_paths, resolve_checkpoint, sha256_file
+    from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
+    from ciard_deploy.fingerprint import sha256_file
 
     ckpt = resolve_checkpoint(source)
     meta_file = checkpoint_paths(ckpt)[1]
@@ -221,7 +222,7 @@ def measure_reference(model: Any, x: Any, y: Any, attack: Any = None, batch_size
     xs, ys = x.numpy(), y.numpy()
     ref = Reference(xs, ys, logits_of(x), {})
     ref.record = {"backend": "torch", "device": "cpu", "precision": "fp32", "split": "test", "n": len(ys),
-                  "sampling": "class-stratified", "images_sha256": array_sha256(xs),
+                  "sampling": "class-stratified", "images_sha256": float32_sha256(xs),
                   "clean_acc": accuracy(ref.logits, ys), "attacks": {}}
     if attack is not None:
         x_adv = torch.cat([attack.run(model, x[i:i + batch_size], y[i:i + batch_size])
@@ -229,14 +230,14 @@ def measure_reference(model: Any, x: Any, y: Any, attack: Any = None, batch_size
         ref.attack, ref.adv_images, ref.adv_logits = attack.label, x_adv.numpy(), logits_of(x_adv)
         ref.record["attacks"][attack.label] = {"robust_acc": accuracy(ref.adv_logits, ys),
                                                "settings": attack.describe(),
-                                               "images_sha256": array_sha256(ref.adv_images)}
+                                               "images_sha256": float32_sha256(ref.adv_images)}
     return ref
 
 
 def check_artifact(rec: ArtifactRecord, path: Path, ref: Reference, opts: ExportOptions) -> None:
     """Opens ``path`` in a fresh session of its runtime, compares it with the reference, fills ``rec``
     (parity, metrics, status, size, sha256)."""
-    from ciard_deploy.io import sha256_file
+    from ciard_deploy.fingerprint import sha256_file
     from ciard_deploy.runtime import open_backend
 
     onnx_file = rec.format == "onnx"
@@ -310,7 +311,7 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
     """
     from ciard_deploy import __version__
     from ciard_deploy.data import create_dataset, get_dataset_info
-    from ciard_deploy.io import load_model
+    from ciard_deploy.model_loader import load_model
 
     opts = (options or ExportOptions()).with_overrides(**overrides).validate()
     names = resolve_formats(list(formats), opts)

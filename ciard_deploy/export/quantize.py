@@ -12,7 +12,6 @@ and measured by ``tools/bench_export.py``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 from pathlib import Path
@@ -23,17 +22,13 @@ import numpy as np
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.export.base import FormatSpec
 from ciard_deploy.export.onnx import _first_line, save_onnx
+from ciard_deploy.fingerprint import float32_sha256
 from ciard_deploy.runtime.base import INPUT_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
     from ciard_deploy.export.pipeline import ExportContext
 
 log = logging.getLogger(__name__)
-
-
-def array_sha256(x: np.ndarray) -> str:
-    """sha256 of a float32 C-ordered array's bytes (how calibration and parity sets are fingerprinted)."""
-    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
 
 
 def build_calibration_set(model: Any, dataset: str, source: str = "clean", n: int = 512, seed: int = 0,
@@ -70,7 +65,7 @@ def build_calibration_set(model: Any, dataset: str, source: str = "clean", n: in
             x[sel] = atk.run(model, x[sel], y[sel])
         info.update(attack=atk.label, attack_settings=atk.describe(), adversarial_fraction=len(idx) / max(len(x), 1))
     arr = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-    info["sha256"] = array_sha256(arr)
+    info["sha256"] = float32_sha256(arr)
     info["sha256_of"] = "float32 NCHW image array bytes, C order"
     return arr, info
 

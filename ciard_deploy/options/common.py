@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from ciard_deploy.attacks.base import format_eps, parse_attack_spec, parse_eps
+from ciard_deploy.attacks.budget import format_eps, parse_eps
+from ciard_deploy.attacks.base import parse_attack_spec
 from ciard_deploy.errors import CiardError
 
 

@@ -60,7 +60,7 @@ class TorchBackend(BaseBackend):
     def _open(self) -> None:
         import_torch()
         from ciard_deploy.devices import resolve_device
-        from ciard_deploy.io import load_model
+        from ciard_deploy.model_loader import load_model
 
         self.device = resolve_device(self.device_name)
         if self.model is None:

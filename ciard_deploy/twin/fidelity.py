@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ciard_deploy.runtime.parity import compare
+from ciard_deploy.runtime.parity_metrics import compare
 
 #: The lowest top-1 agreement (over every set) at which attacks crafted on the twin count as white-box
 #: attacks on the runtime.

@@ -16,16 +16,18 @@ everything else runs on a device that has only numpy, onnxruntime (or TensorRT).
 
 from __future__ import annotations
 
-from ciard_deploy.runtime.parity import Parity, compare
+from ciard_deploy.runtime.parity_metrics import Parity, compare
 from ciard_deploy.verify.checks import CHECKS, Finding
-from ciard_deploy.verify.evaluate import AttackOutcome, RuntimeEvaluation, evaluate_runtime, run, stratified_subset
+from ciard_deploy.verify.measure import AttackOutcome, RuntimeEvaluation, evaluate_runtime, stratified_subset
 from ciard_deploy.options.gates import Gates
 from ciard_deploy.verify.gates import GateResult, Policy, gates_from_mapping, gates_from_recipe, judge, load_gates
-from ciard_deploy.verify.pack import RobustnessPack, load_pack, save_pack
+from ciard_deploy.verify.pack import RobustnessPack, save_pack
+from ciard_deploy.verify.pack_load import load_pack
 from ciard_deploy.verify.pack_build import build_pack
-from ciard_deploy.verify.parity import ParityReport
+from ciard_deploy.verify.parity_report import ParityReport
 from ciard_deploy.verify.report import VerifyReport, check_report_paths, check_writable
 from ciard_deploy.verify.state import VerifyKey, VerifyState
+from ciard_deploy.verify.verification import run
 
 __all__ = ["AttackOutcome", "CHECKS", "Finding", "GateResult", "Gates", "Parity", "ParityReport", "Policy",
            "RobustnessPack", "RuntimeEvaluation", "VerifyKey", "VerifyReport", "VerifyState", "build_pack",

@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
+from ciard_deploy import fingerprint
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.options.export import MIN_AGREEMENT
 
@@ -157,11 +158,10 @@ def provenance(artifact: str | Path, metadata: Mapping[str, Any], pack_model_sha
     Returns:
         (a report section, findings, the manifest's agreement thresholds by precision or {}).
     """
-    from ciard_deploy.io import sha256_file
 
     p = Path(artifact)
     findings: list[Finding] = []
-    digest = sha256_file(p) if p.is_file() else None
+    digest = fingerprint.sha256_file(p) if p.is_file() else None
     out: dict[str, Any] = {"sha256": digest, "size": p.stat().st_size if p.is_file() else None, "manifest": None,
                            "metadata_source_sha256": metadata.get("source_sha256"),
                            "pack_model_sha256": pack_model_sha256 or None, "source_sha256": None,
@@ -232,7 +232,7 @@ def metadata_mismatches(pack_meta: Mapping[str, Any], metadata: Mapping[str, Any
     eps_art = metadata.get("eps")
     if eps_art is None:
         return out
-    from ciard_deploy.attacks.base import format_eps
+    from ciard_deploy.attacks.budget import format_eps
 
     # the pack's eps is finite and > 0 (load_pack); the artifact's is what its metadata says, maybe anything
     if isinstance(eps_art, bool) or not isinstance(eps_art, (int, float)) or not math.isfinite(eps_art) or eps_art < 0:

@@ -25,8 +25,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.base import GRADIENTS, QueryAttack, create_attack, format_eps, parse_attack_spec
-from ciard_deploy.attacks.state import AttackRecord
+from ciard_deploy.attacks.base import GRADIENTS, QueryAttack, create_attack, parse_attack_spec
+from ciard_deploy.attacks.budget import format_eps
+from ciard_deploy.resume import AttackRecord
 from ciard_deploy.errors import UsageError
 from ciard_deploy.options.live import PACK_HINT
 from ciard_deploy.verify.pack import EPS_TOLERANCE, RobustnessPack

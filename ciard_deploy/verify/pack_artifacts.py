@@ -141,7 +141,7 @@ def _check_source(name: str, source: str | None, model_sha256: str) -> None:
 
 def section_label(names: Sequence[str], eps: float) -> str:
     """``wb(apgd-ce+apgd-t+fab-t+mtpgd100)@0.15``: white-box on the artifact, by attack and budget."""
-    from ciard_deploy.attacks.base import format_eps
+    from ciard_deploy.attacks.budget import format_eps
 
     return f"wb({'+'.join(names)})@{format_eps(eps)}"
 
@@ -173,7 +173,7 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
             twin is below the fidelity threshold (without ``allow_untrusted_twin``).
     """
     from ciard_deploy.attacks.artifact import attack_artifact
-    from ciard_deploy.io import sha256_file
+    from ciard_deploy.fingerprint import sha256_file
     from ciard_deploy.runtime import open_backend
     from ciard_deploy.verify import checks
 

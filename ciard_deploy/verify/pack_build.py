@@ -14,13 +14,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.state import StateEvent
+from ciard_deploy import __version__
+from ciard_deploy.attacks.base import create_attack, parse_attack_spec
+from ciard_deploy.attacks.budget import choose_eps, format_eps, parse_eps
+from ciard_deploy.attacks.results import worst_case_label
+from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
+from ciard_deploy.devices import resolve_device
 from ciard_deploy.errors import UsageError
+from ciard_deploy.fingerprint import sha256_file
+from ciard_deploy.io import library_versions
 from ciard_deploy.lock import holding
-
-
-
-from ciard_deploy.verify.pack import (FORMAT, SCHEMA_VERSION, ArtifactSection, Progress, RobustnessPack, reference_flags, worst_case_label)
+from ciard_deploy.resume import StateEvent
+from ciard_deploy.verify.pack import FORMAT, SCHEMA_VERSION, ArtifactSection, Progress, RobustnessPack, reference_flags
 from ciard_deploy.verify.pack_partial import OnMismatch, PackKey, _Partial, _SectionJob, check_partial_dir
 
 log = logging.getLogger(__name__)
@@ -29,8 +34,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- build (needs torch)
 def _make_attack(spec: str, eps: float, seed: int, step_size: float | None = None) -> Any:
     """``create_attack`` with the pack's seed (and step size) for the attacks that take them."""
-    from ciard_deploy.attacks.base import create_attack, parse_attack_spec
-
     entry, _ = parse_attack_spec(spec)
     try:
         params = inspect.signature(entry.load().__init__).parameters
@@ -158,12 +161,9 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     from ciard_deploy.runtime.torch_backend import import_torch
 
     torch = import_torch()
-    from ciard_deploy import __version__
-    from ciard_deploy.attacks.base import choose_eps, parse_eps
-    from ciard_deploy.attacks.cascade import check_budget
+    from ciard_deploy.attacks.cascade import check_budget  # these import torch: verify stays torch-free
     from ciard_deploy.data import load_test_set_for
-    from ciard_deploy.devices import resolve_device
-    from ciard_deploy.io import checkpoint_paths, library_versions, load_model, resolve_checkpoint, sha256_file
+    from ciard_deploy.model_loader import load_model
 
     if on_mismatch not in ("refuse", "discard"):
         raise UsageError(f"on_mismatch must be 'refuse' or 'discard', got {on_mismatch!r}")
@@ -314,10 +314,6 @@ def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, att
 
     The result is not validated until saved and loaded again (``load_pack``).
     """
-    from ciard_deploy import __version__
-    from ciard_deploy.attacks.base import format_eps
-    from ciard_deploy.io import library_versions
-
     xs = np.ascontiguousarray(x, dtype=np.float32)
     ys = np.asarray(y).astype(np.int64)
     lc = np.ascontiguousarray(logits_clean, dtype=np.float32)

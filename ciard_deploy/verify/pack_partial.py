@@ -29,14 +29,14 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 
-from ciard_deploy.attacks.state import (AttackRecord, EvaluationKey, ResumableState, StateEvent, StateKey,
-                                       StateMismatch)
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.limits import (LimitError, loads_json)
+from ciard_deploy.fingerprint import checksum_arrays
+from ciard_deploy.io import atomic_path, write_blocker
+from ciard_deploy.limits import LimitError, loads_json
 from ciard_deploy.lock import is_lock_file
-
-
-from ciard_deploy.verify.pack import (ARTIFACT_ARRAYS, EPS_TOLERANCE, ArtifactSection, _accuracy, _validate_artifacts, checksum_arrays, read_npz, reference_flags)
+from ciard_deploy.resume import (AttackRecord, EvaluationKey, ResumableState, StateEvent, StateKey, StateMismatch)
+from ciard_deploy.verify.pack import ARTIFACT_ARRAYS, EPS_TOLERANCE, ArtifactSection, reference_flags, top1_correct
+from ciard_deploy.verify.pack_load import read_npz, validate_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,6 @@ def check_partial_dir(folder: str | os.PathLike) -> Path:
         UsageError: ``folder`` is a file, or cannot be made or written.
         ArtifactError: ``folder`` holds files a pack build does not write (it is someone else's).
     """
-    from ciard_deploy.io import write_blocker
-
     p = Path(folder)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{p} is a file, not a pack's partial-results folder; move it away")
@@ -136,13 +134,7 @@ def check_partial_dir(folder: str | os.PathLike) -> Path:
 
 def read_partial(folder: str | os.PathLike) -> PackPartial | None:
     """The partial state in ``folder``, or None where there is none (or it is unreadable): for messages."""
-    path = Path(folder) / PARTIAL_STATE
-    if not path.is_file():
-        return None
-    try:
-        return PackPartial.load(path)
-    except ArtifactError:
-        return None
+    return PackPartial.peek(Path(folder) / PARTIAL_STATE)
 
 
 def discard_partial(folder: str | os.PathLike) -> bool:
@@ -165,8 +157,6 @@ def discard_partial(folder: str | os.PathLike) -> bool:
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from ciard_deploy.io import atomic_path
-
     arrays = dict(arrays)
     arrays["checksum"] = np.array([checksum_arrays(arrays)])
     with atomic_path(path) as tmp:
@@ -212,17 +202,10 @@ class _Partial:
                 raise
             self._discard(f"it holds a different pack ({'; '.join(e.differences)})")
         except ArtifactError as e:
-            if on_mismatch == "refuse" or self._other_kind():
+            if on_mismatch == "refuse" or PackPartial.holds_other_kind(self.path):
                 raise  # a file of another kind is never overwritten
             self._discard(str(e))
         self.clean_saved = False
-
-    def _other_kind(self) -> bool:
-        try:
-            d = json.loads(self.path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False  # unparseable, in a folder of only our own names: our own, damaged
-        return not (isinstance(d, dict) and d.get("kind") == PARTIAL_KIND)
 
     def _discard(self, why: str) -> None:
         log.info("discarding the partial pack results in %s: %s; building from scratch", self.folder, why)
@@ -243,7 +226,7 @@ class _Partial:
             lc = _read_npz(self.folder / PARTIAL_CLEAN, ("logits_clean",))["logits_clean"]
             if lc.dtype != np.float32 or lc.shape != (len(y), num_classes) or not np.isfinite(lc).all():
                 raise ValueError(f"{PARTIAL_CLEAN} holds {lc.dtype} {lc.shape}, not float32 ({len(y)}, {num_classes})")
-            if not np.array_equal(_accuracy(lc, y), self.state.clean_correct):
+            if not np.array_equal(top1_correct(lc, y), self.state.clean_correct):
                 raise ValueError(f"{PARTIAL_CLEAN} disagrees with the clean flags of {PARTIAL_STATE}")
         except ValueError as e:
             self._refuse(str(e))
@@ -293,7 +276,7 @@ class _Partial:
                 raise ValueError(f"{_attack_file(rec.label)} holds another artifact's section")
             meta["index"] = job.index
             pack_arrays = {"x": x, "y": y} | {f"art_{job.index}_{k}": arrays[k] for k in ARTIFACT_ARRAYS}
-            (section,) = _validate_artifacts(self.folder, pack_arrays, {"eps": self.key.eps, "artifacts": [meta]},
+            (section,) = validate_artifacts(self.folder, pack_arrays, {"eps": self.key.eps, "artifacts": [meta]},
                                              x, y, int(arrays["logits"].shape[1]))
             if not np.array_equal(section.found_by == -1, rec.per_sample):  # type: ignore[union-attr]
                 raise ValueError(f"{rec.label} flags disagree with {PARTIAL_STATE}")

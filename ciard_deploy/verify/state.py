@@ -52,7 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from ciard_deploy.attacks.state import ResumableState, StateKey
+from ciard_deploy.resume import ResumableState, StateKey
 from ciard_deploy.verify.live import live_size
 
 VERIFY_STATE_KIND = "ciard.verify_state"

@@ -92,9 +92,9 @@ if __name__ == "__main__":
     if os.environ.get("PAUSE_AT_TRAIN_STEP"):
         at_train_step(int(os.environ["PAUSE_AT_TRAIN_STEP"]))
     if os.environ.get("SAVE_EVERY_S"):
-        from ciard_deploy.verify import evaluate
+        from ciard_deploy.verify import verification
 
-        inspect.unwrap(evaluate.run).__kwdefaults__["save_every"] = float(os.environ["SAVE_EVERY_S"])
+        inspect.unwrap(verification.run).__kwdefaults__["save_every"] = float(os.environ["SAVE_EVERY_S"])
     from ciard_deploy.cli import main
 
     sys.argv[0] = "ciard"

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ciard_deploy.data import get_dataset_info
-from ciard_deploy.io import CheckpointMeta, save_checkpoint
+from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
 from ciard_deploy.models import create_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

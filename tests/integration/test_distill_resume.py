@@ -16,7 +16,8 @@ from ciard_deploy.config import recipe_from_dict
 from ciard_deploy.data import get_dataset_info
 from ciard_deploy.distill.events import TrainingInterrupted
 from ciard_deploy.distill.trainer import run
-from ciard_deploy.io import CheckpointMeta, load_model, read_meta, save_checkpoint
+from ciard_deploy.checkpoints import CheckpointMeta, read_meta, save_checkpoint
+from ciard_deploy.model_loader import load_model
 from ciard_deploy.models import create_model
 
 pytestmark = pytest.mark.integration

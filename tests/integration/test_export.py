@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from ciard_deploy import export
 from ciard_deploy.errors import GateFailed
-from ciard_deploy.io import sha256_file
+from ciard_deploy.fingerprint import sha256_file
 
 pytestmark = pytest.mark.integration
 EPS = 0.15  # the eps the session student was trained at (its checkpoint metadata)
@@ -63,7 +63,7 @@ def test_every_artifact_runs_in_an_independent_session(exported):
 
 def test_agreement_meets_each_precision_threshold(exported, student):
     from ciard_deploy.data import create_dataset
-    from ciard_deploy.io import load_model
+    from ciard_deploy.model_loader import load_model
 
     m = exported.manifest
     assert m.passed and m.status == "passed"
@@ -116,7 +116,7 @@ def test_manifest_hashes_match_files_and_metadata_travels(exported, student):
 
 def test_reference_metrics_and_calibration_are_recorded(exported, student):
     from ciard_deploy.export.quantize import build_calibration_set
-    from ciard_deploy.io import load_model
+    from ciard_deploy.model_loader import load_model
 
     m = exported.manifest
     ref = m.reference

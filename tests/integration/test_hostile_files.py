@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ciard_deploy.verify.pack import checksum_arrays
+from ciard_deploy.fingerprint import checksum_arrays
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +96,7 @@ def deep(depth: int) -> str:
 # --------------------------------------------------------------------------- item 3: manifests point inside their folder
 @pytest.mark.parametrize("where", ["relative", "absolute", "symlink"])
 def test_manifest_cannot_make_inspect_or_verify_read_outside(where, work, refused, monkeypatch):
-    import ciard_deploy.io
+    import ciard_deploy.fingerprint
 
     secret = work["root"] / "secret.bin"
     if where == "symlink":  # a plain name, but the file is a link leaving the folder
@@ -108,8 +108,8 @@ def test_manifest_cannot_make_inspect_or_verify_read_outside(where, work, refuse
         edit_json(work["manifest"], lambda m: m["artifacts"][0].update(file=target))
         needles = ("manifest.json", "artifacts.0.file", "inside the export folder")
     hashed = []
-    real = ciard_deploy.io.sha256_file
-    monkeypatch.setattr(ciard_deploy.io, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
+    real = ciard_deploy.fingerprint.sha256_file
+    monkeypatch.setattr(ciard_deploy.fingerprint, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
     refused(work["root"], "inspect", work["export"], needles=needles)
     if where != "symlink":
         refused(work["root"], "verify", work["onnx"], "--pack", work["pack"], "--live", "none", needles=needles)
@@ -238,7 +238,7 @@ def test_pack_eps_edits_are_refused(case, needles, work, refused):
 def test_pack_whose_eps_is_raised_consistently_is_flagged_against_the_artifact(work, invoke):
     """Pack eps, attack eps and images all moved to 0.3 (checksum recomputed): the pack is self-consistent,
     so it loads, but the artifact records eps 0.1: V109 fails verify unless --allow-mismatch."""
-    from ciard_deploy.attacks.base import format_eps
+    from ciard_deploy.attacks.budget import format_eps
 
     def edit(m):
         m["eps"], m["eps_label"] = 0.3, format_eps(0.3)

@@ -161,7 +161,7 @@ def test_training_killed_mid_epoch_then_in_a_state_save_resumes_to_an_uninterrup
     import torch
 
     from ciard_deploy.distill import trainer
-    from ciard_deploy.io import sha256_file
+    from ciard_deploy.fingerprint import sha256_file
 
     whole, out = tmp_path / "whole", tmp_path / "run"
     trainer.run(tiny_recipe, whole, handle_signals=False)
@@ -259,7 +259,7 @@ def test_an_interrupted_export_then_the_same_command_writes_the_same_model(sig, 
     exit 130, the staging folder is removed at once. SIGKILL: no ``finally`` runs, the staging folder stays until
     the same command, which removes it. Then the same command writes the model file of an uninterrupted export
     (same sha256)."""
-    from ciard_deploy.io import sha256_file
+    from ciard_deploy.fingerprint import sha256_file
 
     out, log = tmp_path / "export", tmp_path / "export.log"
     args = ["export", digits_robust_run, "--out", out, "--n", 64, "--threads", 1]

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from ciard_deploy.cli import app
 from ciard_deploy.config import find_recipe, load_recipe
 from ciard_deploy.distill.trainer import run
-from ciard_deploy.io import sha256_file
+from ciard_deploy.fingerprint import sha256_file
 
 # `ciard quickstart` from an empty teacher cache (two teachers, the student, export, the pack with white-box
 # attacks on both artifacts, verify) took ~180 s on 2 loaded cores: give the module's first test room for a
@@ -126,7 +126,7 @@ def test_ciard_parts_were_active(runs):
     # the retrained robust teacher differs from the cached one it started from
     import torch
 
-    from ciard_deploy.io import read_state_dict
+    from ciard_deploy.checkpoints import read_state_dict
 
     state = torch.load(run_dir / "train_state.pt", weights_only=True)
     start = read_state_dict(refs["robust"]["path"])

@@ -20,7 +20,7 @@ import torch
 
 from ciard_deploy.attacks.square import SquareAttack, numpy_predict_from_session
 from ciard_deploy.data.digits import load_digits_split
-from ciard_deploy.io import load_model
+from ciard_deploy.model_loader import load_model
 
 pytestmark = pytest.mark.integration
 EPS = 0.15  # the eps the session model was trained at

@@ -90,7 +90,7 @@ def resnet_exports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.n
     from PIL import Image
 
     from ciard_deploy.data import create_dataset, get_dataset_info
-    from ciard_deploy.io import CheckpointMeta, save_checkpoint
+    from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
     from ciard_deploy.models import create_model
 
     d = tmp_path_factory.mktemp("twin_resnet")

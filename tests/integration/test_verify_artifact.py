@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ciard_deploy.verify.evaluate import run as verify
-from ciard_deploy.verify.pack import load_pack, save_pack
+from ciard_deploy.verify.verification import run as verify
+from ciard_deploy.verify.pack import save_pack
+from ciard_deploy.verify.pack_load import load_pack
 from ciard_deploy.verify.pack_build import build_pack
 
 pytestmark = pytest.mark.integration
@@ -41,7 +42,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_the_pack_holds_a_section_per_artifact_with_a_faithful_twin(artifact_pack, digits_robust_exports):
-    from ciard_deploy.io import sha256_file
+    from ciard_deploy.fingerprint import sha256_file
 
     pack = load_pack(artifact_pack)
     assert [s.name for s in pack.artifacts] == ["model.onnx", "model.int8.onnx"]
@@ -181,7 +182,7 @@ def test_an_untrusted_twin_is_refused_unless_allowed(digits_robust_run, digits_r
 
 def test_a_tampered_artifact_section_is_refused(artifact_pack, tmp_path):
     from ciard_deploy.errors import ArtifactError
-    from ciard_deploy.verify.pack import checksum_arrays
+    from ciard_deploy.fingerprint import checksum_arrays
 
     with np.load(artifact_pack, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}

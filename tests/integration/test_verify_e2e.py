@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from ciard_deploy.cli import app
 from ciard_deploy.verify import Gates, VerifyReport, build_pack, load_pack, run, save_pack
-from ciard_deploy.verify.pack import checksum_arrays
+from ciard_deploy.fingerprint import checksum_arrays
 from ciard_deploy.verify.pack_build import pack_from_arrays
 
 pytestmark = pytest.mark.integration
@@ -120,7 +120,9 @@ def test_pack_holds_the_pytorch_reference(robust_pack, robust_run, work):
     import torch
 
     from ciard_deploy.data import create_dataset
-    from ciard_deploy.io import load_model, resolve_checkpoint, sha256_file
+    from ciard_deploy.checkpoints import resolve_checkpoint
+    from ciard_deploy.fingerprint import sha256_file
+    from ciard_deploy.model_loader import load_model
 
     pack = load_pack(robust_pack)
     model, model_meta = load_model(robust_run)
@@ -396,7 +398,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_an_interrupted_pack_build_resumes_to_the_same_arrays(robust_run, robust_pack, tmp_path):
     """Ctrl-C (raised by the progress callback) as the second attack starts; the next build takes the first from the
     partial folder without running it (nor the clean pass) and its arrays equal the CLI's uninterrupted pack's."""
-    from ciard_deploy.attacks.state import StateMismatch
+    from ciard_deploy.resume import StateMismatch
 
     settings = dict(n=N, attacks=ATTACKS.split(","), eps=EPS, step_size=STEP, device="cpu")
     partial = tmp_path / "pack.npz.partial"

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ciard_deploy.cli import app
-from ciard_deploy.io import sha256_file
+from ciard_deploy.fingerprint import sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

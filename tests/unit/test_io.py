@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.io import (CheckpointMeta, atomic_write_text, load_checkpoint, load_model, load_weights_into,
-                             read_state_dict, save_checkpoint, sha256_file)
+from ciard_deploy.checkpoints import CheckpointMeta, load_weights_into, read_state_dict, save_checkpoint
+from ciard_deploy.fingerprint import sha256_file
+from ciard_deploy.io import atomic_write_text
+from ciard_deploy.model_loader import load_checkpoint, load_model
 from ciard_deploy.models import create_model
 
 pytestmark = pytest.mark.unit

@@ -51,7 +51,7 @@ def ciard_run(tmp_path_factory) -> Path:
     from ciard_deploy.config import find_recipe, load_recipe
     from ciard_deploy.data import get_dataset_info
     from ciard_deploy.distill.trainer import run
-    from ciard_deploy.io import CheckpointMeta, save_checkpoint
+    from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
     from ciard_deploy.models import create_model
 
     d = tmp_path_factory.mktemp("plots")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from ciard_deploy.cli import app
 from ciard_deploy.config import DeployConfig, deep_merge, load_recipe, recipe_from_dict
 from ciard_deploy.errors import RecipeError, UsageError
-from ciard_deploy.io import sha256_file
+from ciard_deploy.fingerprint import sha256_file
 from ciard_deploy.options.gates import SPECS
 from ciard_deploy.verify.gates import gates_from_mapping
 from ciard_deploy.workflow import (STAGES, STATE_FORMAT, STATE_NAME, Layout, QUICKSTART_RECIPE, canonical_hash,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ciard_deploy.attacks import FGSM, Attack, create_attack, evaluate
-from ciard_deploy.attacks.state import (
+from ciard_deploy.resume import (
     AttackRecord,
     EvaluationKey,
     EvaluationState,
@@ -296,6 +296,6 @@ def test_the_state_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from ciard_deploy.attacks.state import EvaluationState, open_state; "
+    code = ("import sys; from ciard_deploy.resume import EvaluationState, open_state; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -13,7 +13,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from ciard_deploy.data import get_dataset_info
-    from ciard_deploy.io import CheckpointMeta, save_checkpoint
+    from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
     from ciard_deploy.models import create_model
 
     d = tmp_path_factory.mktemp("ck")

@@ -87,7 +87,7 @@ def test_shell_completion_is_offered(invoke):
 
 
 def test_no_eps_message_prints_a_long_decimal():
-    from ciard_deploy.attacks.base import format_eps
+    from ciard_deploy.attacks.budget import format_eps
     from ciard_deploy.cli.export import _eps
 
     assert _eps(8 / 255) == format_eps(8 / 255) == "8/255" and _eps(None) == "-"

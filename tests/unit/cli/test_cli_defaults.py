@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ciard_deploy.attacks.base import choose_eps
+from ciard_deploy.attacks.budget import choose_eps
 from ciard_deploy.cli import app
 from ciard_deploy.errors import UsageError
 from ciard_deploy.models import create_model

@@ -8,10 +8,11 @@ import yaml
 
 from ciard_deploy.config import TeacherSpec, recipe_from_dict
 from ciard_deploy.data import get_dataset_info
-from ciard_deploy.distill.teachers import load_teacher, load_teacher_recipe
+from ciard_deploy.distill.teachers import load_teacher
+from ciard_deploy.config import load_teacher_recipe
 from ciard_deploy.distill.trainer import resolve_teachers, run
 from ciard_deploy.errors import ArtifactError, RecipeError
-from ciard_deploy.io import CheckpointMeta, save_checkpoint
+from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
 from ciard_deploy.models import create_model
 
 pytestmark = pytest.mark.unit

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.export.manifest import (ArtifactRecord, Manifest, check_files, inspect_artifact, load_manifest,
-                                          read_onnx_metadata, set_onnx_metadata)
-from ciard_deploy.io import sha256_file
+from ciard_deploy.export.inspection import inspect_artifact
+from ciard_deploy.export.manifest import (ArtifactRecord, Manifest, check_files, load_manifest, read_onnx_metadata,
+                                          set_onnx_metadata)
+from ciard_deploy.fingerprint import sha256_file
 
 pytestmark = pytest.mark.unit
 

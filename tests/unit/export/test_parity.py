@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ciard_deploy.export.parity import compare_logits
+from ciard_deploy.export.parity_gate import compare_logits
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     from ciard_deploy.data import get_dataset_info
     from ciard_deploy.export.onnx import export_fp32, save_onnx
-    from ciard_deploy.io import CheckpointMeta, save_checkpoint
+    from ciard_deploy.checkpoints import CheckpointMeta, save_checkpoint
     from ciard_deploy.models import create_model
 
     d = tmp_path_factory.mktemp("tiny_runtime")

@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
 
     import numpy as np
     import ciard_deploy.runtime as rt
-    from ciard_deploy.export.manifest import inspect_artifact
+    from ciard_deploy.export.inspection import inspect_artifact
 
     with rt.open_backend(sys.argv[1]) as backend:
         x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)

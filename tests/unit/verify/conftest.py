@@ -96,7 +96,7 @@ def make_linear_onnx(path: Path, wb: tuple[np.ndarray, np.ndarray], metadata: di
 
 def linear_pack(wb, x, y, eps=EPS, attacks=("pgd10", "fgsm"), sha=SOURCE_SHA, num_classes=10) -> RobustnessPack:
     """A pack whose reference is the linear model itself (numpy FGSM/PGD)."""
-    from ciard_deploy.attacks.base import format_eps
+    from ciard_deploy.attacks.budget import format_eps
 
     advs, records = [], []
     for name in attacks:

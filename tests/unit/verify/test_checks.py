@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ciard_deploy.export.manifest import ArtifactRecord, Manifest
-from ciard_deploy.io import sha256_file
+from ciard_deploy.fingerprint import sha256_file
 from ciard_deploy.verify import run
 from ciard_deploy.verify.checks import (CHECKS, check_determinism, check_parity, check_probabilities, check_live,
                                         finding, metadata_mismatches, provenance)

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from ciard_deploy.attacks.state import StateMismatch
+from ciard_deploy.resume import StateMismatch
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.verify import VerifyState, run
 from ciard_deploy.options.live import DEFAULT_LIVE, parse_live, resolve_live
@@ -240,7 +240,8 @@ def test_a_schema_1_state_is_read_and_resumed(tmp_path, linear_onnx, pack_file):
 TOY_ATTACK = '''
 import numpy as np
 
-from ciard_deploy.attacks.base import Budget, QueryAttack
+from ciard_deploy.attacks.base import QueryAttack
+from ciard_deploy.attacks.budget import Budget
 
 
 class RandomSign(QueryAttack):

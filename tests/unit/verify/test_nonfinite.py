@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from ciard_deploy.export.parity import compare_logits
-from ciard_deploy.runtime.parity import Parity, compare, pooled
+from ciard_deploy.export.parity_gate import compare_logits
+from ciard_deploy.runtime.parity_metrics import Parity, compare, pooled
 from ciard_deploy.verify import checks
 from ciard_deploy.verify.gates import Policy, judge_warnings
 

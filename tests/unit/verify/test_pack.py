@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.verify.pack import (FORMAT, SCHEMA_VERSION, RobustnessPack, checksum_arrays, load_pack, reference_flags, save_pack, worst_case_label)
+from ciard_deploy.attacks.results import worst_case_label
+from ciard_deploy.fingerprint import checksum_arrays
+from ciard_deploy.verify.pack import FORMAT, SCHEMA_VERSION, RobustnessPack, reference_flags, save_pack
+from ciard_deploy.verify.pack_load import load_pack
 
 pytestmark = pytest.mark.unit
 

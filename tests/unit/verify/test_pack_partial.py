@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ciard_deploy.attacks.state import StateMismatch
+from ciard_deploy.resume import StateMismatch
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.verify.pack_partial import (PARTIAL_KIND, PackKey, _Partial, check_partial_dir, discard_partial, partial_dir, read_partial)
 

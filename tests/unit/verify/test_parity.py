@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ciard_deploy.runtime.parity import MAX_LISTED_FLIPS, Parity, compare, pooled
-from ciard_deploy.verify.parity import ParityReport
+from ciard_deploy.runtime.parity_metrics import MAX_LISTED_FLIPS, Parity, compare, pooled
+from ciard_deploy.verify.parity_report import ParityReport
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ciard_deploy.attacks.base import create_attack
-from ciard_deploy.attacks.state import AttackRecord, EvaluationState, StateMismatch
+from ciard_deploy.resume import AttackRecord, EvaluationState, StateMismatch
 from ciard_deploy.errors import EXIT_BAD_INPUT, ArtifactError, UsageError
 from ciard_deploy.runtime import open_backend
 from ciard_deploy.verify import VerifyKey, VerifyState, evaluate_runtime, load_pack, run

@@ -1,8 +1,8 @@
 """`ciard eval`: clean and white-box robust accuracy of a PyTorch checkpoint, AutoAttack-style.
 
 Glue only: load the model and a seeded, class-stratified test subset, open the evaluation state
-if one is asked for (``attacks.state``), then run the attack cascade of
-``ciard_deploy.attacks.cascade``.
+if one is asked for (``ciard_deploy.resume``), then run the attack cascade of
+``ciard_deploy.attacks.cascade``. Imports torch (the CLI imports it when ``ciard eval`` runs).
 """
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ciard_deploy.attacks import create_attack, parse_attack_spec, parse_eps
+from ciard_deploy.attacks.budget import choose_eps
+from ciard_deploy.attacks.cascade import evaluate as cascade
+from ciard_deploy.checkpoints import resolve_checkpoint
+from ciard_deploy.data import load_test_set_for
+from ciard_deploy.devices import resolve_device
 from ciard_deploy.errors import UsageError
-
-#: What a mismatching state file's error ends with (the CLI's way out).
-MISMATCH_HINT = "the file was left as it is: pass --fresh to discard it, or give another --state file"
+from ciard_deploy.fingerprint import sha256_file
+from ciard_deploy.io import library_versions
+from ciard_deploy.model_loader import load_model
+from ciard_deploy.resume import FRESH_HINT, EvaluationKey, StateMismatch, open_state
 
 
 def run(source: str | Path, attacks: list[str], eps: float | str | None = None, n: int = 1000,
@@ -25,10 +32,10 @@ def run(source: str | Path, attacks: list[str], eps: float | str | None = None, 
         on_state: Callable[..., None] | None = None) -> dict[str, Any]:
     """Evaluates ``source`` (run dir, ciard checkpoint, or a plain state dict with ``arch``).
 
-    ``eps`` None measures at the training eps the checkpoint records (``attacks.base.choose_eps``);
+    ``eps`` None measures at the training eps the checkpoint records (``attacks.budget.choose_eps``);
     a given eps that differs from it is used, and the result says so (``eps_warning``).
 
-    With ``state_path`` the evaluation is resumable: the file (JSON, see ``attacks.state``) is
+    With ``state_path`` the evaluation is resumable: the file (JSON, see ``ciard_deploy.resume``) is
     created if absent and saved after the clean pass, after each finished attack and every few
     seconds inside one. If it exists it must hold the same evaluation (model sha256, arch,
     dataset, split, samples, seed, eps, and equal settings for attacks it shares with
@@ -46,14 +53,6 @@ def run(source: str | Path, attacks: list[str], eps: float | str | None = None, 
         ArtifactError: the state file exists but is not a ciard evaluation state (never overwritten).
         StateMismatch: the state file holds a different evaluation (an ArtifactError; names each difference).
     """
-    from ciard_deploy.attacks import create_attack, parse_attack_spec, parse_eps
-    from ciard_deploy.attacks.base import choose_eps
-    from ciard_deploy.attacks import evaluate as cascade
-    from ciard_deploy.attacks.state import EvaluationKey, StateMismatch, open_state
-    from ciard_deploy.data import load_test_set_for
-    from ciard_deploy.devices import resolve_device
-    from ciard_deploy.io import library_versions, load_model, resolve_checkpoint, sha256_file
-
     if n <= 0:
         raise UsageError(f"--n must be positive, got {n}")
     if batch_size <= 0:
@@ -81,7 +80,7 @@ def run(source: str | Path, attacks: list[str], eps: float | str | None = None, 
             state, _ = open_state(state_path, key, atks, fresh=fresh,
                                   info={"model_source": str(path), "versions": library_versions()})
         except StateMismatch as e:
-            e.hint = MISMATCH_HINT
+            e.hint = FRESH_HINT
             raise
     model = model.to(dev)
     t0 = time.perf_counter()

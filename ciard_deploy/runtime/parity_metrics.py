@@ -6,8 +6,8 @@ tight element-wise tolerance (Polygraphy's 1e-5 default fails FP16 engines that 
 correctly; NVIDIA/TensorRT#2709). Element level (max and mean absolute logit difference,
 and which image diverged most) is reported so a reader can see how far apart they are.
 
-Used by export (``export.parity.compare_logits``: the same numbers plus a threshold, in the
-manifest) and by verify (``verify.parity.ParityReport``: clean and per-attack, in the report).
+Used by export (``export.parity_gate.compare_logits``: the same numbers plus a threshold, in the
+manifest) and by verify (``verify.parity_report.ParityReport``: clean and per-attack, in the report).
 numpy only.
 """
 

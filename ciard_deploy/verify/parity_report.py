@@ -1,6 +1,6 @@
 """Parity of a runtime's logits with the PyTorch reference stored in the pack: clean and per attack.
 
-The comparison itself (``Parity``, ``compare``, ``pooled``) is ``ciard_deploy.runtime.parity``;
+The comparison itself (``Parity``, ``compare``, ``pooled``) is ``ciard_deploy.runtime.parity_metrics``;
 this is the report's ``parity`` section built from it. numpy only.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ciard_deploy.runtime.parity import Parity, pooled
+from ciard_deploy.runtime.parity_metrics import Parity, pooled
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""The export's parity check: ``runtime.parity.compare`` plus the precision's agreement threshold.
+"""The export's parity check: ``runtime.parity_metrics.compare`` plus the precision's agreement threshold.
 
 What is measured, and why agreement gates while logit differences are only reported, is in
-``ciard_deploy.runtime.parity``. This adds the gate and the shape of the manifest's
+``ciard_deploy.runtime.parity_metrics``. This adds the gate and the shape of the manifest's
 ``parity.clean`` / ``parity.adversarial`` entries. numpy only.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ciard_deploy.runtime.parity import Parity, compare
+from ciard_deploy.runtime.parity_metrics import Parity, compare
 
 
 @dataclass(frozen=True)
