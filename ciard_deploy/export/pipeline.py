@@ -2,7 +2,8 @@
 
 Order of work, so that bad input costs nothing and writes nothing:
 
-1. validate options and formats; a TensorRT format checks TensorRT and a GPU first (exit 3);
+1. validate options and formats; each format's runtime checks what it needs first (TensorRT and a GPU
+   for an engine, the execution provider for an ONNX file: ``check_environment``, exit 3);
 2. check the output folder (existing outputs need ``force``; it must be writable);
 3. load the checkpoint, the dataset's description and the parity images;
 4. in a staging folder beside the output: PyTorch reference logits (clean and under the
@@ -35,14 +36,13 @@ import numpy as np
 
 from ciard_deploy.io import write_blocker
 from ciard_deploy.lock import holding
-from ciard_deploy.errors import BackendUnavailable, GateFailed, UsageError
-from ciard_deploy.export.base import FORMATS, ExportOptions, FormatSpec, resolve_formats
+from ciard_deploy.errors import GateFailed, UsageError
+from ciard_deploy.export.base import FORMATS, ExportOptions, FormatSpec, check_environment, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, load_manifest
 from ciard_deploy.export.parity import compare_logits
 from ciard_deploy.export.quantize import array_sha256
 from ciard_deploy.runtime.base import OUTPUT_NAME, InputSpec
 from ciard_deploy.runtime.metadata import SCHEMA as ARTIFACT_SCHEMA
-from ciard_deploy.runtime.metadata import sidecar_path
 from ciard_deploy.runtime.parity import accuracy
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ class ExportContext:
 
     def input_spec(self, spec: FormatSpec) -> InputSpec:
         o = self.options
-        max_batch = o.max_batch if spec.format == "tensorrt" and o.batch == "dynamic" else None
+        # a format with an optimization profile (it uses max_batch) bounds a dynamic batch
+        max_batch = o.max_batch if "max_batch" in spec.options and o.batch == "dynamic" else None
         return InputSpec(shape=self.input_shape, batch=o.batch, max_batch=max_batch)
 
     def warn(self, message: str) -> None:
@@ -153,13 +154,7 @@ def check_output(out_dir: Path, files: Sequence[str], force: bool) -> None:
 
 
 def _planned_files(names: Sequence[str]) -> list[str]:
-    files = []
-    for n in names:
-        spec = FORMATS.get(n)
-        files.append(spec.filename)
-        if spec.format == "tensorrt":
-            files.append(sidecar_path(spec.filename).name)
-    return files + [MANIFEST_NAME]
+    return [f for n in names for f in FORMATS.get(n).files()] + [MANIFEST_NAME]
 
 
 def _source_info(source: str | Path, meta: Any) -> dict[str, Any]:
@@ -238,9 +233,7 @@ def check_artifact(rec: ArtifactRecord, path: Path, ref: Reference, opts: Export
     from ciard_deploy.io import sha256_file
     from ciard_deploy.runtime import open_backend
 
-    onnx_file = rec.format == "onnx"
-    extra = {"threads": opts.threads} if onnx_file and opts.threads else {}
-    with open_backend(path, provider=opts.provider if onnx_file else None, **extra) as backend:
+    with open_backend(path, **FORMATS.get(rec.name).backend.open_options(opts.provider, opts.threads)) as backend:
         logits = backend.predict(ref.images)
         clean = compare_logits(ref.logits, logits, opts.threshold(rec.precision))
         rec.parity = {"clean": {**clean.to_dict(), "summary": clean.summary()}}
@@ -313,17 +306,7 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
 
     opts = (options or ExportOptions()).with_overrides(**overrides).validate()
     names = resolve_formats(list(formats), opts)
-    if any(FORMATS.get(n).gpu for n in names):
-        from ciard_deploy.runtime.trt_backend import ensure_tensorrt, import_polygraphy_trt
-
-        ensure_tensorrt()
-        import_polygraphy_trt()
-    if opts.provider != "cpu" and any(FORMATS.get(n).format == "onnx" for n in names):
-        from ciard_deploy.runtime.ort_backend import provider_status
-
-        status = provider_status(opts.provider)
-        if status != "ok":
-            raise BackendUnavailable(f"--provider {opts.provider}: {status.removeprefix('unavailable: ')}")
+    check_environment(names, opts.provider)
     out = Path(out_dir)
     check_output(out, _planned_files(names), force)
 
@@ -337,7 +320,7 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
         raise UsageError(f"dataset {ds_name} has {info.num_classes} classes of shape {tuple(info.input_shape)} but the "
                          f"model takes {tuple(meta.input_shape)} with {meta.num_classes} classes")
     eps = float(opts.eps) if opts.eps is not None else (float(meta.eps) if meta.eps is not None else None)
-    calibrated = any(n == "onnx-int8" or (n == "tensorrt-int8" and opts.trt_int8 == "calibrator") for n in names)
+    calibrated = any(FORMATS.get(n).calibrated_for(opts) for n in names)
     from ciard_deploy.attacks.base import create_attack
 
     if calibrated and opts.calib != "clean":

@@ -22,7 +22,7 @@ import numpy as np
 
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.export.base import FormatSpec
-from ciard_deploy.export.onnx import _first_line, save_onnx
+from ciard_deploy.export.onnx import first_line, save_onnx
 from ciard_deploy.runtime.base import INPUT_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,7 +118,7 @@ def quantize_qdq(src: Path, dest: Path, images: np.ndarray, method: str = "minma
         pre.unlink(missing_ok=True)
         raise
     except Exception as e:  # pre-processing is an optimization: quantize the raw graph if it fails
-        log.warning("onnxruntime quant_pre_process failed (%s); quantizing the graph as exported", _first_line(e))
+        log.warning("onnxruntime quant_pre_process failed (%s); quantizing the graph as exported", first_line(e))
         settings["pre_processed"] = False
         model_in = src
     try:
@@ -130,7 +130,7 @@ def quantize_qdq(src: Path, dest: Path, images: np.ndarray, method: str = "minma
     except OSError:  # ENOSPC, EACCES, ...: the file system's failure, not quantization's (exit 2 naming the file)
         raise
     except Exception as e:
-        raise ArtifactError(f"INT8 quantization failed: {_first_line(e)}") from None
+        raise ArtifactError(f"INT8 quantization failed: {first_line(e)}") from None
     finally:
         pre.unlink(missing_ok=True)
     return settings

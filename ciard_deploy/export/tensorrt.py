@@ -155,17 +155,15 @@ class TensorRTExporter:
     def export(self, ctx: "ExportContext", dest: Path) -> dict[str, Any]:
         o = ctx.options
         precision = self.spec.precision
+        (source,) = self.spec.needs_for(o)  # the ONNX file it is built from (the table says which)
+        src = ctx.path_of(source)
         calib_images = calibration = calib_cache = None
-        if precision == "int8" and o.trt_int8 == "calibrator":
-            src = ctx.path_of("onnx")
+        if self.spec.calibrated_for(o):  # INT8 from the FP32 ONNX with an entropy calibrator
             calib_images, calibration = ctx.calibration()
             calibration = {**calibration, "method": "tensorrt entropy (IInt8EntropyCalibrator2)"}
             calib_cache = dest.with_name(dest.name + ".calib.cache")
-        elif precision == "int8":
-            src = ctx.path_of("onnx-int8")
-            calibration = ctx.record_of("onnx-int8").get("calibration")
-        else:
-            src = ctx.path_of("onnx")
+        elif precision == "int8":  # explicit quantization: the QDQ ONNX's scales
+            calibration = ctx.record_of(source).get("calibration")
         data, engine = build_engine(src, precision, ctx.input_shape, o.batch, o.workspace_mb, o.min_batch, o.opt_batch,
                                     o.max_batch, Path(o.timing_cache) if o.timing_cache else None, calib_images,
                                     calib_cache, ctx.warn)

@@ -7,6 +7,7 @@ importable on a device without torch.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -25,6 +26,15 @@ def import_torch() -> Any:
         raise BackendUnavailable(f"PyTorch {why}: {TRAIN_EXTRA_HINT}, "
                                  "or verify an exported .onnx/.engine file instead") from None
     return torch
+
+
+def torch_status() -> str:
+    """``"ok"`` or ``"unavailable: <reason>"`` for PyTorch (the ``train`` extra)."""
+    try:
+        importlib.import_module("torch")
+    except Exception as e:
+        return f"unavailable: {type(e).__name__}: {e} (pip install 'ciard-deploy[train]')"
+    return "ok"
 
 
 class TorchBackend(BaseBackend):
