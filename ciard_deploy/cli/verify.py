@@ -20,7 +20,6 @@ from ciard_deploy.cli.common import (QuietOption, State, ThreadsOption, apply_th
                                      checkpoint_inputs, console, err_console, from_run_folder, handle_errors, is_stdout,
                                      note, progress, setup_logging, write_json)
 from ciard_deploy.errors import GateFailed, UsageError
-from ciard_deploy.lock import folder_lock
 from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
 
 
@@ -174,9 +173,9 @@ def pack_cmd(
 
     Exit codes: 0 written, 2 bad input, 3 PyTorch missing, 130 interrupted.
     """
-    from ciard_deploy.verify.pack import check_output, save_pack
-    from ciard_deploy.verify.pack_partial import check_partial_dir, discard_partial, partial_dir
-    from ciard_deploy.verify.pack_build import build_pack
+    from ciard_deploy.verify.pack import check_output
+    from ciard_deploy.verify.pack_partial import check_partial_dir, partial_dir
+    from ciard_deploy.verify.pack_build import write_pack
     from ciard_deploy.verify.render import render_pack
 
     if quiet:
@@ -193,22 +192,19 @@ def pack_cmd(
     threads = apply_threads(threads)
     names = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
     art_names = [a.strip() for a in artifact_attacks.split(",") if a.strip()]
-    # the partial folder's lock, from the build to its removal: a second `ciard pack --out OUT` is refused (exit 2);
-    # SIGTERM (a CI cancel) is Ctrl-C: the finished attacks are kept, exit 130
-    with folder_lock(partial, remove_if_empty=True), terminate_as_interrupt():
+    # write_pack holds the partial folder's lock from the build to its removal: a second `ciard pack --out OUT` is
+    # refused (exit 2); SIGTERM (a CI cancel) is Ctrl-C: the finished attacks are kept, exit 130
+    with terminate_as_interrupt():
         try:
             with StagedProgress("pack") as update:
-                pack = build_pack(source, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed,
+                pack = write_pack(source, out, force=force, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed,
                                   data_root=data_root, download=download, device=device, batch_size=batch_size,
-                                  arch=arch, step_size=step_size, progress=update, resume_dir=partial,
-                                  on_mismatch="discard", on_state=_partial_line, artifacts=artifact or [],
-                                  artifact_attacks=art_names, allow_untrusted_twin=allow_untrusted_twin,
-                                  threads=threads, on_plan=_plan_lines)
+                                  arch=arch, step_size=step_size, progress=update, on_state=_partial_line,
+                                  artifacts=artifact or [], artifact_attacks=art_names,
+                                  allow_untrusted_twin=allow_untrusted_twin, threads=threads, on_plan=_plan_lines)
         except KeyboardInterrupt as e:
             _interrupted_pack(partial, e)
             raise typer.Exit(130) from None
-        save_pack(pack, out, force=force)
-        discard_partial(partial)
     summary = pack.summary()
     render_pack(summary, console)
     _wrote(out)
