@@ -21,6 +21,10 @@ from ciard_deploy.cli.common import (QuietOption, State, ThreadsOption, apply_th
                                      note, progress, setup_logging, write_json)
 from ciard_deploy.errors import GateFailed, UsageError
 from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
+from ciard_deploy.verify.pack import check_output
+from ciard_deploy.verify.pack_build import write_pack
+from ciard_deploy.verify.pack_partial import check_partial_dir, partial_dir, read_partial
+from ciard_deploy.verify.render import render_pack
 
 
 class StagedProgress:
@@ -85,8 +89,6 @@ def _interrupted(exc: BaseException) -> str:
 
 def _interrupted_pack(partial: Path, exc: BaseException) -> None:
     """The Ctrl-C (or SIGTERM) line of `ciard pack`: what was kept, and that the same command continues."""
-    from ciard_deploy.verify.pack_partial import read_partial
-
     state = read_partial(partial)
     labels = [a.label for a in state.attacks] if state is not None else []
     if labels:
@@ -173,11 +175,6 @@ def pack_cmd(
 
     Exit codes: 0 written, 2 bad input, 3 PyTorch missing, 130 interrupted.
     """
-    from ciard_deploy.verify.pack import check_output
-    from ciard_deploy.verify.pack_partial import check_partial_dir, partial_dir
-    from ciard_deploy.verify.pack_build import write_pack
-    from ciard_deploy.verify.render import render_pack
-
     if quiet:
         State.quiet = True
         setup_logging(State.verbose, quiet=True)  # the discard log line too
