@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.export.base import FormatSpec
 from ciard_deploy.export.manifest import set_onnx_metadata
+from ciard_deploy.io import unwrap_model
 from ciard_deploy.runtime.base import INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -163,7 +164,6 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
     import onnx
     import torch
 
-    from ciard_deploy.io import unwrap_model
 
     net = copy.deepcopy(unwrap_model(model)).cpu().eval()
     dynamic = batch == "dynamic"

@@ -34,13 +34,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ciard_deploy.io import write_blocker
-from ciard_deploy.lock import holding
+from ciard_deploy import __version__
+from ciard_deploy.attacks.base import create_attack
 from ciard_deploy.errors import GateFailed, UsageError
+from ciard_deploy.io import (checkpoint_paths, library_versions, load_model, resolve_checkpoint, sha256_file,
+                             write_blocker)
+from ciard_deploy.lock import holding
 from ciard_deploy.export.base import FORMATS, ExportOptions, FormatSpec, check_environment, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, load_manifest
 from ciard_deploy.export.parity import compare_logits
-from ciard_deploy.export.quantize import array_sha256
+from ciard_deploy.export.quantize import array_sha256, build_calibration_set
+from ciard_deploy.runtime import open_backend
 from ciard_deploy.runtime.base import OUTPUT_NAME, InputSpec
 from ciard_deploy.runtime.metadata import SCHEMA as ARTIFACT_SCHEMA
 from ciard_deploy.runtime.parity import accuracy
@@ -117,8 +121,6 @@ class ExportContext:
     def calibration(self) -> tuple[np.ndarray, dict[str, Any]]:
         """The calibration set (built once, shared by the INT8 ONNX and a calibrated engine)."""
         if self._calibration is None:
-            from ciard_deploy.export.quantize import build_calibration_set
-
             o = self.options
             self._calibration = build_calibration_set(self.model, self.dataset, o.calib, o.calib_n, o.seed, self.eps,
                                                       o.calib_attack, o.data_root)
@@ -127,8 +129,6 @@ class ExportContext:
     def artifact_metadata(self, spec: FormatSpec, opset: int | None, calibration: dict[str, Any] | None = None,
                           engine: dict[str, Any] | None = None) -> dict[str, Any]:
         """The metadata written into the artifact itself (ONNX metadata_props or engine sidecar)."""
-        from ciard_deploy.io import library_versions
-
         m = self.meta
         versions = {k: v for k, v in library_versions().items() if k in ("torch", "onnx", "onnxruntime", "tensorrt")}
         return {"schema": ARTIFACT_SCHEMA, "arch": m.arch, "num_classes": int(m.num_classes),
@@ -158,8 +158,6 @@ def _planned_files(names: Sequence[str]) -> list[str]:
 
 
 def _source_info(source: str | Path, meta: Any) -> dict[str, Any]:
-    from ciard_deploy.io import checkpoint_paths, resolve_checkpoint, sha256_file
-
     ckpt = resolve_checkpoint(source)
     meta_file = checkpoint_paths(ckpt)[1]
     run_dir = Path(source) if Path(source).is_dir() else ckpt.parent
@@ -174,8 +172,6 @@ def _source_info(source: str | Path, meta: Any) -> dict[str, Any]:
 def export_versions() -> dict[str, str]:
     """library_versions() plus the export tool chain (onnxscript, polygraphy, simplifiers) where installed."""
     from importlib.metadata import PackageNotFoundError, version
-
-    from ciard_deploy.io import library_versions
 
     out = library_versions()
     for pkg in ("onnxscript", "polygraphy", "onnxslim", "onnxsim"):
@@ -230,9 +226,6 @@ def measure_reference(model: Any, x: Any, y: Any, attack: Any = None, batch_size
 def check_artifact(rec: ArtifactRecord, path: Path, ref: Reference, opts: ExportOptions) -> None:
     """Opens ``path`` in a fresh session of its runtime, compares it with the reference, fills ``rec``
     (parity, metrics, status, size, sha256)."""
-    from ciard_deploy.io import sha256_file
-    from ciard_deploy.runtime import open_backend
-
     with open_backend(path, **FORMATS.get(rec.name).backend.open_options(opts.provider, opts.threads)) as backend:
         logits = backend.predict(ref.images)
         clean = compare_logits(ref.logits, logits, opts.threshold(rec.precision))
@@ -300,9 +293,7 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
         BackendUnavailable: TensorRT or a GPU missing for a TensorRT format (exit 3), nothing written.
         GateFailed: an artifact below its threshold (exit 1), everything written.
     """
-    from ciard_deploy import __version__
-    from ciard_deploy.data import create_dataset, get_dataset_info
-    from ciard_deploy.io import load_model
+    from ciard_deploy.data import create_dataset, get_dataset_info  # imports torch: `import export` stays torch-free
 
     opts = (options or ExportOptions()).with_overrides(**overrides).validate()
     names = resolve_formats(list(formats), opts)
@@ -321,8 +312,6 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
                          f"model takes {tuple(meta.input_shape)} with {meta.num_classes} classes")
     eps = float(opts.eps) if opts.eps is not None else (float(meta.eps) if meta.eps is not None else None)
     calibrated = any(FORMATS.get(n).calibrated_for(opts) for n in names)
-    from ciard_deploy.attacks.base import create_attack
-
     if calibrated and opts.calib != "clean":
         if eps is None:
             raise UsageError(f"--calib {opts.calib} needs an eps: the checkpoint has none, pass --eps")

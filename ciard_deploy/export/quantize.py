@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ciard_deploy.attacks.base import create_attack
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.export.base import FormatSpec
 from ciard_deploy.export.onnx import first_line, save_onnx
@@ -51,7 +52,7 @@ def build_calibration_set(model: Any, dataset: str, source: str = "clean", n: in
         attack: attack spec, e.g. ``pgd20``.
         data_root: the dataset's folder.
     """
-    from ciard_deploy.data import create_dataset
+    from ciard_deploy.data import create_dataset  # imports torch: `import export` stays torch-free
 
     ds = create_dataset(dataset, "train", root=data_root, n=n, seed=seed)
     x, y = ds.tensors()
@@ -61,8 +62,6 @@ def build_calibration_set(model: Any, dataset: str, source: str = "clean", n: in
     if source in ("adversarial", "mixed"):
         if eps is None:
             raise UsageError(f"--calib {source} needs an eps: the checkpoint has none, pass --eps")
-        from ciard_deploy.attacks.base import create_attack
-
         atk = create_attack(attack, eps, seed=seed)
         idx = np.arange(len(x)) if source == "adversarial" else np.arange(1, len(x), 2)
         for start in range(0, len(idx), batch_size):

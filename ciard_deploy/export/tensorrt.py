@@ -29,6 +29,7 @@ import numpy as np
 
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.export.base import FormatSpec
+from ciard_deploy.io import atomic_path
 from ciard_deploy.runtime.metadata import sidecar_path
 from ciard_deploy.runtime.trt_backend import cuda_device_info, ensure_tensorrt, import_polygraphy_trt
 
@@ -132,8 +133,6 @@ def build_engine(onnx_path: Path, precision: str, input_shape: tuple[int, int, i
         raise ArtifactError(f"TensorRT {trt.__version__} could not build a {precision} engine from {onnx_path.name} "
                             "(see the TensorRT log above)")
     try:
-        from ciard_deploy.io import atomic_path
-
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     except OSError as e:

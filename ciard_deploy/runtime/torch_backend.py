@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from ciard_deploy.devices import resolve_device
 from ciard_deploy.errors import TRAIN_EXTRA_HINT, BackendUnavailable
+from ciard_deploy.io import load_model
 from ciard_deploy.runtime.base import GRADIENTS, SCORES, BaseBackend, InputSpec
 
 
@@ -69,8 +71,6 @@ class TorchBackend(BaseBackend):
 
     def _open(self) -> None:
         import_torch()
-        from ciard_deploy.devices import resolve_device
-        from ciard_deploy.io import load_model
 
         self.device = resolve_device(self.device_name)
         if self.model is None:
