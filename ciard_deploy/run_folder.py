@@ -19,7 +19,7 @@ from typing import Any, Literal
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.export.manifest import MANIFEST_NAME, load_manifest
 from ciard_deploy.checkpoints import resolve_checkpoint
-from ciard_deploy.workflow import STATE_NAME, Layout
+from ciard_deploy.workflow.state import STATE_NAME, Layout
 
 Need = Literal["checkpoint", "metrics", "export", "pack"]
 

@@ -133,7 +133,7 @@ def render_summary(summary: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _console_logs_at(level: int) -> Iterator[None]:
+def console_logs_at(level: int) -> Iterator[None]:
     """The progress display shows epochs; the console log handler keeps to warnings meanwhile (the run's
     train.log still gets every INFO line)."""
     handlers = [h for h in logging.getLogger("ciard_deploy").handlers if not isinstance(h, logging.FileHandler)]
@@ -161,7 +161,7 @@ def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume:
     start = time.perf_counter()
     shown = TrainProgress(quiet)
     try:
-        with _console_logs_at(logging.DEBUG if State.verbose else logging.WARNING):
+        with console_logs_at(logging.DEBUG if State.verbose else logging.WARNING):
             try:
                 summary = run(rec, out, resume=resume, device=device, callbacks=[shown])
             finally:

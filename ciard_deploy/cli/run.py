@@ -3,6 +3,7 @@ bundled digits data). Both parse, call ``ciard_deploy.workflow.run`` and render 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from pathlib import Path
@@ -14,12 +15,19 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from ciard_deploy import workflow
 from ciard_deploy.cli.app import app
-from ciard_deploy.cli.common import (DeviceOption, QuietOption, SetOption, State, ThreadsOption, apply_threads, console,
-                                     err_console, handle_errors, write_json)
-from ciard_deploy.cli.common import ForceJsonOption, JsonOption, check_outputs
+from ciard_deploy.cli.common import (DeviceOption, ForceJsonOption, JsonOption, QuietOption, SetOption, State,
+                                     ThreadsOption, apply_threads, check_outputs, console, err_console, handle_errors,
+                                     write_json)
+from ciard_deploy.cli.distill import TrainProgress, console_logs_at
+from ciard_deploy.cli.verify import StagedProgress
+from ciard_deploy.config import find_recipe
 from ciard_deploy.errors import GateFailed
 from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
+from ciard_deploy.verify.render import gates_table
+from ciard_deploy.verify.report import VerifyReport
+from ciard_deploy.workflow import QUICKSTART_RECIPE, check_out_dir, quickstart_recipe
 
 _ACTION_STYLE = {"ran": "green", "resumed": "green", "rejudged": "cyan", "skipped": "dim"}
 
@@ -63,9 +71,6 @@ def _size(n: Any) -> str:
 
 def render_result(result: Any) -> None:
     """The artifact table (PyTorch reference first), failing gates, the report paths and the verdict."""
-    from ciard_deploy.verify.render import gates_table
-    from ciard_deploy.verify.report import VerifyReport
-
     rows, ref = result.rows, result.reference
     recipe = result.state.get("recipe", {})
     labels = sorted({str(r["worst_case"]["label"]) for r in rows})
@@ -140,9 +145,6 @@ def render_result(result: Any) -> None:
 def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Optional[str], device: Optional[str],
              threads: Optional[int], quiet: bool, json_out: Optional[Path], entry: str, resume_hint: str,
              force: bool = False) -> None:
-    from ciard_deploy import workflow
-    from ciard_deploy.cli.distill import TrainProgress, _console_logs_at
-    from ciard_deploy.cli.verify import StagedProgress
     from ciard_deploy.distill.events import TrainingInterrupted
 
     if quiet:
@@ -153,7 +155,7 @@ def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Opt
     training = TrainProgress(quiet)
     try:
         # SIGTERM (a CI cancel) as Ctrl-C: the pack's finished attacks and verify's states are kept, exit 130
-        with terminate_as_interrupt(), _console_logs_at(logging.DEBUG if State.verbose else logging.WARNING), \
+        with terminate_as_interrupt(), console_logs_at(logging.DEBUG if State.verbose else logging.WARNING), \
                 StagedProgress("run") as update:
 
             def close_live() -> None:
@@ -210,8 +212,6 @@ def run_cmd(
     Exit codes: 0 every gate passed (or no gates: NOT GATED), 1 a gate, a warning (as above) or an export
     check failed, 2 bad input, 3 environment missing.
     """
-    from ciard_deploy.config import find_recipe
-
     path = find_recipe(recipe)
     sets = "".join(f" --set {o}" for o in overrides)
     # workflow.run sets torch's threads itself, once the recipe is known to be good
@@ -235,11 +235,9 @@ def quickstart_cmd(
     Runs the shipped recipe quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15 (see `ciard recipe show`).
     Exit codes as `ciard run`.
     """
-    from ciard_deploy.workflow import QUICKSTART_RECIPE, check_out_dir, quickstart_recipe
-
     path = quickstart_recipe()
     check_out_dir(out, entry="quickstart")  # refused before anything is printed
-    from ciard_deploy.distill import trainer  # noqa: F401  (torch: a device install stops here, one line, exit 3)
+    importlib.import_module("ciard_deploy.distill.trainer")  # torch: a device install stops here, one line, exit 3
     if not (quiet or State.quiet):
         err_console.print(f"quickstart: {QUICKSTART_RECIPE} -> {out} (digits: teachers, CIARD student, ONNX FP32 + "
                           f"INT8, pack, verify)", highlight=False, soft_wrap=True)

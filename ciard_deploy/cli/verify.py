@@ -21,11 +21,14 @@ from ciard_deploy.cli.common import (QuietOption, State, ThreadsOption, apply_th
                                      note, progress, setup_logging, write_json)
 from ciard_deploy.cli.model_options import gate_options, model_option
 from ciard_deploy.errors import GateFailed, UsageError
-from ciard_deploy.lock import folder_lock
 from ciard_deploy.options.gates import Gates
 from ciard_deploy.options.live import resolve_live
 from ciard_deploy.options.pack import PackOptions
 from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
+from ciard_deploy.verify.pack import check_output
+from ciard_deploy.verify.pack_build import write_pack
+from ciard_deploy.verify.pack_partial import check_partial_dir, partial_dir, read_partial
+from ciard_deploy.verify.render import render_pack
 
 
 class StagedProgress:
@@ -90,8 +93,6 @@ def _interrupted(exc: BaseException) -> str:
 
 def _interrupted_pack(partial: Path, exc: BaseException) -> None:
     """The Ctrl-C (or SIGTERM) line of `ciard pack`: what was kept, and that the same command continues."""
-    from ciard_deploy.verify.pack_partial import read_partial
-
     state = read_partial(partial)
     labels = [a.label for a in state.attacks] if state is not None else []
     if labels:
@@ -173,11 +174,6 @@ def pack_cmd(
 
     Exit codes: 0 written, 2 bad input, 3 PyTorch missing, 130 interrupted.
     """
-    from ciard_deploy.verify.pack import check_output, save_pack
-    from ciard_deploy.verify.pack_partial import check_partial_dir, discard_partial, partial_dir
-    from ciard_deploy.verify.pack_build import build_pack
-    from ciard_deploy.verify.render import render_pack
-
     if quiet:
         State.quiet = True
         setup_logging(State.verbose, quiet=True)  # the discard log line too
@@ -192,22 +188,19 @@ def pack_cmd(
     threads = apply_threads(threads)
     names = None if attacks is None else [a.strip() for a in attacks.split(",") if a.strip()]
     art_names = [a.strip() for a in artifact_attacks.split(",") if a.strip()]
-    # the partial folder's lock, from the build to its removal: a second `ciard pack --out OUT` is refused (exit 2);
-    # SIGTERM (a CI cancel) is Ctrl-C: the finished attacks are kept, exit 130
-    with folder_lock(partial, remove_if_empty=True), terminate_as_interrupt():
+    # write_pack holds the partial folder's lock from the build to its removal: a second `ciard pack --out OUT` is
+    # refused (exit 2); SIGTERM (a CI cancel) is Ctrl-C: the finished attacks are kept, exit 130
+    with terminate_as_interrupt():
         try:
             with StagedProgress("pack") as update:
-                pack = build_pack(source, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed,
+                pack = write_pack(source, out, force=force, dataset=dataset, n=n, attacks=names, eps=eps, seed=seed,
                                   data_root=data_root, download=download, device=device, batch_size=batch_size,
-                                  arch=arch, step_size=step_size, progress=update, resume_dir=partial,
-                                  on_mismatch="discard", on_state=_partial_line, artifacts=artifact or [],
-                                  artifact_attacks=art_names, allow_untrusted_twin=allow_untrusted_twin,
-                                  threads=threads, on_plan=_plan_lines)
+                                  arch=arch, step_size=step_size, progress=update, on_state=_partial_line,
+                                  artifacts=artifact or [], artifact_attacks=art_names,
+                                  allow_untrusted_twin=allow_untrusted_twin, threads=threads, on_plan=_plan_lines)
         except KeyboardInterrupt as e:
             _interrupted_pack(partial, e)
             raise typer.Exit(130) from None
-        save_pack(pack, out, force=force)
-        discard_partial(partial)
     summary = pack.summary()
     render_pack(summary, console)
     _wrote(out)

@@ -8,7 +8,6 @@ teacher recipe by content, which ``load_teacher_recipe`` reads.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
@@ -22,6 +21,7 @@ from ciard_deploy.config.sections import (TEACHER_ROLES, AttackConfig, DataConfi
                                           OptimConfig, Section, TeachersConfig, TrainConfig)
 from ciard_deploy.config.validation import cross_checks, format_errors, problem_message, validate_method
 from ciard_deploy.errors import RecipeError
+from ciard_deploy.fingerprint import canonical_json_hash
 
 SCHEMA_VERSION = 1
 RecipeKind = Literal["distill", "train"]
@@ -98,8 +98,7 @@ class RecipeBase(Section):
         Raises:
             RecipeError: a teacher recipe cannot be read or does not validate.
         """
-        canon = json.dumps(self.hash_payload(), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canon.encode()).hexdigest()
+        return canonical_json_hash(self.hash_payload())
 
     @property
     def short_hash(self) -> str:

@@ -18,6 +18,7 @@ import torch
 from ciard_deploy.config import RecipeBase, load_recipe
 from ciard_deploy.errors import ArtifactError, RecipeError, UsageError
 from ciard_deploy.checkpoints import UnreadableTorchFile, load_torch_file
+from ciard_deploy.fingerprint import flatten
 from ciard_deploy.io import atomic_path, atomic_write_text
 from ciard_deploy.lock import entries as lock_entries
 
@@ -27,20 +28,9 @@ STATE_FORMAT = "ciard-train-state/1"
 STATE_NAME = "train_state.pt"
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict as one level of dotted keys (``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def recipe_differences(a: RecipeBase, b: RecipeBase, limit: int = 4) -> list[str]:
     """Dotted keys whose values differ between two recipes (for resume mismatches)."""
-    fa, fb = _flat(a.to_dict()), _flat(b.to_dict())
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
     keys = sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys[:limit]]
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.export.base import FormatSpec
 from ciard_deploy.export.manifest import set_onnx_metadata
+from ciard_deploy.checkpoints import unwrap_model
 from ciard_deploy.runtime.base import INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 DYNAMO_MIN_OPSET = 18
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` of an exception, for one-line warnings and errors."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
@@ -135,7 +137,7 @@ def _simplify(model: Any, warn: Callable[[str], None]) -> tuple[Any, str | None]
     except OSError:  # the file system's failure (a full disk), not the simplifier's: exit 2 naming the file
         raise
     except Exception as e:
-        warn(f"graph simplification failed ({_first_line(e)}); keeping the exported graph")
+        warn(f"graph simplification failed ({first_line(e)}); keeping the exported graph")
         return model, None
 
 
@@ -162,7 +164,6 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
     import onnx
     import torch
 
-    from ciard_deploy.checkpoints import unwrap_model
 
     net = copy.deepcopy(unwrap_model(model)).cpu().eval()
     dynamic = batch == "dynamic"
@@ -175,14 +176,14 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
     except OSError:  # a full disk or an unwritable folder is no reason to try another exporter
         raise
     except Exception as e:
-        warn(f"the torch.export-based ONNX exporter failed ({_first_line(e)}); falling back to the TorchScript exporter")
-        details["dynamo_error"] = _first_line(e)
+        warn(f"the torch.export-based ONNX exporter failed ({first_line(e)}); falling back to the TorchScript exporter")
+        details["dynamo_error"] = first_line(e)
         try:
             _torchscript_export(net, example, raw, opset, dynamic)
         except OSError:
             raise
         except Exception as e2:
-            raise ArtifactError(f"ONNX export failed with both exporters: {_first_line(e2)}") from None
+            raise ArtifactError(f"ONNX export failed with both exporters: {first_line(e2)}") from None
         details["tool"] = f"torch.onnx (TorchScript) torch {torch.__version__}"
     proto = onnx.load(str(raw))
     raw.unlink(missing_ok=True)
@@ -196,7 +197,7 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
         except OSError:
             raise
         except Exception as e:
-            warn(f"onnx.version_converter could not take the graph from opset {got} to {opset} ({_first_line(e)}); "
+            warn(f"onnx.version_converter could not take the graph from opset {got} to {opset} ({first_line(e)}); "
                  "exporting with the TorchScript exporter at that opset instead")
             try:
                 _torchscript_export(net, example, raw, opset, dynamic)
@@ -207,8 +208,8 @@ def export_fp32(model: Any, workdir: Path, input_shape: tuple[int, int, int], op
                 raise
             except Exception as e2:
                 raise ArtifactError(f"cannot produce ONNX opset {opset}: the exporter wrote opset {got}, conversion "
-                                    f"failed ({_first_line(e)}) and so did the TorchScript exporter "
-                                    f"({_first_line(e2)}); use --opset {got}") from None
+                                    f"failed ({first_line(e)}) and so did the TorchScript exporter "
+                                    f"({first_line(e2)}); use --opset {got}") from None
     if simplify:
         proto, details["simplifier"] = _simplify(proto, warn)
     else:
@@ -236,7 +237,7 @@ def save_onnx(proto: Any, dest: Path, metadata: dict[str, Any], expect_opset: in
     except OSError:
         raise
     except Exception as e:
-        raise ArtifactError(f"{dest.name} fails the ONNX checker: {_first_line(e)}") from None
+        raise ArtifactError(f"{dest.name} fails the ONNX checker: {first_line(e)}") from None
     saved = onnx.load(str(dest), load_external_data=False)
     got = default_opset(saved)
     if got != expect_opset:

@@ -2,7 +2,8 @@
 
 Order of work, so that bad input costs nothing and writes nothing:
 
-1. validate options and formats; a TensorRT format checks TensorRT and a GPU first (exit 3);
+1. validate options and formats; each format's runtime checks what it needs first (TensorRT and a GPU
+   for an engine, the execution provider for an ONNX file: ``check_environment``, exit 3);
 2. check the output folder (existing outputs need ``force``; it must be writable);
 3. load the checkpoint, the dataset's description and the parity images;
 4. in a staging folder beside the output: PyTorch reference logits (clean and under the
@@ -33,17 +34,22 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ciard_deploy.io import write_blocker
+from ciard_deploy import __version__
+from ciard_deploy.attacks.base import create_attack
+from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
+from ciard_deploy.errors import GateFailed, UsageError
+from ciard_deploy.fingerprint import sha256_file
+from ciard_deploy.io import library_versions, write_blocker
 from ciard_deploy.lock import holding
-from ciard_deploy.errors import BackendUnavailable, GateFailed, UsageError
-from ciard_deploy.export.base import FORMATS, FormatSpec, resolve_formats
+from ciard_deploy.export.base import FORMATS, FormatSpec, check_environment, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, load_manifest
 from ciard_deploy.export.parity_gate import compare_logits
+from ciard_deploy.export.quantize import build_calibration_set
 from ciard_deploy.fingerprint import float32_sha256
 from ciard_deploy.options.export import ExportOptions
+from ciard_deploy.runtime import open_backend
 from ciard_deploy.runtime.base import OUTPUT_NAME, InputSpec
 from ciard_deploy.runtime.metadata import SCHEMA as ARTIFACT_SCHEMA
-from ciard_deploy.runtime.metadata import sidecar_path
 from ciard_deploy.runtime.parity_metrics import accuracy
 
 log = logging.getLogger(__name__)
@@ -101,7 +107,8 @@ class ExportContext:
 
     def input_spec(self, spec: FormatSpec) -> InputSpec:
         o = self.options
-        max_batch = o.max_batch if spec.format == "tensorrt" and o.batch == "dynamic" else None
+        # a format with an optimization profile (it uses max_batch) bounds a dynamic batch
+        max_batch = o.max_batch if "max_batch" in spec.options and o.batch == "dynamic" else None
         return InputSpec(shape=self.input_shape, batch=o.batch, max_batch=max_batch)
 
     def warn(self, message: str) -> None:
@@ -117,8 +124,6 @@ class ExportContext:
     def calibration(self) -> tuple[np.ndarray, dict[str, Any]]:
         """The calibration set (built once, shared by the INT8 ONNX and a calibrated engine)."""
         if self._calibration is None:
-            from ciard_deploy.export.quantize import build_calibration_set
-
             o = self.options
             self._calibration = build_calibration_set(self.model, self.dataset, o.calib, o.calib_n, o.seed, self.eps,
                                                       o.calib_attack, o.data_root)
@@ -127,8 +132,6 @@ class ExportContext:
     def artifact_metadata(self, spec: FormatSpec, opset: int | None, calibration: dict[str, Any] | None = None,
                           engine: dict[str, Any] | None = None) -> dict[str, Any]:
         """The metadata written into the artifact itself (ONNX metadata_props or engine sidecar)."""
-        from ciard_deploy.io import library_versions
-
         m = self.meta
         versions = {k: v for k, v in library_versions().items() if k in ("torch", "onnx", "onnxruntime", "tensorrt")}
         return {"schema": ARTIFACT_SCHEMA, "arch": m.arch, "num_classes": int(m.num_classes),
@@ -154,19 +157,10 @@ def check_output(out_dir: Path, files: Sequence[str], force: bool) -> None:
 
 
 def _planned_files(names: Sequence[str]) -> list[str]:
-    files = []
-    for n in names:
-        spec = FORMATS.get(n)
-        files.append(spec.filename)
-        if spec.format == "tensorrt":
-            files.append(sidecar_path(spec.filename).name)
-    return files + [MANIFEST_NAME]
+    return [f for n in names for f in FORMATS.get(n).files()] + [MANIFEST_NAME]
 
 
 def _source_info(source: str | Path, meta: Any) -> dict[str, Any]:
-    from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
-    from ciard_deploy.fingerprint import sha256_file
-
     ckpt = resolve_checkpoint(source)
     meta_file = checkpoint_paths(ckpt)[1]
     run_dir = Path(source) if Path(source).is_dir() else ckpt.parent
@@ -181,8 +175,6 @@ def _source_info(source: str | Path, meta: Any) -> dict[str, Any]:
 def export_versions() -> dict[str, str]:
     """library_versions() plus the export tool chain (onnxscript, polygraphy, simplifiers) where installed."""
     from importlib.metadata import PackageNotFoundError, version
-
-    from ciard_deploy.io import library_versions
 
     out = library_versions()
     for pkg in ("onnxscript", "polygraphy", "onnxslim", "onnxsim"):
@@ -237,12 +229,7 @@ def measure_reference(model: Any, x: Any, y: Any, attack: Any = None, batch_size
 def check_artifact(rec: ArtifactRecord, path: Path, ref: Reference, opts: ExportOptions) -> None:
     """Opens ``path`` in a fresh session of its runtime, compares it with the reference, fills ``rec``
     (parity, metrics, status, size, sha256)."""
-    from ciard_deploy.fingerprint import sha256_file
-    from ciard_deploy.runtime import open_backend
-
-    onnx_file = rec.format == "onnx"
-    extra = {"threads": opts.threads} if onnx_file and opts.threads else {}
-    with open_backend(path, provider=opts.provider if onnx_file else None, **extra) as backend:
+    with open_backend(path, **FORMATS.get(rec.name).backend.open_options(opts.provider, opts.threads)) as backend:
         logits = backend.predict(ref.images)
         clean = compare_logits(ref.logits, logits, opts.threshold(rec.precision))
         rec.parity = {"clean": {**clean.to_dict(), "summary": clean.summary()}}
@@ -309,23 +296,12 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
         BackendUnavailable: TensorRT or a GPU missing for a TensorRT format (exit 3), nothing written.
         GateFailed: an artifact below its threshold (exit 1), everything written.
     """
-    from ciard_deploy import __version__
-    from ciard_deploy.data import create_dataset, get_dataset_info
-    from ciard_deploy.model_loader import load_model
+    from ciard_deploy.data import create_dataset, get_dataset_info  # imports torch: `import export` stays torch-free
+    from ciard_deploy.model_loader import load_model  # imports torch
 
     opts = (options or ExportOptions()).with_overrides(**overrides).validate()
     names = resolve_formats(list(formats), opts)
-    if any(FORMATS.get(n).gpu for n in names):
-        from ciard_deploy.runtime.trt_backend import ensure_tensorrt, import_polygraphy_trt
-
-        ensure_tensorrt()
-        import_polygraphy_trt()
-    if opts.provider != "cpu" and any(FORMATS.get(n).format == "onnx" for n in names):
-        from ciard_deploy.runtime.ort_backend import provider_status
-
-        status = provider_status(opts.provider)
-        if status != "ok":
-            raise BackendUnavailable(f"--provider {opts.provider}: {status.removeprefix('unavailable: ')}")
+    check_environment(names, opts.provider)
     out = Path(out_dir)
     check_output(out, _planned_files(names), force)
 
@@ -339,9 +315,7 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
         raise UsageError(f"dataset {ds_name} has {info.num_classes} classes of shape {tuple(info.input_shape)} but the "
                          f"model takes {tuple(meta.input_shape)} with {meta.num_classes} classes")
     eps = float(opts.eps) if opts.eps is not None else (float(meta.eps) if meta.eps is not None else None)
-    calibrated = any(n == "onnx-int8" or (n == "tensorrt-int8" and opts.trt_int8 == "calibrator") for n in names)
-    from ciard_deploy.attacks.base import create_attack
-
+    calibrated = any(FORMATS.get(n).calibrated_for(opts) for n in names)
     if calibrated and opts.calib != "clean":
         if eps is None:
             raise UsageError(f"--calib {opts.calib} needs an eps: the checkpoint has none, pass --eps")

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ciard_deploy.attacks.base import create_attack
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.export.base import FormatSpec
-from ciard_deploy.export.onnx import _first_line, save_onnx
+from ciard_deploy.export.onnx import first_line, save_onnx
 from ciard_deploy.fingerprint import float32_sha256
 from ciard_deploy.runtime.base import INPUT_NAME
 
@@ -46,7 +47,7 @@ def build_calibration_set(model: Any, dataset: str, source: str = "clean", n: in
         attack: attack spec, e.g. ``pgd20``.
         data_root: the dataset's folder.
     """
-    from ciard_deploy.data import create_dataset
+    from ciard_deploy.data import create_dataset  # imports torch: `import export` stays torch-free
 
     ds = create_dataset(dataset, "train", root=data_root, n=n, seed=seed)
     x, y = ds.tensors()
@@ -56,8 +57,6 @@ def build_calibration_set(model: Any, dataset: str, source: str = "clean", n: in
     if source in ("adversarial", "mixed"):
         if eps is None:
             raise UsageError(f"--calib {source} needs an eps: the checkpoint has none, pass --eps")
-        from ciard_deploy.attacks.base import create_attack
-
         atk = create_attack(attack, eps, seed=seed)
         idx = np.arange(len(x)) if source == "adversarial" else np.arange(1, len(x), 2)
         for start in range(0, len(idx), batch_size):
@@ -113,7 +112,7 @@ def quantize_qdq(src: Path, dest: Path, images: np.ndarray, method: str = "minma
         pre.unlink(missing_ok=True)
         raise
     except Exception as e:  # pre-processing is an optimization: quantize the raw graph if it fails
-        log.warning("onnxruntime quant_pre_process failed (%s); quantizing the graph as exported", _first_line(e))
+        log.warning("onnxruntime quant_pre_process failed (%s); quantizing the graph as exported", first_line(e))
         settings["pre_processed"] = False
         model_in = src
     try:
@@ -125,7 +124,7 @@ def quantize_qdq(src: Path, dest: Path, images: np.ndarray, method: str = "minma
     except OSError:  # ENOSPC, EACCES, ...: the file system's failure, not quantization's (exit 2 naming the file)
         raise
     except Exception as e:
-        raise ArtifactError(f"INT8 quantization failed: {_first_line(e)}") from None
+        raise ArtifactError(f"INT8 quantization failed: {first_line(e)}") from None
     finally:
         pre.unlink(missing_ok=True)
     return settings

@@ -29,6 +29,7 @@ import numpy as np
 
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.export.base import FormatSpec
+from ciard_deploy.io import atomic_path
 from ciard_deploy.runtime.metadata import sidecar_path
 from ciard_deploy.runtime.trt_backend import cuda_device_info, ensure_tensorrt, import_polygraphy_trt
 
@@ -132,8 +133,6 @@ def build_engine(onnx_path: Path, precision: str, input_shape: tuple[int, int, i
         raise ArtifactError(f"TensorRT {trt.__version__} could not build a {precision} engine from {onnx_path.name} "
                             "(see the TensorRT log above)")
     try:
-        from ciard_deploy.io import atomic_path
-
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     except OSError as e:
@@ -155,17 +154,15 @@ class TensorRTExporter:
     def export(self, ctx: "ExportContext", dest: Path) -> dict[str, Any]:
         o = ctx.options
         precision = self.spec.precision
+        (source,) = self.spec.needs_for(o)  # the ONNX file it is built from (the table says which)
+        src = ctx.path_of(source)
         calib_images = calibration = calib_cache = None
-        if precision == "int8" and o.trt_int8 == "calibrator":
-            src = ctx.path_of("onnx")
+        if self.spec.calibrated_for(o):  # INT8 from the FP32 ONNX with an entropy calibrator
             calib_images, calibration = ctx.calibration()
             calibration = {**calibration, "method": "tensorrt entropy (IInt8EntropyCalibrator2)"}
             calib_cache = dest.with_name(dest.name + ".calib.cache")
-        elif precision == "int8":
-            src = ctx.path_of("onnx-int8")
-            calibration = ctx.record_of("onnx-int8").get("calibration")
-        else:
-            src = ctx.path_of("onnx")
+        elif precision == "int8":  # explicit quantization: the QDQ ONNX's scales
+            calibration = ctx.record_of(source).get("calibration")
         data, engine = build_engine(src, precision, ctx.input_shape, o.batch, o.workspace_mb, o.min_batch, o.opt_batch,
                                     o.max_batch, Path(o.timing_cache) if o.timing_cache else None, calib_images,
                                     calib_cache, ctx.warn)

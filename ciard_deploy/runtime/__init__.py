@@ -19,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ciard_deploy.errors import ArtifactError, UsageError
+from ciard_deploy.errors import ArtifactError, BackendUnavailable, UsageError
 from ciard_deploy.registry import Registry
+from ciard_deploy.runtime import ort_backend, torch_backend, trt_backend
 from ciard_deploy.runtime.base import GRADIENTS, SCORES, Backend, BaseBackend, InferenceStats, InputSpec
 
 
 @dataclass(frozen=True)
 class BackendEntry:
-    """One runtime in the registry.
+    """One runtime in the registry: everything the rest of the package asks about it.
 
     Attributes:
         name: ``"onnxruntime"``, ``"tensorrt"``, ``"torch"``.
@@ -34,6 +35,14 @@ class BackendEntry:
         target: ``"module:Class"``, imported on first use.
         status: returns ``"ok"`` or ``"unavailable: <reason>"`` without raising.
         capabilities: what it gives attacks.
+        what: its files, in words (``"a TensorRT engine"``), for messages.
+        provider_keyword: the keyword of its backend that ``open_backend``'s ``provider`` goes to
+            (``"provider"``: an execution provider, ``"device"``: a torch device); None: it takes none.
+        providers: its execution providers (``--provider`` values), the default first; empty: none.
+        provider_status: ``"ok"`` or ``"unavailable: <reason>"`` for one of ``providers``.
+        threads: its backend takes an intra-op thread count (``threads=``).
+        require: raises BackendUnavailable (exit 3, one line) when it cannot run here at all; called
+            before an export or a workflow that makes its files does any work. None: checked on open.
     """
 
     name: str
@@ -41,40 +50,45 @@ class BackendEntry:
     target: str
     status: Callable[[], str]
     capabilities: frozenset[str]
+    what: str
+    provider_keyword: str | None = None
+    providers: tuple[str, ...] = ()
+    provider_status: Callable[[str], str] | None = None
+    threads: bool = False
+    require: Callable[[], None] | None = None
 
     def load(self) -> type[BaseBackend]:
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
+    def provider_for(self, provider: str | None) -> str | None:
+        """``provider`` where this runtime has execution providers, else None (an engine runs on its GPU)."""
+        return provider if self.providers else None
 
-def _torch_status() -> str:
-    try:
-        import torch  # noqa: F401
-    except Exception as e:
-        return f"unavailable: {type(e).__name__}: {e} (pip install 'ciard-deploy[train]')"
-    return "ok"
+    def open_options(self, provider: str | None = None, threads: int | None = None) -> dict[str, Any]:
+        """The keywords for ``open_backend`` of one of its files: the provider and threads where they apply."""
+        return {"provider": self.provider_for(provider), **({"threads": threads} if threads and self.threads else {})}
 
-
-def _ort_status() -> str:
-    from ciard_deploy.runtime.ort_backend import provider_status
-
-    return provider_status("cpu")
-
-
-def _trt_status() -> str:
-    from ciard_deploy.runtime.trt_backend import tensorrt_status
-
-    return tensorrt_status()
+    def check_provider(self, provider: str | None, where: str = "--provider") -> None:
+        """BackendUnavailable (exit 3) when ``provider`` (not the default) is one this machine lacks."""
+        if not self.providers or provider in (None, self.providers[0]) or self.provider_status is None:
+            return
+        status = self.provider_status(provider)
+        if status != "ok":
+            raise BackendUnavailable(f"{where} {provider}: {status.removeprefix('unavailable: ')}")
 
 
 BACKENDS: Registry[BackendEntry] = Registry("runtime backend")
-BACKENDS.add("onnxruntime", BackendEntry("onnxruntime", (".onnx",), "ciard_deploy.runtime.ort_backend:OrtBackend",
-                                         _ort_status, frozenset({SCORES})))
-BACKENDS.add("tensorrt", BackendEntry("tensorrt", (".engine", ".plan"), "ciard_deploy.runtime.trt_backend:TrtBackend",
-                                      _trt_status, frozenset({SCORES})))
-BACKENDS.add("torch", BackendEntry("torch", (".safetensors", ".pt", ".pth"),
-                                   "ciard_deploy.runtime.torch_backend:TorchBackend", _torch_status,
-                                   frozenset({SCORES, GRADIENTS})))
+BACKENDS.add("onnxruntime", BackendEntry(
+    "onnxruntime", (".onnx",), "ciard_deploy.runtime.ort_backend:OrtBackend", ort_backend.runtime_status,
+    frozenset({SCORES}), "an ONNX file", provider_keyword="provider", providers=tuple(ort_backend.PROVIDERS),
+    provider_status=ort_backend.provider_status, threads=True))
+BACKENDS.add("tensorrt", BackendEntry(
+    "tensorrt", (".engine", ".plan"), "ciard_deploy.runtime.trt_backend:TrtBackend", trt_backend.tensorrt_status,
+    frozenset({SCORES}), "a TensorRT engine", require=trt_backend.require_tensorrt))
+BACKENDS.add("torch", BackendEntry(
+    "torch", (".safetensors", ".pt", ".pth"), "ciard_deploy.runtime.torch_backend:TorchBackend",
+    torch_backend.torch_status, frozenset({SCORES, GRADIENTS}), "a PyTorch checkpoint", provider_keyword="device"))
 
 
 def backend_for(path: str | os.PathLike) -> BackendEntry:
@@ -110,28 +124,23 @@ def open_backend(path: str | os.PathLike, provider: str | None = None, **options
         raise ArtifactError(f"artifact not found: {p}")
     entry = backend_for(p)
     cls = entry.load()
-    if entry.name == "onnxruntime":
-        backend = cls(p, provider=provider, **options)  # type: ignore[call-arg]
-    elif entry.name == "torch":
-        backend = cls(p, device=provider, **options)  # type: ignore[call-arg]
-    else:
-        if provider not in (None, "tensorrt"):
-            raise UsageError(f"--provider {provider} does not apply to a TensorRT engine ({p.name})")
-        backend = cls(p, **options)  # type: ignore[call-arg]
-    return backend.open()
+    if entry.provider_keyword is not None:
+        options = {entry.provider_keyword: provider, **options}
+    elif provider not in (None, entry.name):
+        raise UsageError(f"--provider {provider} does not apply to {entry.what} ({p.name})")
+    return cls(p, **options).open()  # type: ignore[call-arg]
 
 
 def available_backends() -> dict[str, str]:
     """Runtime name -> ``"ok"`` or ``"unavailable: <reason>"`` (for ``ciard doctor``).
 
-    Besides the three backends, reports onnxruntime's CUDA and TensorRT execution providers.
+    Besides the backends, reports each runtime's execution providers other than its default
+    (``onnxruntime-cuda``, ``onnxruntime-tensorrt``) where the runtime itself is there.
     """
-    from ciard_deploy.runtime.ort_backend import provider_status
-
     out = {name: entry.status() for name, entry in BACKENDS.items()}
-    if out["onnxruntime"] == "ok":
-        out["onnxruntime-cuda"] = provider_status("cuda")
-        out["onnxruntime-tensorrt"] = provider_status("tensorrt")
+    for name, entry in BACKENDS.items():
+        if out[name] == "ok" and entry.provider_status is not None:
+            out.update({f"{name}-{p}": entry.provider_status(p) for p in entry.providers[1:]})
     return out
 
 

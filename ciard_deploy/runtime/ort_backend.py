@@ -49,6 +49,11 @@ def provider_status(provider: str) -> str:
     return f"unavailable: onnxruntime {ort.__version__} here has no {name} (has {', '.join(have)}); install {package}"
 
 
+def runtime_status() -> str:
+    """``"ok"`` or ``"unavailable: <reason>"`` for onnxruntime itself (its default, CPU provider)."""
+    return provider_status("cpu")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("CIARD_CACHE", Path.home() / ".cache" / "ciard"))
 

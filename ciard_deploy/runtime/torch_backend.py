@@ -7,11 +7,13 @@ importable on a device without torch.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
 import numpy as np
 
+from ciard_deploy.devices import resolve_device
 from ciard_deploy.errors import TRAIN_EXTRA_HINT, BackendUnavailable
 from ciard_deploy.runtime.base import GRADIENTS, SCORES, BaseBackend, InputSpec
 
@@ -25,6 +27,15 @@ def import_torch() -> Any:
         raise BackendUnavailable(f"PyTorch {why}: {TRAIN_EXTRA_HINT}, "
                                  "or verify an exported .onnx/.engine file instead") from None
     return torch
+
+
+def torch_status() -> str:
+    """``"ok"`` or ``"unavailable: <reason>"`` for PyTorch (the ``train`` extra)."""
+    try:
+        importlib.import_module("torch")
+    except Exception as e:
+        return f"unavailable: {type(e).__name__}: {e} (pip install 'ciard-deploy[train]')"
+    return "ok"
 
 
 class TorchBackend(BaseBackend):
@@ -59,8 +70,7 @@ class TorchBackend(BaseBackend):
 
     def _open(self) -> None:
         import_torch()
-        from ciard_deploy.devices import resolve_device
-        from ciard_deploy.model_loader import load_model
+        from ciard_deploy.model_loader import load_model  # imports torch (models)
 
         self.device = resolve_device(self.device_name)
         if self.model is None:

@@ -94,11 +94,17 @@ def ensure_tensorrt(need_gpu: bool = True) -> Any:
     return trt
 
 
+def require_tensorrt() -> None:
+    """BackendUnavailable (exit 3, one line) unless TensorRT, Polygraphy and a CUDA device are all here:
+    what building or running an engine needs (checked before an export or a workflow does any work)."""
+    ensure_tensorrt()
+    import_polygraphy_trt()
+
+
 def tensorrt_status() -> str:
     """``"ok"`` or ``"unavailable: <reason>"``: TensorRT, Polygraphy and a GPU."""
     try:
-        ensure_tensorrt()
-        import_polygraphy_trt()
+        require_tensorrt()
     except BackendUnavailable as e:
         return f"unavailable: {e}"
     return "ok"

@@ -23,10 +23,11 @@ from ciard_deploy.devices import resolve_device
 from ciard_deploy.errors import UsageError
 from ciard_deploy.fingerprint import sha256_file
 from ciard_deploy.io import library_versions
-from ciard_deploy.lock import holding
+from ciard_deploy.lock import folder_lock, holding
 from ciard_deploy.resume import StateEvent
-from ciard_deploy.verify.pack import FORMAT, SCHEMA_VERSION, ArtifactSection, Progress, RobustnessPack, reference_flags
-from ciard_deploy.verify.pack_partial import OnMismatch, PackKey, _Partial, _SectionJob, check_partial_dir
+from ciard_deploy.verify.pack import FORMAT, SCHEMA_VERSION, ArtifactSection, Progress, RobustnessPack, reference_flags, save_pack
+from ciard_deploy.verify.pack_partial import (OnMismatch, PackKey, _Partial, _SectionJob, check_partial_dir,
+                                             discard_partial, partial_dir)
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,34 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
                             artifacts=sections)
 
 
+def write_pack(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+               **options: Any) -> RobustnessPack:
+    """Builds the pack of ``source`` and saves it to ``out``, resumably: the one sequence ``ciard pack``
+    and the pack stage of ``ciard run`` share.
+
+    While it builds, each finished attack is kept in ``OUT.partial/`` (``pack_partial.partial_dir``);
+    after an interruption the same call reuses them, and a folder made for another pack is the
+    caller's own temp data, discarded with a log line (``on_mismatch="discard"``). Once the pack is
+    saved (atomically) the folder is removed. The call holds that folder's lock from the build to
+    its removal: another build into ``out`` meanwhile is refused (``InUse``, exit 2).
+
+    Args:
+        source: as ``build_pack``.
+        out: the pack file (.npz).
+        force: overwrite an existing ``out``.
+        **options: the other arguments of ``build_pack`` (not ``resume_dir``/``on_mismatch``).
+
+    Returns:
+        the saved pack.
+    """
+    partial = partial_dir(out)
+    with folder_lock(partial, remove_if_empty=True):
+        pack = build_pack(source, resume_dir=partial, on_mismatch="discard", **options)
+        save_pack(pack, out, force=force)
+        discard_partial(partial)
+    return pack
+
+
 def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, attacks: Sequence[dict[str, Any]],
                      adv: Sequence[np.ndarray], logits_adv: Sequence[np.ndarray], *, model: dict[str, Any],
                      data: dict[str, Any], eps: float, device: str = "cpu", tool: str | None = None,
@@ -334,4 +363,4 @@ def pack_from_arrays(x: np.ndarray, y: np.ndarray, logits_clean: np.ndarray, att
     return RobustnessPack(x=xs, y=ys, logits_clean=lc, adv=advs, logits_adv=ladv, meta=meta, artifacts=list(artifacts))
 
 
-__all__ = ["DEFAULT_ATTACKS", "PackPlan", "build_pack", "default_attacks", "pack_from_arrays"]
+__all__ = ["DEFAULT_ATTACKS", "PackPlan", "build_pack", "default_attacks", "pack_from_arrays", "write_pack"]

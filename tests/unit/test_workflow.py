@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from ciard_deploy.cli import app
 from ciard_deploy.config import DeployConfig, deep_merge, load_recipe, recipe_from_dict
 from ciard_deploy.errors import RecipeError, UsageError
-from ciard_deploy.fingerprint import sha256_file
+from ciard_deploy.fingerprint import canonical_json_hash, sha256_file
 from ciard_deploy.options.gates import SPECS
 from ciard_deploy.verify.gates import gates_from_mapping
-from ciard_deploy.workflow import (STAGES, STATE_FORMAT, STATE_NAME, Layout, QUICKSTART_RECIPE, canonical_hash,
+from ciard_deploy.workflow import (STAGES, STATE_FORMAT, STATE_NAME, Layout, QUICKSTART_RECIPE,
                                    changed_keys, check_out_dir, load_deploy_recipe, load_state, outputs_problem, plan,
                                    quickstart_recipe, stage_inputs)
 
@@ -149,7 +149,7 @@ def _done(tmp_path: Path, inputs: dict, files: dict[str, bytes]) -> dict:
     for rel, data in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
-    return {"status": "done", "inputs": inputs, "inputs_hash": canonical_hash(inputs),
+    return {"status": "done", "inputs": inputs, "inputs_hash": canonical_json_hash(inputs),
             "outputs": {rel: sha256_file(tmp_path / rel) for rel in files}}
 
 
@@ -214,7 +214,7 @@ def test_deploy_policy_defaults_and_inputs(tmp_path):
 
 def test_plan_resumes_an_interrupted_distill_with_the_same_inputs(tmp_path):
     inputs = {"recipe_hash": "r1", "teachers": {}}
-    rec = {"status": "interrupted", "inputs": inputs, "inputs_hash": canonical_hash(inputs)}
+    rec = {"status": "interrupted", "inputs": inputs, "inputs_hash": canonical_json_hash(inputs)}
     assert plan("distill", rec, inputs, tmp_path) == ("run", "interrupted earlier")  # no training state saved
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "train_state.pt").write_bytes(b"state")
@@ -229,7 +229,7 @@ def test_changed_keys_and_outputs_problem(tmp_path):
     assert changed_keys({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == ["a.c", "d"]
     assert changed_keys(None, {"a": 1}) == ["a"]
     assert outputs_problem(tmp_path, {}) == "no outputs recorded"
-    assert canonical_hash({"b": 1, "a": [1, 2]}) == canonical_hash({"a": [1, 2], "b": 1})
+    assert canonical_json_hash({"b": 1, "a": [1, 2]}) == canonical_json_hash({"a": [1, 2], "b": 1})
 
 
 def test_verify_inputs_hold_the_artifacts_pack_and_gates(tmp_path):
