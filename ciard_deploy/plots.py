@@ -13,7 +13,7 @@ How ``metrics.jsonl`` keys become panels is decided by the rules in ``PANEL_RULE
 ``_eval_values`` below, not by a fixed list of names: a method that logs a new ``loss_*`` term
 or a new attack gets it plotted without a change here.
 
-One module, a little over the usual size, because it is one thing: the key rules, the reading of
+Kept as one file: a little over the usual size, because it is one thing: the key rules, the reading of
 ``metrics.jsonl`` and the figures those rules drive change together (a new panel is a rule and its
 drawing), and nothing else in the package imports its parts.
 """

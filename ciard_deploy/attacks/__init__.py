@@ -24,7 +24,7 @@ from ciard_deploy.attacks.square import SquareAttack
 
 if TYPE_CHECKING:  # pragma: no cover
     from ciard_deploy.attacks.autoattack import AutoAttackAdapter
-    from ciard_deploy.attacks.common import frozen_eval, project_linf
+    from ciard_deploy.attacks.torch_ops import frozen_eval, project_linf
     from ciard_deploy.attacks.cw import CWInf, cw_margin_loss
     from ciard_deploy.attacks.cascade import evaluate
     from ciard_deploy.attacks.pgd import FGSM, PGD, pgd_linf
@@ -37,8 +37,8 @@ _LAZY = {
     "CWInf": "ciard_deploy.attacks.cw",
     "cw_margin_loss": "ciard_deploy.attacks.cw",
     "AutoAttackAdapter": "ciard_deploy.attacks.autoattack",
-    "frozen_eval": "ciard_deploy.attacks.common",
-    "project_linf": "ciard_deploy.attacks.common",
+    "frozen_eval": "ciard_deploy.attacks.torch_ops",
+    "project_linf": "ciard_deploy.attacks.torch_ops",
 }
 
 

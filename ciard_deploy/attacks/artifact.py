@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 from ciard_deploy.attacks.base import Attack, create_attack
+from ciard_deploy.attacks.base import GRADIENTS, parse_attack_spec
+from ciard_deploy.attacks.cascade import check_budget
+from ciard_deploy.errors import UsageError
 
 #: The default cascade on an artifact: AutoAttack's gradient attacks (reference settings) + MT-PGD.
 ARTIFACT_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-t", "fab-t", "mtpgd100")
@@ -111,8 +114,6 @@ def create_artifact_attacks(specs: Sequence[str], eps: float, seed: int = 0) -> 
     """The cascade's attacks from specs (``apgd-ce``, ``mtpgd100``, ...); each must need gradients."""
     import inspect
 
-    from ciard_deploy.attacks.base import GRADIENTS, parse_attack_spec
-    from ciard_deploy.errors import UsageError
 
     out = []
     for spec in specs:
@@ -146,7 +147,6 @@ def attack_artifact(twin: nn.Module, predict: PredictFn, x: np.ndarray, y: np.nd
     Returns:
         the ``ArtifactAttackResult``; every stored image lies within each attack's eps and in [0, 1].
     """
-    from ciard_deploy.attacks.cascade import check_budget
 
     dev = torch.device(device)
     model = RuntimeScored(twin.to(dev).eval(), predict, batch_size)

@@ -98,7 +98,6 @@ class Attack(abc.ABC):
 
 class QueryAttack(Attack):
     """An attack that needs only a model's scores (no gradients): it runs live on any runtime, torch-free.
-
     ``ciard verify --live SPEC`` (recipe ``deploy.live_attacks``) runs any registered attack whose
     ``requires`` lacks ``gradients`` through one batched, seeded, resumable runner
     (``verify.live``). Adding a new query-only attack takes two things and nothing else: its own
@@ -133,7 +132,7 @@ class QueryAttack(Attack):
         """Attacks a torch model through its logits only (the same code path as ``run_numpy``)."""
         import torch
 
-        from ciard_deploy.attacks.common import check_inputs, frozen_eval, project_linf
+        from ciard_deploy.attacks.torch_ops import check_inputs, frozen_eval, project_linf
 
         check_inputs(x, y)
         device = x.device

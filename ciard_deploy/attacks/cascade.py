@@ -16,7 +16,7 @@ from torch import nn
 
 from ciard_deploy.attacks.base import Attack, TORCH_CAPABILITIES, ensure_capabilities
 from ciard_deploy.attacks.budget import format_eps
-from ciard_deploy.attacks.common import check_inputs, frozen_eval
+from ciard_deploy.attacks.torch_ops import check_inputs, frozen_eval
 from ciard_deploy.attacks.results import AttackResult, EvalResult
 from ciard_deploy.errors import UsageError
 from ciard_deploy.fingerprint import data_hash

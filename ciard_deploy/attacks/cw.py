@@ -9,7 +9,8 @@ from torch import nn
 
 from ciard_deploy.attacks.base import GRADIENTS, _check_positive
 from ciard_deploy.attacks.budget import Budget
-from ciard_deploy.attacks.common import TorchAttack, make_generator
+from ciard_deploy.attacks.common import TorchAttack
+from ciard_deploy.attacks.torch_ops import make_generator
 from ciard_deploy.attacks.pgd import default_step_size, pgd_linf, warn_if_short
 
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from ciard_deploy.attacks.base import GRADIENTS, _check_positive
 from ciard_deploy.attacks.budget import Budget, format_eps
-from ciard_deploy.attacks.common import TorchAttack, make_generator, project_linf
+from ciard_deploy.attacks.common import TorchAttack
+from ciard_deploy.attacks.torch_ops import make_generator, project_linf
 
 log = logging.getLogger(__name__)
 

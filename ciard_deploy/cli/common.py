@@ -22,6 +22,9 @@ from rich.markup import escape
 
 from ciard_deploy.errors import CiardError, UsageError, file_problem, missing_dependency, too_large
 from ciard_deploy.run_folder import resolve_run_folder
+from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
+from ciard_deploy.io import atomic_write_json, json_text
+from ciard_deploy.verify.report import check_report_paths
 
 console = Console()
 err_console = Console(stderr=True)
@@ -116,8 +119,6 @@ def check_outputs(outputs: dict[str, str | Path | None], force: bool,
     """Before any work (exit 2, one line, nothing written): every output file (``--json``, report flags)
     writable, distinct, none of them an input of the command (``inputs``; not even with ``--force``), and
     none an existing file unless ``force``. ``-`` (stdout) and None are skipped."""
-    from ciard_deploy.errors import UsageError
-    from ciard_deploy.verify.report import check_report_paths
 
     files = {flag: Path(p) for flag, p in outputs.items() if p is not None and not is_stdout(p)}
     check_report_paths(files, inputs or {})
@@ -131,7 +132,6 @@ def checkpoint_inputs(source: str | Path, flag: str = "CHECKPOINT") -> dict[str,
     """The files a checkpoint argument reads, as ``inputs`` of :func:`check_outputs`: the path given and,
     where it names a checkpoint (a run dir, a ``ciard run`` folder, a weights file or its card), the weights
     and the ``.json`` card it resolves to. A source that does not resolve is left to the verb to refuse."""
-    from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
 
     out: dict[str, str | Path | None] = {flag: source}
     try:
@@ -166,7 +166,6 @@ def write_json(path: str | Path | None, obj: Any, force: bool = False) -> None:
     file only with ``force``: :func:`check_outputs` refuses it before the work, this refuses it again)."""
     if path is None:
         return
-    from ciard_deploy.io import atomic_write_json, json_text
 
     if is_stdout(path):
         sys.stdout.write(json_text(obj))

@@ -13,6 +13,7 @@ from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import (ForceJsonOption, JsonOption, ThreadsOption, apply_threads, check_outputs,
                                      checkpoint_inputs, console, err_console, from_run_folder, handle_errors, note,
                                      progress, write_json)
+from ciard_deploy.errors import UsageError
 
 
 @app.command("eval")
@@ -51,7 +52,6 @@ def eval_cmd(
     command continues where it stopped.
     """
     from ciard_deploy import checkpoint_eval  # imports torch: `ciard --help` stays torch-free
-    from ciard_deploy.errors import UsageError
 
     names = [a.strip() for a in attacks.split(",") if a.strip()]
     if state is not None and json_out is not None and state.resolve() == json_out.resolve():

@@ -18,6 +18,9 @@ from ciard_deploy.errors import CiardError, GateFailed, UsageError
 from ciard_deploy.options.export import ExportOptions
 from ciard_deploy.run_folder import resolve_run_folder
 from ciard_deploy.signals import terminate_as_interrupt
+from ciard_deploy import export
+from ciard_deploy.attacks.budget import format_eps, parse_eps
+from ciard_deploy.export.inspection import inspect_artifact, raise_mismatches
 
 
 def _parse_batch(text: str) -> int | str:
@@ -72,8 +75,6 @@ def export_cmd(
 
     Without a format flag it exports ONNX FP32 (as --onnx).
     """
-    from ciard_deploy import export
-    from ciard_deploy.attacks.budget import parse_eps
 
     if list_formats:
         check_outputs({"--json": json_out}, force)
@@ -118,7 +119,6 @@ def inspect_cmd(
 
     A file that is not what its manifest records (missing, another size or sha256) is exit 2, after the table.
     """
-    from ciard_deploy.export.inspection import inspect_artifact, raise_mismatches
 
     try:
         read = resolve_run_folder(path, "export")
@@ -226,7 +226,6 @@ def _num(v: Any, spec: str = ".4f") -> str:
 
 def _eps(v: Any) -> str:
     """A manifest's eps as people write it (``8/255``, not 0.0313725...)."""
-    from ciard_deploy.attacks.budget import format_eps
 
     return "-" if v is None else format_eps(float(v))
 

@@ -10,11 +10,12 @@ from rich.table import Table
 
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import ForceJsonOption, JsonOption, check_outputs, console, handle_errors, write_json
+from ciard_deploy import __version__
+from ciard_deploy.attacks import ATTACKS
 
 
 def environment_report() -> dict:
     """Python, torch, CUDA devices, onnxruntime providers, TensorRT: available or why not."""
-    from ciard_deploy import __version__
 
     rep: dict = {"ciard_deploy": __version__, "python": platform.python_version(), "platform": platform.platform()}
     try:
@@ -119,7 +120,6 @@ def datasets(json_out: JsonOption = None, force: ForceJsonOption = False) -> Non
 @handle_errors
 def attacks(json_out: JsonOption = None, force: ForceJsonOption = False) -> None:
     """List the attacks (names like pgd20, cw30, aa, square1000)."""
-    from ciard_deploy.attacks import ATTACKS
 
     check_outputs({"--json": json_out}, force)
     _listing("attacks (L-inf; eps given with --eps)", ["name", "needs", "description"],

@@ -9,6 +9,7 @@ import typer
 
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import console, from_run_folder, handle_errors
+from ciard_deploy.plots import training_curves
 
 
 @app.command("plot")
@@ -23,7 +24,6 @@ def plot_cmd(
 
     Prints the path of each PNG written, one per line. Exit codes: 0 written, 2 no metrics.jsonl.
     """
-    from ciard_deploy.plots import training_curves
 
     for path in training_curves(from_run_folder(run_dir, "metrics"), out):
         console.print(str(path), highlight=False, soft_wrap=True)

@@ -11,6 +11,9 @@ from rich.table import Table
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import (ForceJsonOption, JsonOption, check_outputs, console, err_console, handle_errors,
                                      write_json)
+from ciard_deploy.config import check_recipe_tree, field_docs, find_recipe, list_recipes, load_raw, load_recipe, recipes_dir, validate_recipe
+from ciard_deploy.errors import CiardError, RecipeError, UsageError
+from ciard_deploy.io import atomic_write_text
 
 recipe_app = typer.Typer(help="List, show, validate and copy recipes (shipped ones by name, or any file).",
                          no_args_is_help=True)
@@ -22,8 +25,6 @@ app.add_typer(recipe_app, name="recipe")
 def ls(json_out: JsonOption = None, force: ForceJsonOption = False) -> None:
     """List the shipped recipes: kind, method, model (the student or the trained model), dataset, epochs,
     and whether it has a deploy: section (then `ciard run` takes it)."""
-    from ciard_deploy.config import list_recipes, load_recipe, recipes_dir
-    from ciard_deploy.errors import CiardError
 
     check_outputs({"--json": json_out}, force)
     shipped = list_recipes()
@@ -71,9 +72,7 @@ def show(
     force: ForceJsonOption = False,
 ) -> None:
     """Print the recipe as resolved (extends merged, defaults filled in) and what each field means."""
-    from ciard_deploy.config import field_docs, find_recipe, load_recipe
     from ciard_deploy.distill.methods import METHODS
-    from ciard_deploy.errors import RecipeError
 
     path = find_recipe(name)
     check_outputs({"--json": json_out}, force, {"NAME": path})
@@ -116,8 +115,6 @@ def validate(
     overrides: List[str] = typer.Option([], "--set", "-s", help="Override a value before validating."),
 ) -> None:
     """Check recipes (and the teacher recipes they name); every problem is listed. Exit 2 if any fails."""
-    from ciard_deploy.config import check_recipe_tree, find_recipe, load_recipe
-    from ciard_deploy.errors import CiardError, RecipeError
 
     failed = 0
     for ref in paths:
@@ -147,9 +144,6 @@ def cp(
     paths made absolute), headed by its original comments."""
     import yaml
 
-    from ciard_deploy.config import find_recipe, load_raw, validate_recipe
-    from ciard_deploy.errors import UsageError
-    from ciard_deploy.io import atomic_write_text
 
     src = find_recipe(name)
     target = dest / src.name if dest.is_dir() else dest

@@ -28,6 +28,7 @@ from ciard_deploy.signals import interrupt_name, terminate_as_interrupt
 from ciard_deploy.verify.render import gates_table
 from ciard_deploy.verify.report import VerifyReport
 from ciard_deploy.workflow import QUICKSTART_RECIPE, check_out_dir, quickstart_recipe
+from ciard_deploy.distill.events import TrainingInterrupted
 
 _ACTION_STYLE = {"ran": "green", "resumed": "green", "rejudged": "cyan", "skipped": "dim"}
 
@@ -145,7 +146,6 @@ def render_result(result: Any) -> None:
 def _execute(recipe_path: Path, out: Path, overrides: List[str], from_stage: Optional[str], device: Optional[str],
              threads: Optional[int], quiet: bool, json_out: Optional[Path], entry: str, resume_hint: str,
              force: bool = False) -> None:
-    from ciard_deploy.distill.events import TrainingInterrupted
 
     if quiet:
         State.quiet = True

@@ -29,6 +29,12 @@ from ciard_deploy.verify.pack import check_output
 from ciard_deploy.verify.pack_build import write_pack
 from ciard_deploy.verify.pack_partial import check_partial_dir, partial_dir, read_partial
 from ciard_deploy.verify.render import render_pack
+from ciard_deploy.errors import CiardError
+from ciard_deploy.run_folder import exported_artifacts, is_export_folder, is_run_folder, manifest_artifacts, resolve_run_folder, run_folder_of, verify_settings
+from ciard_deploy.runtime import backend_for
+from ciard_deploy.verify.gates import Policy, gates_from_mapping, load_gates
+from ciard_deploy.verify.render import render_report
+from ciard_deploy.verify.verification import run
 
 
 class StagedProgress:
@@ -213,8 +219,6 @@ def _verify_inputs(artifact: Path, pack: Optional[Path]) -> tuple[list[Path], Pa
 
     ARTIFACT may be a run folder (each artifact its export manifest lists, against its pack.npz); --pack may be
     left out for an artifact in a run folder's export/ (its pack.npz) or --pack may name the folder."""
-    from ciard_deploy.run_folder import (exported_artifacts, is_export_folder, is_run_folder, manifest_artifacts,
-                                         resolve_run_folder, run_folder_of, verify_settings)
 
     recorded = None
     if is_run_folder(artifact):
@@ -243,7 +247,6 @@ def _one_artifact_for(flags: dict[str, Optional[Path]], folder: Path, targets: l
     """Report and state files name one artifact's: refused (exit 2) when a run folder holds several."""
     given = [flag for flag, path in flags.items() if path is not None]
     if given:
-        from ciard_deploy.run_folder import is_run_folder
 
         what, reports = (("the run folder", f" (the run's own reports are in {folder / 'verify'})")
                          if is_run_folder(folder) else ("the export folder", ""))
@@ -271,8 +274,6 @@ def _run_folder_line(folder: Path, targets: list[Path], pack: Path, recorded: di
 
 def _on_torch(path: Path) -> bool:
     """``path`` runs on PyTorch (a checkpoint or a training run dir), so --threads sets torch's threads too."""
-    from ciard_deploy.errors import CiardError
-    from ciard_deploy.runtime import backend_for
 
     try:
         return backend_for(path).name == "torch"
@@ -350,9 +351,6 @@ def verify_cmd(
     Exit codes: 0 every gate passed (or no gates: NOT GATED), 1 a gate failed or a warning failed
     (mismatch, or any under --strict), 2 bad input, 3 runtime missing, 130 interrupted.
     """
-    from ciard_deploy.verify.verification import run
-    from ciard_deploy.verify.gates import Policy, gates_from_mapping, load_gates
-    from ciard_deploy.verify.render import render_report
 
     if quiet:
         State.quiet = True

@@ -13,6 +13,7 @@ import torch
 
 from ciard_deploy.options.catalog import DATASET_NAMES
 from ciard_deploy.registry import Registry
+from ciard_deploy.data.transforms import augment_batch
 
 Split = Literal["train", "test"]
 
@@ -122,7 +123,6 @@ def iterate_batches(ds: ArrayDataset, batch_size: int, shuffle: bool = False,
 
     ``indices`` restricts the epoch to those positions (used for a DDP rank's shard).
     """
-    from ciard_deploy.data.transforms import augment_batch
 
     order = indices if indices is not None else torch.arange(len(ds))
     if shuffle:

@@ -5,6 +5,10 @@ saved state that makes a stop resumable, and the final phase (``summary``).
 :func:`train_step` is one step exactly as the loop runs it: the method's ``train_step`` under autocast, the
 student's backward and SGD step through a GradScaler, then ``method.after_student_step`` (CIARD's
 robust-teacher update). ``trainer.run`` is the public entry; :class:`TrainingLoop` is constructed by it.
+
+Kept as one file: the loop's phases share one object's state (model, optimizer, scheduler, scaler, method,
+best-so-far, saved position), and splitting them would pass that state around instead of reading it; the
+parts that stand alone (events, signals, RNG, splits, selection, saved state, summary) have their own modules.
 """
 
 from __future__ import annotations

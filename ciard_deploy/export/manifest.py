@@ -37,6 +37,7 @@ from ciard_deploy.io import atomic_write_json
 from ciard_deploy.limits import (MAX_ARTIFACTS, MAX_ATTACKS, ClassNames, Finite, Fraction, LimitError, NotJson,
                                  NumClasses, ShortText, TrainingEps, check_image_shape, read_json, schema_problems)
 from ciard_deploy.runtime.metadata import decode_metadata, encode_metadata
+from ciard_deploy.runtime.ort_backend import import_onnxruntime
 
 SCHEMA = "ciard-export-manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -140,7 +141,6 @@ class Manifest:
             raise ArtifactError(f"manifest is missing the key {e}") from None
 
     def write(self, folder: str | Path) -> Path:
-
         path = Path(folder) / MANIFEST_NAME
         atomic_write_json(path, self.to_dict())
         return path
@@ -374,7 +374,6 @@ def read_onnx_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, str]
         model = onnx.load(str(p), load_external_data=False)
         raw = {e.key: e.value for e in model.metadata_props}
     except ImportError:  # a device without the onnx package: onnxruntime reads it too
-        from ciard_deploy.runtime.ort_backend import import_onnxruntime
 
         ort = import_onnxruntime()
         try:

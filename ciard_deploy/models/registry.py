@@ -9,6 +9,7 @@ from torch import nn
 
 from ciard_deploy.options.catalog import MODEL_NAMES
 from ciard_deploy.registry import Registry
+from ciard_deploy.models.normalize import Normalized
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,6 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3,
         in_chans: input channels (1 for digits, 3 for CIFAR).
         mean, std: per-channel normalization applied inside the model (defaults 0 and 1).
     """
-    from ciard_deploy.models.normalize import Normalized
 
     net = MODELS.get(name).build(num_classes=num_classes, in_chans=in_chans)
     mean = list(mean) if mean is not None else [0.0] * in_chans

@@ -20,6 +20,8 @@ import numpy as np
 from ciard_deploy import fingerprint
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.options.export import MIN_AGREEMENT
+from ciard_deploy.attacks.budget import format_eps
+from ciard_deploy.export.manifest import ManifestInvalid, load_manifest
 
 Level = Literal["warning", "info"]
 DOCS = "README.md#verify-warnings"
@@ -173,7 +175,6 @@ def provenance(artifact: str | Path, metadata: Mapping[str, Any], pack_model_sha
         section: dict[str, Any] = {"path": str(manifest_file), "listed": False, "expected_sha256": None,
                                    "sha256_matches": None, "status": None, "source_sha256": None}
         out["manifest"] = section
-        from ciard_deploy.export.manifest import ManifestInvalid, load_manifest
 
         try:
             manifest = load_manifest(manifest_file)
@@ -232,7 +233,6 @@ def metadata_mismatches(pack_meta: Mapping[str, Any], metadata: Mapping[str, Any
     eps_art = metadata.get("eps")
     if eps_art is None:
         return out
-    from ciard_deploy.attacks.budget import format_eps
 
     # the pack's eps is finite and > 0 (load_pack); the artifact's is what its metadata says, maybe anything
     if isinstance(eps_art, bool) or not isinstance(eps_art, (int, float)) or not math.isfinite(eps_art) or eps_art < 0:

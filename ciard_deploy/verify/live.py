@@ -31,6 +31,7 @@ from ciard_deploy.resume import AttackRecord
 from ciard_deploy.errors import UsageError
 from ciard_deploy.options.live import PACK_HINT
 from ciard_deploy.verify.pack import EPS_TOLERANCE, RobustnessPack
+from ciard_deploy.attacks.base import ATTACKS
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def create_live_attacks(specs: Sequence[str], eps: float, *, seed: int, batch_si
 
 def live_families() -> list[str]:
     """Registry families of the query-only attacks (``["square"]``): each gets a ``<family>_acc`` metric."""
-    from ciard_deploy.attacks.base import ATTACKS
-
     return [name for name, e in ATTACKS.items() if GRADIENTS not in e.requires]
 
 

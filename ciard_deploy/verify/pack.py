@@ -49,6 +49,8 @@ import numpy as np
 from ciard_deploy.errors import UsageError
 from ciard_deploy.fingerprint import checksum_arrays, sha256_file
 from ciard_deploy.io import atomic_path
+from ciard_deploy.attacks.budget import EpsChoice
+from ciard_deploy.verify.report import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,6 @@ class RobustnessPack:
     def _training_eps(self) -> dict[str, Any]:
         """``training_eps`` (what the source checkpoint records, or None) and ``eps_warning`` when the
         pack's budget differs from it."""
-        from ciard_deploy.attacks.budget import EpsChoice
 
         recorded = (self.meta.get("model") or {}).get("eps")
         choice = EpsChoice(self.eps, None if recorded is None else float(recorded), True)
@@ -227,7 +228,6 @@ ARTIFACT_ARRAYS = ("adv", "logits", "logits_clean", "found_by")
 # --------------------------------------------------------------------------- save
 def check_output(path: str | os.PathLike, force: bool = False, flag: str = "--out") -> Path:
     """Refuses an output path that exists (without ``force``), is a folder, or cannot be written."""
-    from ciard_deploy.verify.report import check_writable
 
     p = Path(path)
     if p.exists() and not p.is_dir() and not force:

@@ -31,6 +31,11 @@ import numpy as np
 
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.verify.pack import ArtifactSection
+from ciard_deploy.attacks.budget import format_eps
+from ciard_deploy.fingerprint import sha256_file
+from ciard_deploy.runtime import open_backend
+from ciard_deploy.twin import fidelity as twin_fidelity
+from ciard_deploy.verify import checks
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +69,6 @@ def preflight(paths: Sequence[Path], *, model_sha256: str, input_shape: Sequence
             threshold without ``allow_untrusted_twin`` (exit 2, nothing written).
         BackendUnavailable: its runtime is not installed here (exit 3).
     """
-    from ciard_deploy.runtime import open_backend
-    from ciard_deploy.verify import checks
 
     for path in paths:
         backend = open_backend(path, **({"threads": threads} if threads else {}))
@@ -75,22 +78,16 @@ def preflight(paths: Sequence[Path], *, model_sha256: str, input_shape: Sequence
             if clean is not None and eps is not None and path.suffix.lower() in TWIN_SUFFIXES:
                 twin = _twin_or_none(path)
                 if twin is not None:
-                    sets = {"clean": clean, "random_in_ball": _fidelity().random_in_ball(clean, eps, seed)}
+                    sets = {"clean": clean, "random_in_ball": twin_fidelity.random_in_ball(clean, eps, seed)}
                     twin = best_twin(path, twin, backend.predict, sets)
                     _trusted_or_refuse(path.name, twin, backend.predict, sets, allow_untrusted_twin)
         finally:
             backend.close()
 
 
-def _fidelity() -> Any:
-    from ciard_deploy.twin import fidelity
-
-    return fidelity
-
-
 def _twin_or_none(path: Path) -> Any:
     """The artifact's twin, or None (with a log line) where it has an op the twin cannot reproduce."""
-    from ciard_deploy.twin import TwinUnsupported, build_twin
+    from ciard_deploy.twin import TwinUnsupported, build_twin  # imports torch (twin.graph)
 
     try:
         return build_twin(path)
@@ -110,9 +107,9 @@ def best_twin(path: Path, twin: Any, predict: Callable[..., Any], sets: dict[str
     """
     if getattr(twin, "precision", "") != "fp16":
         return twin
-    from ciard_deploy.twin import build_twin
+    from ciard_deploy.twin import build_twin  # imports torch (twin.graph)
 
-    fid = _fidelity()
+    fid = twin_fidelity
     candidates = [twin, build_twin(path, half="emulate" if twin.half_mode != "emulate" else "float32")]
     scored = [(fid.measure_fidelity(t, predict, sets, batch_size=batch_size), t) for t in candidates]
     best = max(scored, key=lambda ft: (ft[0].agreement, -ft[0].max_abs_diff))
@@ -123,7 +120,7 @@ def best_twin(path: Path, twin: Any, predict: Callable[..., Any], sets: dict[str
 def _trusted_or_refuse(name: str, twin: Any, predict: Callable[..., Any], sets: dict[str, np.ndarray],
                        allow_untrusted: bool, batch_size: int = 256) -> Any:
     """The twin's ``TwinFidelity`` on ``sets``; ArtifactError below ``TRUST_THRESHOLD`` unless allowed."""
-    fid_mod = _fidelity()
+    fid_mod = twin_fidelity
     fidelity = fid_mod.measure_fidelity(twin, predict, sets, batch_size=batch_size)
     fidelity.threshold = fid_mod.TRUST_THRESHOLD  # read now: a caller may have changed it
     if not fidelity.trusted and not allow_untrusted:
@@ -141,7 +138,6 @@ def _check_source(name: str, source: str | None, model_sha256: str) -> None:
 
 def section_label(names: Sequence[str], eps: float) -> str:
     """``wb(apgd-ce+apgd-t+fab-t+mtpgd100)@0.15``: white-box on the artifact, by attack and budget."""
-    from ciard_deploy.attacks.budget import format_eps
 
     return f"wb({'+'.join(names)})@{format_eps(eps)}"
 
@@ -173,9 +169,6 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
             twin is below the fidelity threshold (without ``allow_untrusted_twin``).
     """
     from ciard_deploy.attacks.artifact import attack_artifact
-    from ciard_deploy.fingerprint import sha256_file
-    from ciard_deploy.runtime import open_backend
-    from ciard_deploy.verify import checks
 
     name = artifact.name
     sha = sha256_file(artifact)
@@ -197,7 +190,7 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
         if artifact.suffix.lower() not in TWIN_SUFFIXES:
             return ArtifactSection(meta={**record, "skipped": f"no twin can be built from a {artifact.suffix} file; "
                                                              "attack its ONNX file instead"})
-        from ciard_deploy.twin import TwinUnsupported, build_twin
+        from ciard_deploy.twin import TwinUnsupported, build_twin  # imports torch (twin.graph)
 
         try:
             twin = build_twin(artifact)
@@ -207,7 +200,7 @@ def build_section(index: int, artifact: Path, x: np.ndarray, y: np.ndarray, *, e
         sets = {"clean": x}
         if adversarial is not None:
             sets["adversarial"] = adversarial
-        sets["random_in_ball"] = _fidelity().random_in_ball(x, eps, seed)
+        sets["random_in_ball"] = twin_fidelity.random_in_ball(x, eps, seed)
         t0 = time.perf_counter()
         twin = best_twin(artifact, twin, backend.predict, {k: sets[k] for k in ("clean", "random_in_ball")},
                          batch_size)

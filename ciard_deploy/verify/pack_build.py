@@ -28,6 +28,8 @@ from ciard_deploy.resume import StateEvent
 from ciard_deploy.verify.pack import FORMAT, SCHEMA_VERSION, ArtifactSection, Progress, RobustnessPack, reference_flags, save_pack
 from ciard_deploy.verify.pack_partial import (OnMismatch, PackKey, _Partial, _SectionJob, check_partial_dir,
                                              discard_partial, partial_dir)
+from ciard_deploy.runtime.torch_backend import import_torch
+from ciard_deploy.verify.pack_artifacts import build_section, check_artifacts, preflight
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,6 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
         StateMismatch: ``resume_dir`` holds another pack's attacks (with ``"refuse"``; an ArtifactError).
         BackendUnavailable: PyTorch is not installed here (exit 3): packs are built where it is.
     """
-    from ciard_deploy.runtime.torch_backend import import_torch
 
     torch = import_torch()
     from ciard_deploy.attacks.cascade import check_budget  # these import torch: verify stays torch-free
@@ -184,7 +185,6 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     dev = resolve_device(device)
     specs = [s.strip() for s in (default_attacks(dev.type) if attacks is None else attacks) if s and s.strip()]
     _check_labels([_make_attack(s, trial_eps, seed, step).label for s in specs])
-    from ciard_deploy.verify.pack_artifacts import build_section, check_artifacts, preflight
 
     artifact_paths = check_artifacts(artifacts)
     art_specs: list[str] = []

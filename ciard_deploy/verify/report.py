@@ -64,6 +64,9 @@ from ciard_deploy.verify.checks import CHECKS, Finding
 from ciard_deploy.verify.checks import DOCS as WARNING_DOCS
 from ciard_deploy.options.gates import Gates
 from ciard_deploy.verify.gates import GateResult, Policy, WarningVerdict, judge, judge_warnings
+from ciard_deploy.errors import EnvironmentMissing
+from ciard_deploy.io import atomic_write_text
+from ciard_deploy.plots import accuracy_chart, rows_from_reports
 
 REPORT_KIND = "ciard.verify_report"
 SCHEMA_VERSION = 3
@@ -324,14 +327,10 @@ class VerifyReport:
 
     # ---------------------------------------------------------------- files
     def write_json(self, path: str | os.PathLike) -> Path:
-        from ciard_deploy.io import atomic_write_text
-
         atomic_write_text(path, self.to_json())
         return Path(path)
 
     def write_junit(self, path: str | os.PathLike) -> Path:
-        from ciard_deploy.io import atomic_write_text
-
         atomic_write_text(path, self.to_junit())
         return Path(path)
 
@@ -347,8 +346,6 @@ class VerifyReport:
                 ``"none"`` (or False): no chart. The torch-free device install has no matplotlib: the
                 report then simply has no picture.
         """
-        from ciard_deploy.errors import EnvironmentMissing
-        from ciard_deploy.io import atomic_write_text
 
         mode = ("file" if chart else "none") if isinstance(chart, bool) else chart
         if mode not in ("file", "inline", "none"):
@@ -358,7 +355,6 @@ class VerifyReport:
         if mode != "none":
             import tempfile
 
-            from ciard_deploy.plots import accuracy_chart, rows_from_reports
 
             try:
                 with tempfile.TemporaryDirectory() as tmp:

@@ -23,6 +23,7 @@ from ciard_deploy.workflow.stages import Progress, StageContext, run_stage
 from ciard_deploy.workflow.state import STAGES, STATE_NAME, Layout, StateFile, check_out_dir, new_state
 from ciard_deploy.fingerprint import canonical_json_hash
 from ciard_deploy.workflow.summary import StageEvent, StageOutcome, WorkflowResult, summarize
+from ciard_deploy.distill.events import TrainingInterrupted
 
 QUICKSTART_RECIPE = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
 
@@ -65,7 +66,6 @@ def load_deploy_recipe(recipe: "RecipeBase | str | Path", overrides: Sequence[st
 
 def _training_interrupted(e: BaseException) -> bool:
     """``e`` is the trainer's TrainingInterrupted (SIGINT/SIGTERM during training: kept for a resume)."""
-    from ciard_deploy.distill.events import TrainingInterrupted
 
     return isinstance(e, TrainingInterrupted)
 
