@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ciard_deploy.attacks import create_attack, parse_attack_spec, parse_eps
 from ciard_deploy.attacks.budget import choose_eps
-from ciard_deploy.attacks.cascade import evaluate as cascade
+from ciard_deploy.attacks.cascade import run_cascade
 from ciard_deploy.checkpoints import resolve_checkpoint
 from ciard_deploy.data import load_test_set_for
 from ciard_deploy.devices import resolve_device
@@ -84,7 +84,7 @@ def run(source: str | Path, attacks: list[str], eps: float | str | None = None, 
             raise
     model = model.to(dev)
     t0 = time.perf_counter()
-    res = cascade(model, x, y, atks, batch_size=batch_size, device=str(dev), progress=progress, state=state,
+    res = run_cascade(model, x, y, atks, batch_size=batch_size, device=str(dev), progress=progress, state=state,
                   on_state=on_state)
     return {
         "model": {"source": str(path), "sha256": model_sha, "arch": meta.arch,

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.fingerprint import sha256_file
 from ciard_deploy.io import atomic_path, atomic_write_json, library_versions
-from ciard_deploy.limits import (ClassNames, Finite, LimitError, NotJson, NumClasses, ShortText, TrainingEps,
-                                 check_image_shape, read_json, schema_problems)
+from ciard_deploy.limits import (ClassNames, Finite, NumClasses, ShortText, TrainingEps, check_image_shape,
+                                 read_json_artifact, schema_problems)
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +143,7 @@ def read_meta(path: str | os.PathLike) -> CheckpointMeta:
         raise ArtifactError(f"checkpoint not found: {weights}")
     if not meta_path.exists():
         raise ArtifactError(f"checkpoint metadata missing: {meta_path} (a ciard checkpoint is .safetensors + .json)")
-    try:
-        d = read_json(meta_path)
-    except OSError as e:
-        raise ArtifactError(f"checkpoint metadata {meta_path} cannot be read: {e.strerror or e}") from None
-    except NotJson as e:
-        raise ArtifactError(f"checkpoint metadata {meta_path} is not valid JSON: {e}") from None
-    except LimitError as e:
-        raise ArtifactError(f"checkpoint metadata {meta_path}: {e}") from None
+    d = read_json_artifact(meta_path, "checkpoint metadata")
     if not isinstance(d, dict):
         raise ArtifactError(f"checkpoint metadata {meta_path} is not a JSON object (got a {type(d).__name__})")
     try:

@@ -1,9 +1,10 @@
 """Bounds on what ciard reads from files it did not necessarily write: packs, manifests, checkpoint
 cards, recipes. A file that exceeds one is refused before anything large is allocated.
 
-The ground floor (torch-free, imports nothing of ours): the readers (``verify.pack``,
-``export.manifest``, ``io.read_meta``, ``config.load_raw``) turn a ``LimitError`` or a
-``pydantic.ValidationError`` into their own one-line ``CiardError`` naming the file and the field.
+The ground floor (torch-free, imports only ``errors`` of ours): the readers (``verify.pack``,
+``export.manifest``, ``checkpoints.read_meta``, ``config.load_raw``) turn a ``LimitError`` or a
+``pydantic.ValidationError`` into their own one-line ``CiardError`` naming the file and the field
+(``read_json_artifact`` does it for a JSON file).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Annotated
 
 from pydantic import Field, ValidationError
+
+from ciard_deploy.errors import ArtifactError
 
 #: largest JSON file read whole (a manifest or checkpoint card is a few KiB; a pack's metadata, with its
 #: sample indices, a few hundred KiB)
@@ -126,6 +129,21 @@ def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
     return loads_json(text)
 
 
+def read_json_artifact(path: str | Path, subject: str = "", limit_error: type[ArtifactError] = ArtifactError) -> Any:
+    """``read_json`` of a file ciard reads as input, its problems as one-line errors naming the file
+    (after ``subject``, e.g. ``"checkpoint metadata"``): ArtifactError when it cannot be read or is not
+    JSON, ``limit_error`` when it exceeds the bounds above (a manifest's reader makes that ManifestInvalid)."""
+    name = f"{subject} {path}" if subject else str(path)
+    try:
+        return read_json(path)
+    except OSError as e:
+        raise ArtifactError(f"{name} cannot be read: {e.strerror or e}") from None
+    except NotJson as e:
+        raise ArtifactError(f"{name} is not valid JSON: {e}") from None
+    except LimitError as e:
+        raise limit_error(f"{name}: {e}") from None
+
+
 def schema_problems(err: ValidationError, shown: int = 3, missing: str = "missing the key") -> str:
     """A pydantic error as one line naming each field: ``field 'model.num_classes': Input should be a
     valid integer (got 'ten')``, ``missing the key 'attacks'``; at most ``shown`` problems, then how many more."""
@@ -151,4 +169,4 @@ __all__ = ["ClassNames", "Dim", "Eps", "Finite", "Fraction", "LimitError", "MAX_
            "MAX_CLASSES", "MAX_DEPTH", "MAX_EXTENDS_DEPTH", "MAX_EXTENDS_FILES", "MAX_IMAGE_ELEMENTS",
            "MAX_INFLATE_RATIO", "MAX_JSON_BYTES", "MAX_NODES", "MAX_NPY_HEADER", "MAX_NPZ_MEMBERS",
            "MAX_RECIPE_BYTES", "MIN_INFLATE_CHECK", "NotJson", "NumClasses", "ShortText", "TrainingEps", "check_image_shape",
-           "check_tree", "loads_json", "read_json", "schema_problems"]
+           "check_tree", "loads_json", "read_json", "read_json_artifact", "schema_problems"]

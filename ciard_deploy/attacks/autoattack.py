@@ -9,7 +9,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from ciard_deploy.attacks.base import GRADIENTS, _check_positive
+from ciard_deploy.attacks.base import GRADIENTS, check_positive
 from ciard_deploy.attacks.budget import Budget
 from ciard_deploy.attacks.common import TorchAttack
 from ciard_deploy.errors import EnvironmentMissing, UsageError
@@ -82,7 +82,7 @@ class AutoAttackAdapter(TorchAttack):
                  batch_size: int = 500) -> None:
         if version not in AA_ATTACKS:
             raise ValueError(f"version must be one of {sorted(AA_ATTACKS)}, got {version!r}")
-        _check_positive("batch_size", batch_size)
+        check_positive("batch_size", batch_size)
         self.version = version
         self.name = "aa" if version == "standard" else f"aa-{version}"
         self.budget = Budget("Linf", float(eps), 100, None)
@@ -153,8 +153,8 @@ class AutoAttackComponent(TorchAttack):
                  batch_size: int = 500) -> None:
         if component not in COMPONENTS:
             raise ValueError(f"component must be one of {sorted(COMPONENTS)}, got {component!r}")
-        _check_positive("steps", steps)
-        _check_positive("batch_size", batch_size)
+        check_positive("steps", steps)
+        check_positive("batch_size", batch_size)
         self.component = component
         self.name = component if int(steps) == 100 else f"{component}{int(steps)}"
         self.budget = Budget("Linf", float(eps), int(steps), None)

@@ -315,7 +315,8 @@ def create_attack(spec: str, eps: float | str, **overrides: Any) -> Attack:
         raise UsageError(f"attack {spec!r}: {exc}") from None
 
 
-def _check_positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    """ValueError naming ``name`` unless ``value`` is finite and > 0 (>= 0 with ``allow_zero``); None passes."""
     if value is None:
         return
     if not (value >= 0 if allow_zero else value > 0) or not math.isfinite(float(value)):
@@ -324,6 +325,6 @@ def _check_positive(name: str, value: float | int | None, allow_zero: bool = Fal
 
 __all__ = [
     "ATTACKS", "Attack", "AttackEntry", "CAPABILITIES", "GRADIENTS", "MissingCapability",
-    "QueryAttack", "SCORES", "TORCH_CAPABILITIES", "attack_requires", "create_attack", "ensure_capabilities",
+    "QueryAttack", "SCORES", "TORCH_CAPABILITIES", "attack_requires", "check_positive", "create_attack", "ensure_capabilities",
     "is_query_only", "list_attacks", "parse_attack_spec", "query_only_patterns",
 ]

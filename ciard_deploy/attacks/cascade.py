@@ -53,7 +53,7 @@ def check_budget(x_adv: torch.Tensor, x: torch.Tensor, eps: float, label: str) -
                            f"range [{lo:.3g}, {hi:.3g}]")
 
 
-def evaluate(model: nn.Module, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
+def run_cascade(model: nn.Module, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
              attacks: Sequence[Attack], batch_size: int = 256, device: str | torch.device = "cpu",
              progress: ProgressFn | None = None, state: EvaluationState | None = None,
              on_state: Callable[[StateEvent], None] | None = None,

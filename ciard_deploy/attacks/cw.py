@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ciard_deploy.attacks.base import GRADIENTS, _check_positive
+from ciard_deploy.attacks.base import GRADIENTS, check_positive
 from ciard_deploy.attacks.budget import Budget
 from ciard_deploy.attacks.common import TorchAttack
 from ciard_deploy.attacks.torch_ops import make_generator
@@ -52,9 +52,9 @@ class CWInf(TorchAttack):
     def __init__(self, eps: float, steps: int = 30, step_size: float | None = None, confidence: float = 50.0,
                  random_start: bool = False, seed: int | None = None) -> None:
         step_size = default_step_size(eps) if step_size is None else step_size
-        _check_positive("steps", steps)
-        _check_positive("step_size", step_size)
-        _check_positive("confidence", confidence, allow_zero=True)
+        check_positive("steps", steps)
+        check_positive("step_size", step_size)
+        check_positive("confidence", confidence, allow_zero=True)
         self.name = f"cw{int(steps)}"
         self.budget = Budget("Linf", float(eps), int(steps), float(step_size))
         self.confidence = float(confidence)

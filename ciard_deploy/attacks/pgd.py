@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ciard_deploy.attacks.base import GRADIENTS, _check_positive
+from ciard_deploy.attacks.base import GRADIENTS, check_positive
 from ciard_deploy.attacks.budget import Budget, format_eps
 from ciard_deploy.attacks.common import TorchAttack
 from ciard_deploy.attacks.torch_ops import make_generator, project_linf
@@ -106,9 +106,9 @@ class PGD(TorchAttack):
     def __init__(self, eps: float, steps: int = 20, step_size: float | None = None, random_start: bool = True,
                  restarts: int = 1, seed: int | None = None, prefix: str = "pgd") -> None:
         step_size = default_step_size(eps) if step_size is None else step_size
-        _check_positive("steps", steps)
-        _check_positive("step_size", step_size)
-        _check_positive("restarts", restarts)
+        check_positive("steps", steps)
+        check_positive("step_size", step_size)
+        check_positive("restarts", restarts)
         self.name = f"{prefix}{int(steps)}"
         self.budget = Budget("Linf", float(eps), int(steps), float(step_size))
         self.random_start = bool(random_start)
@@ -191,8 +191,8 @@ class MultiTargetPGD(TorchAttack):
     requires = frozenset({GRADIENTS})
 
     def __init__(self, eps: float, steps: int = 100, targets: int = 9, seed: int | None = None) -> None:
-        _check_positive("steps", steps)
-        _check_positive("targets", targets)
+        check_positive("steps", steps)
+        check_positive("targets", targets)
         self.name = f"mtpgd{int(steps)}"
         self.budget = Budget("Linf", float(eps), int(steps), None)
         self.targets = int(targets)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ciard_deploy.attacks.base import QueryAttack, SCORES, _check_positive
+from ciard_deploy.attacks.base import QueryAttack, SCORES, check_positive
 from ciard_deploy.attacks.budget import Budget
 from ciard_deploy.errors import UsageError
 
@@ -112,8 +112,8 @@ class SquareAttack(QueryAttack):
             raise ValueError(f"queries must be >= 2, got {queries!r}")
         if not 0.0 < float(p_init) < 1.0:
             raise ValueError(f"p_init must be in (0, 1), got {p_init!r}")
-        _check_positive("restarts", restarts)
-        _check_positive("batch_size", batch_size)
+        check_positive("restarts", restarts)
+        check_positive("batch_size", batch_size)
         self.name = f"square{int(queries)}"
         self.budget = Budget("Linf", float(eps), int(queries), None)
         self.p_init = float(p_init)

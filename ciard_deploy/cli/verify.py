@@ -281,6 +281,14 @@ def _on_torch(path: Path) -> bool:
         return False
 
 
+def _takes_provider(path: Path) -> bool:
+    """``path``'s runtime has execution providers (onnxruntime), so the recipe's --provider applies to it."""
+    try:
+        return bool(backend_for(path).providers)
+    except CiardError:
+        return False
+
+
 @app.command("verify")
 @handle_errors
 @gate_options
@@ -384,7 +392,7 @@ def verify_cmd(
         note(_run_folder_line(folder, targets, pack, recorded, gates, live, live_n, square_queries))
     failures = []
     for artifact in targets:  # one, or each artifact of a `ciard run` folder (then no report flags)
-        on_runtime = provider if provider is not None or artifact.suffix.lower() != ".onnx" else recipe_provider
+        on_runtime = provider if provider is not None or not _takes_provider(artifact) else recipe_provider
         try:
             with terminate_as_interrupt(), StagedProgress("verify") as update:  # SIGTERM: as Ctrl-C, state saved
                 report = run(artifact, pack, provider=on_runtime, gates=gates,

@@ -3,8 +3,8 @@ fixed set of images under a fixed seed (:func:`accuracy_metrics`, used every ``t
 on the selection subset and once at the end on the test split), and the score the best checkpoint is
 chosen by (:func:`selection_score`).
 
-Not to be confused with ``ciard eval`` (``ciard_deploy/evaluate.py``), verify's evaluation of a deployed
-artifact, or the attack cascade itself (``attacks.evaluate``), which this module calls.
+Not to be confused with ``ciard eval`` (``ciard_deploy/checkpoint_eval.py``), verify's evaluation of a deployed
+artifact, or the attack cascade itself (``attacks.run_cascade``), which this module calls.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ciard_deploy.attacks import create_attack, evaluate, parse_attack_spec
+from ciard_deploy.attacks import create_attack, parse_attack_spec, run_cascade
 
 
 def make_attacks(specs: Sequence[str], eps: float, step_size: float | None = None) -> list[Any]:
@@ -35,12 +35,12 @@ def accuracy_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack_
                      progress: Callable[[int, int, str], None] | None = None) -> dict[str, float]:
     """``{"clean": acc, "<attack>@<eps>": acc, ...}`` with a fixed seed that leaves the caller's RNG alone
     (the worst case over the attacks too when there are several); ``progress(done, total, stage)`` as in
-    ``attacks.evaluate``."""
+    ``attacks.run_cascade``."""
     attacks = make_attacks(attack_specs, eps, step_size)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        res = evaluate(model, x, y, attacks, batch_size=batch_size, device=device, progress=progress)
+        res = run_cascade(model, x, y, attacks, batch_size=batch_size, device=device, progress=progress)
     out = {"clean": res.clean_acc}
     for a in res.attacks:
         out[a.label] = a.robust_acc

@@ -11,9 +11,9 @@ from typing import Any
 
 from ciard_deploy import fingerprint
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.export.manifest import (MANIFEST_NAME, ManifestInvalid, check_files, load_manifest, manifest_path,
-                                          read_onnx_metadata)
-from ciard_deploy.runtime.metadata import check_metadata, read_sidecar, sidecar_path
+from ciard_deploy.export.manifest import MANIFEST_NAME, ManifestInvalid, check_files, load_manifest, manifest_path
+from ciard_deploy.runtime import BACKENDS, backend_for
+from ciard_deploy.runtime.metadata import check_metadata
 
 
 def inspect_artifact(path: str | Path) -> dict[str, Any]:
@@ -23,7 +23,8 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
       where problems lists files missing or differing from their recorded size or sha256;
     - an ``.onnx`` file: ``{"kind": "onnx", "path", "sha256", "size", "metadata", "other_props",
       "manifest_entry", "problems", "mismatches"}`` (the entry of a manifest beside it, if one lists the file);
-    - an ``.engine``/``.plan`` file: the same with the JSON sidecar as metadata.
+    - an ``.engine``/``.plan`` file: the same with the JSON sidecar as metadata (each runtime's
+      ``read_metadata`` says where its files keep it).
 
     ``mismatches`` are the problems that say a file is not what its manifest records
     (``raise_mismatches`` makes them an error); the others (no ciard metadata) are notes.
@@ -42,16 +43,15 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         problems = check_files(m, folder)
         return {"kind": "manifest", "path": str(manifest_path(p)), "manifest": m.to_dict(),
                 "problems": problems, "mismatches": list(problems)}
-    suffix = p.suffix.lower()
-    if suffix == ".onnx":
-        meta, raw = read_onnx_metadata(p)
-        other = {k: v for k, v in raw.items() if not k.startswith("ciard.")}
-        kind = "onnx"
-    elif suffix in (".engine", ".plan"):
-        meta, other, kind = read_sidecar(p), {}, "engine"
-    else:
-        raise UsageError(f"cannot inspect {p.name}: expected an export folder, manifest.json, .onnx, .engine or .plan")
-    check_metadata(meta, p if kind == "onnx" else sidecar_path(p))  # keys of the wrong type: exit 2, one line
+    try:
+        read = backend_for(p).read_metadata
+    except UsageError:
+        read = None
+    if read is None:
+        *first, last = [s for _, e in BACKENDS.items() if e.read_metadata is not None for s in e.suffixes]
+        raise UsageError(f"cannot inspect {p.name}: expected an export folder, manifest.json, {', '.join(first)} or {last}")
+    kind, meta, other, where = read(p)
+    check_metadata(meta, where)  # keys of the wrong type: exit 2, one line
     digest = fingerprint.sha256_file(p)
     entry, mismatches = None, []
     beside = p.parent / MANIFEST_NAME

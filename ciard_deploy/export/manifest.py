@@ -34,10 +34,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from ciard_deploy import fingerprint
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.io import atomic_write_json
-from ciard_deploy.limits import (MAX_ARTIFACTS, MAX_ATTACKS, ClassNames, Finite, Fraction, LimitError, NotJson,
-                                 NumClasses, ShortText, TrainingEps, check_image_shape, read_json, schema_problems)
-from ciard_deploy.runtime.metadata import decode_metadata, encode_metadata
-from ciard_deploy.runtime.ort_backend import import_onnxruntime
+from ciard_deploy.limits import (MAX_ARTIFACTS, MAX_ATTACKS, ClassNames, Finite, Fraction, NumClasses, ShortText,
+                                 TrainingEps, check_image_shape, read_json_artifact, schema_problems)
+from ciard_deploy.runtime.metadata import encode_metadata
 
 SCHEMA = "ciard-export-manifest/1"
 MANIFEST_NAME = "manifest.json"
@@ -291,14 +290,7 @@ def load_manifest(path: str | Path) -> Manifest:
     p = manifest_path(path)
     if not p.is_file():
         raise ArtifactError(f"no export manifest at {p}")
-    try:
-        data = read_json(p)
-    except OSError as e:
-        raise ArtifactError(f"{p} cannot be read: {e.strerror or e}") from None
-    except NotJson as e:
-        raise ArtifactError(f"{p} is not valid JSON: {e}") from None
-    except LimitError as e:
-        raise ManifestInvalid(f"{p}: {e}") from None
+    data = read_json_artifact(p, limit_error=ManifestInvalid)
     if not is_ciard_manifest(data):
         raise ArtifactError(f"{p} is not a ciard export manifest (no 'schema: ciard-export-manifest/N' key)")
     try:
@@ -363,25 +355,3 @@ def set_onnx_metadata(model: Any, meta: dict[str, Any]) -> None:
     for k, v in keep + sorted(encoded.items()):
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
-
-
-def read_onnx_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
-    """(decoded ciard metadata, all raw metadata_props) of an ONNX file, without loading weights."""
-    p = Path(path)
-    try:
-        import onnx
-
-        model = onnx.load(str(p), load_external_data=False)
-        raw = {e.key: e.value for e in model.metadata_props}
-    except ImportError:  # a device without the onnx package: onnxruntime reads it too
-
-        ort = import_onnxruntime()
-        try:
-            sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ArtifactError(f"cannot read {p.name}: {str(e).splitlines()[0]}") from None
-        raw = dict(sess.get_modelmeta().custom_metadata_map)
-    except Exception as e:  # DecodeError for truncated/corrupt files
-        raise ArtifactError(f"cannot read {p.name} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                            " (truncated or corrupt?)") from None
-    return decode_metadata(raw), raw

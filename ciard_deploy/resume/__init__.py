@@ -12,7 +12,7 @@ The machinery (``resume.state_file``: ``ResumableState``, ``StateKey``, ``StateM
 ``resume.records``: ``AttackRecord``, ``StateEvent``) has three kinds of file built on it:
 
 - ``EvaluationState`` (``kind: ciard.eval_state``, key ``EvaluationKey``; ``resume.evaluation``):
-  ``ciard eval`` of a PyTorch checkpoint, filled in by ``attacks.cascade.evaluate``;
+  ``ciard eval`` of a PyTorch checkpoint, filled in by ``attacks.cascade.run_cascade``;
 - ``verify.state.VerifyState`` (``kind: ciard.verify_state``): ``ciard verify`` on a runtime,
   filled in by ``verify.measure.evaluate_runtime``;
 - ``verify.pack_partial.PackPartial`` (``kind: ciard.pack_partial``, key ``PackKey``, an

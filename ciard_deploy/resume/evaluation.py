@@ -1,6 +1,6 @@
 """The state of a resumable ``ciard eval``: what is evaluated (``EvaluationKey``: a model's weights on
 a data sample, also the base of a pack build's ``PackKey``) and ``EvaluationState``, filled in by the
-attack cascade (``attacks.cascade.evaluate``).
+attack cascade (``attacks.cascade.run_cascade``).
 
 numpy only (no torch).
 """

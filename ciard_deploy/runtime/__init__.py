@@ -23,6 +23,7 @@ from ciard_deploy.errors import ArtifactError, BackendUnavailable, UsageError
 from ciard_deploy.registry import Registry
 from ciard_deploy.runtime import ort_backend, torch_backend, trt_backend
 from ciard_deploy.runtime.base import GRADIENTS, SCORES, Backend, BaseBackend, InferenceStats, InputSpec
+from ciard_deploy.runtime.metadata import FileMetadata
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class BackendEntry:
         threads: its backend takes an intra-op thread count (``threads=``).
         require: raises BackendUnavailable (exit 3, one line) when it cannot run here at all; called
             before an export or a workflow that makes its files does any work. None: checked on open.
+        read_metadata: reads the ciard metadata one of its files carries, wherever it lives (inside the
+            file or in a sidecar), without the runtime itself; None: its files carry none (not inspectable).
     """
 
     name: str
@@ -56,6 +59,7 @@ class BackendEntry:
     provider_status: Callable[[str], str] | None = None
     threads: bool = False
     require: Callable[[], None] | None = None
+    read_metadata: Callable[[Path], FileMetadata] | None = None
 
     def load(self) -> type[BaseBackend]:
         module, _, attr = self.target.partition(":")
@@ -67,7 +71,11 @@ class BackendEntry:
 
     def open_options(self, provider: str | None = None, threads: int | None = None) -> dict[str, Any]:
         """The keywords for ``open_backend`` of one of its files: the provider and threads where they apply."""
-        return {"provider": self.provider_for(provider), **({"threads": threads} if threads and self.threads else {})}
+        return {"provider": self.provider_for(provider), **self.thread_options(threads)}
+
+    def thread_options(self, threads: int | None) -> dict[str, Any]:
+        """``{"threads": threads}`` where its backend takes a thread count and one is given, else {}."""
+        return {"threads": threads} if threads and self.threads else {}
 
     def check_provider(self, provider: str | None, where: str = "--provider") -> None:
         """BackendUnavailable (exit 3) when ``provider`` (not the default) is one this machine lacks."""
@@ -82,10 +90,11 @@ BACKENDS: Registry[BackendEntry] = Registry("runtime backend")
 BACKENDS.add("onnxruntime", BackendEntry(
     "onnxruntime", (".onnx",), "ciard_deploy.runtime.ort_backend:OrtBackend", ort_backend.runtime_status,
     frozenset({SCORES}), "an ONNX file", provider_keyword="provider", providers=tuple(ort_backend.PROVIDERS),
-    provider_status=ort_backend.provider_status, threads=True))
+    provider_status=ort_backend.provider_status, threads=True, read_metadata=ort_backend.file_metadata))
 BACKENDS.add("tensorrt", BackendEntry(
     "tensorrt", (".engine", ".plan"), "ciard_deploy.runtime.trt_backend:TrtBackend", trt_backend.tensorrt_status,
-    frozenset({SCORES}), "a TensorRT engine", require=trt_backend.require_tensorrt))
+    frozenset({SCORES}), "a TensorRT engine", require=trt_backend.require_tensorrt,
+    read_metadata=trt_backend.file_metadata))
 BACKENDS.add("torch", BackendEntry(
     "torch", (".safetensors", ".pt", ".pth"), "ciard_deploy.runtime.torch_backend:TorchBackend",
     torch_backend.torch_status, frozenset({SCORES, GRADIENTS}), "a PyTorch checkpoint", provider_keyword="device"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,6 +24,15 @@ SIDECAR_SUFFIX = ".json"
 #: keys written into every artifact (see export/manifest.py for what each holds)
 KEYS = ("schema", "arch", "num_classes", "classes", "input_spec", "normalization", "dataset", "eps",
         "recipe_hash", "source_sha256", "precision", "format", "opset", "calibration", "versions", "engine")
+
+
+class FileMetadata(NamedTuple):
+    """What one artifact says about itself (``ciard inspect``), as its runtime's ``read_metadata`` reads it."""
+
+    kind: str  #: ``"onnx"``, ``"engine"``
+    metadata: dict[str, Any]  #: the decoded ciard metadata ({} when it carries none)
+    other: dict[str, str]  #: the file's other metadata entries
+    where: Path  #: the file that holds the metadata: the artifact itself or its JSON sidecar
 
 
 def encode_metadata(meta: Mapping[str, Any]) -> dict[str, str]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ciard_deploy.errors import ArtifactError, BackendUnavailable, UsageError
 from ciard_deploy.runtime.base import SCORES, BaseBackend, InputSpec
-from ciard_deploy.runtime.metadata import check_metadata, decode_metadata
+from ciard_deploy.runtime.metadata import PREFIX, FileMetadata, check_metadata, decode_metadata
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,34 @@ def provider_status(provider: str) -> str:
 def runtime_status() -> str:
     """``"ok"`` or ``"unavailable: <reason>"`` for onnxruntime itself (its default, CPU provider)."""
     return provider_status("cpu")
+
+
+def read_onnx_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(decoded ciard metadata, all raw metadata_props) of an ONNX file, without loading weights."""
+    p = Path(path)
+    try:
+        import onnx
+
+        model = onnx.load(str(p), load_external_data=False)
+        raw = {e.key: e.value for e in model.metadata_props}
+    except ImportError:  # a device without the onnx package: onnxruntime reads it too
+
+        ort = import_onnxruntime()
+        try:
+            sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ArtifactError(f"cannot read {p.name}: {str(e).splitlines()[0]}") from None
+        raw = dict(sess.get_modelmeta().custom_metadata_map)
+    except Exception as e:  # DecodeError for truncated/corrupt files
+        raise ArtifactError(f"cannot read {p.name} as ONNX: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            " (truncated or corrupt?)") from None
+    return decode_metadata(raw), raw
+
+
+def file_metadata(path: Path) -> FileMetadata:
+    """An ONNX file's ciard metadata and its other metadata_props (``ciard inspect``)."""
+    meta, raw = read_onnx_metadata(path)
+    return FileMetadata("onnx", meta, {k: v for k, v in raw.items() if not k.startswith(PREFIX)}, path)
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ciard_deploy.errors import ArtifactError, BackendUnavailable
 from ciard_deploy.runtime.base import SCORES, BaseBackend, InputSpec
-from ciard_deploy.runtime.metadata import check_metadata, read_sidecar, sidecar_path
+from ciard_deploy.runtime.metadata import FileMetadata, check_metadata, read_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,11 @@ def tensorrt_status() -> str:
     except BackendUnavailable as e:
         return f"unavailable: {e}"
     return "ok"
+
+
+def file_metadata(path: Path) -> FileMetadata:
+    """An engine's ciard metadata, from its JSON sidecar (an engine cannot hold it; ``ciard inspect``)."""
+    return FileMetadata("engine", read_sidecar(path), {}, sidecar_path(path))
 
 
 class TrtBackend(BaseBackend):

@@ -26,7 +26,7 @@ from ciard_deploy.io import library_versions
 from ciard_deploy.lock import folder_lock, holding
 from ciard_deploy.resume import StateEvent
 from ciard_deploy.verify.pack import FORMAT, SCHEMA_VERSION, ArtifactSection, Progress, RobustnessPack, reference_flags, save_pack
-from ciard_deploy.verify.pack_partial import (OnMismatch, PackKey, _Partial, _SectionJob, check_partial_dir,
+from ciard_deploy.verify.pack_partial import (OnMismatch, PackKey, PartialFolder, SectionJob, check_partial_dir,
                                              discard_partial, partial_dir)
 from ciard_deploy.runtime.torch_backend import import_torch
 from ciard_deploy.verify.pack_artifacts import build_section, check_artifacts, preflight
@@ -209,14 +209,14 @@ def build_pack(source: str | os.PathLike, *, dataset: str | None = None, n: int 
     indices = [int(i) for i in ds.indices.tolist()] if ds.indices is not None else None
     preflight(artifact_paths, model_sha256=model_sha, input_shape=x_np.shape[1:], num_classes=int(meta.num_classes),
               threads=threads, clean=x_np, eps=eps_value, seed=seed, allow_untrusted_twin=allow_untrusted_twin)
-    jobs = [_SectionJob(j, a, sha256_file(a), eps_value, art_atks, bool(allow_untrusted_twin))
+    jobs = [SectionJob(j, a, sha256_file(a), eps_value, art_atks, bool(allow_untrusted_twin))
             for j, a in enumerate(artifact_paths)]
     partial = None
     if folder is not None:
         key = PackKey.create(x_np, y_np, model_sha256=model_sha, arch=meta.arch, dataset=ds_name, split="test",
                              seed=seed, eps=eps_value, indices=indices, batch_size=int(batch_size), device=dev.type,
                              torch_version=str(torch.__version__))
-        partial = _Partial(folder, key, [*atks, *jobs], on_mismatch, on_state,
+        partial = PartialFolder(folder, key, [*atks, *jobs], on_mismatch, on_state,
                            info={"model_source": str(source), "versions": library_versions()})
 
     def report(done: int, stage: str) -> None:

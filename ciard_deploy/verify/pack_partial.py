@@ -182,7 +182,7 @@ def _read_npz(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     return arrays
 
 
-class _Partial:
+class PartialFolder:
     """A build's partial folder: what can be reused from it, and saving each attack as it finishes."""
 
     def __init__(self, folder: Path, key: PackKey, attacks: Sequence[Any], on_mismatch: OnMismatch,
@@ -263,7 +263,7 @@ class _Partial:
         self.on_state(StateEvent("reused", rec.label, rec.total, rec.total, rec.seconds, self.path))
         return xa, la, rec
 
-    def take_section(self, job: "_SectionJob", x: np.ndarray, y: np.ndarray) -> ArtifactSection | None:
+    def take_section(self, job: "SectionJob", x: np.ndarray, y: np.ndarray) -> ArtifactSection | None:
         """A finished white-box section for ``job``'s artifact and attacks, or None when it has to run."""
         rec = self.state.record(job.label)
         if rec is None:
@@ -289,7 +289,7 @@ class _Partial:
         self.on_state(StateEvent("reused", rec.label, rec.total, rec.total, rec.seconds, self.path))
         return section
 
-    def save_section(self, job: "_SectionJob", section: ArtifactSection, y: np.ndarray, device: str,
+    def save_section(self, job: "SectionJob", section: ArtifactSection, y: np.ndarray, device: str,
                      batch_size: int) -> None:
         """Saves one finished white-box section: its arrays and record, then its state record (the commit point)."""
         if section.x_adv is None:
@@ -322,7 +322,7 @@ class _Partial:
 
 
 @dataclass
-class _SectionJob:
+class SectionJob:
     """One artifact's white-box section as the partial folder knows it: a label and settings to compare."""
 
     index: int
@@ -341,5 +341,5 @@ class _SectionJob:
                 "allow_untrusted_twin": self.allow_untrusted_twin}
 
 
-__all__ = ["OnMismatch", "PARTIAL_KIND", "PackKey", "PackPartial", "check_partial_dir", "discard_partial", "partial_dir",
-           "read_partial"]
+__all__ = ["OnMismatch", "PARTIAL_KIND", "PackKey", "PackPartial", "PartialFolder", "SectionJob", "check_partial_dir",
+           "discard_partial", "partial_dir", "read_partial"]

@@ -23,7 +23,7 @@ from ciard_deploy.fingerprint import checksum_arrays, sha256_file
 from ciard_deploy.io import library_versions
 from ciard_deploy.lock import holding
 from ciard_deploy.resume import FRESH_HINT, SAVE_EVERY_S, StateEvent
-from ciard_deploy.runtime import open_backend
+from ciard_deploy.runtime import backend_for, open_backend
 from ciard_deploy.verify import checks
 from ciard_deploy.options.gates import Gates
 from ciard_deploy.options.live import resolve_live
@@ -119,7 +119,8 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
                          f"{len(p.adv)} attacks{', no live attack runs (--live none)' if not specs else ''})")
     attacks = create_live_attacks(specs, p.eps, seed=seed, batch_size=batch_size)  # settings checked before work
     t0 = time.perf_counter()
-    options = {"threads": threads} if threads and Path(artifact).suffix.lower() == ".onnx" else {}
+    # threads where its runtime takes them (a missing file: open_backend says so, whatever its suffix)
+    options = backend_for(artifact).thread_options(threads) if threads and Path(artifact).exists() else {}
     backend = open_backend(artifact, provider=provider, **options)
     open_s = time.perf_counter() - t0
     try:

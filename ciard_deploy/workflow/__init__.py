@@ -5,16 +5,9 @@
     result.status                      # passed (gates set, all passed), failed, or not_gated (no gates set)
     result.rows                        # one row per artifact: precision, size, clean, worst case, agreement, gates
 
-The stages, in order, each a plain library call:
-
-    distill   distill.trainer.run (kind distill; kind train trains the model alone) -> DIR/run/
-              (+ training curves in DIR/run/plots/)
-    export    export.run(DIR/run, DIR/export, deploy.formats, ...)  -> artifacts + manifest.json
-    pack      verify.pack_build.write_pack(DIR/run, DIR/pack.npz, ...) -> DIR/pack.npz
-              (while it runs, finished attacks in DIR/pack.npz.partial/, removed when the stage is done)
-    verify    verify.run(artifact, DIR/pack.npz, gates=...) for every artifact of the manifest
-              -> DIR/verify/<format>.json (report), .xml (JUnit), .md (Markdown) and .png (chart);
-              while it runs, DIR/verify/<format>.state.json (removed when the stage is done)
+The stages, in order, each a plain library call: distill (or train) -> DIR/run/, export ->
+DIR/export/, pack -> DIR/pack.npz, verify -> DIR/verify/ (``stages`` says which call and what files each
+makes).
 
 The recipe's ``deploy:`` section (``config.DeployConfig``) says what export, pack and verify do.
 ``DIR/workflow.json`` records, per stage, its inputs (the recipe parts it reads and the sha256 of

@@ -98,9 +98,7 @@ def _run_distill(ctx: StageContext, action: Action) -> list[Path]:
 def _run_export(ctx: StageContext) -> list[Path]:
     d = ctx.recipe.deploy
     data = ctx.recipe.data  # the recipe's own data: calibration and parity images come from there too
-    options = export.ExportOptions(opset=d.opset, n=d.parity_n, seed=d.seed, calib=d.calib, calib_n=d.calib_n,
-                                   calib_method=d.calib_method, provider=d.provider, threads=ctx.threads,
-                                   dataset=data.dataset, data_root=data.data_root)
+    options = d.export_options(data.dataset, data.data_root, ctx.threads)
     result = export.run(ctx.layout.run, ctx.layout.export, d.formats, options, force=True,
                         progress=ctx.progress_for("export"), check=False)
     files = []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ciard_deploy.attacks import Attack, EvalResult, MissingCapability, create_attack, evaluate
+from ciard_deploy.attacks import Attack, EvalResult, MissingCapability, create_attack, run_cascade
 from ciard_deploy.attacks.square import numpy_predict_from_session
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Recorder(Attack):
-    """Wraps an attack and keeps every batch it returns, to check budgets after ``evaluate``."""
+    """Wraps an attack and keeps every batch it returns, to check budgets after ``run_cascade``."""
 
     def __init__(self, inner: Attack) -> None:
         self.inner, self.name, self.budget, self.requires = inner, inner.name, inner.budget, inner.requires
@@ -63,14 +63,14 @@ def white_box(digits_model, test_set) -> tuple[EvalResult, list[Recorder]]:
     x, y = test_set
     recorders = [Recorder(create_attack(s, EPS, **({"seed": 0} if s.startswith("pgd") else {})))
                  for s in ("fgsm", "pgd20", "pgdt20", "cw30")]
-    return evaluate(digits_model, x, y, recorders, batch_size=128), recorders
+    return run_cascade(digits_model, x, y, recorders, batch_size=128), recorders
 
 
 @pytest.fixture(scope="module")
 def autoattack(digits_model, test_set) -> tuple[EvalResult, Recorder]:
     x, y = test_set
     recorder = Recorder(create_attack("aa", EPS))
-    return evaluate(digits_model, x[:N_AA], y[:N_AA], [recorder]), recorder
+    return run_cascade(digits_model, x[:N_AA], y[:N_AA], [recorder]), recorder
 
 
 @pytest.fixture(scope="module")
@@ -142,5 +142,5 @@ def test_square_breaks_the_onnx_runtime_through_numpy(digits_model, test_set, on
     assert clean > 0.9 and robust < clean - 0.25
 
     # the same Square through the torch model lands at (nearly) the same number
-    torch_result = evaluate(digits_model, x, y, [square])
+    torch_result = run_cascade(digits_model, x, y, [square])
     assert torch_result.attacks[0].robust_acc == pytest.approx(robust, abs=0.05)

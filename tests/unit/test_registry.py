@@ -38,7 +38,7 @@ def test_duplicate_registration_is_a_bug():
 
 
 def test_lazy_package_attributes_are_the_functions_even_after_their_modules_load():
-    """attacks.evaluate (the cascade function) lives in attacks/cascade.py: a submodule of the same
+    """attacks.run_cascade (the cascade function) lives in attacks/cascade.py: a submodule of the same
     name would replace the lazy attribute once imported (the trainer then got a module, not a function)."""
     import importlib
 
@@ -47,7 +47,7 @@ def test_lazy_package_attributes_are_the_functions_even_after_their_modules_load
 
     importlib.import_module("ciard_deploy.attacks.cascade")
     importlib.import_module("ciard_deploy.distill.trainer")
-    assert callable(attacks.evaluate) and attacks.evaluate.__module__ == "ciard_deploy.attacks.cascade"
+    assert callable(attacks.run_cascade) and attacks.run_cascade.__module__ == "ciard_deploy.attacks.cascade"
     assert callable(distill.run) and distill.run.__module__ == "ciard_deploy.distill.trainer"
     for name in ("attacks", "distill"):
         pkg = importlib.import_module(f"ciard_deploy.{name}")

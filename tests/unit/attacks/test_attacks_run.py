@@ -12,9 +12,9 @@ from ciard_deploy.attacks import (
     SquareAttack,
     create_attack,
     cw_margin_loss,
-    evaluate,
     frozen_eval,
     pgd_linf,
+    run_cascade,
 )
 from ciard_deploy.errors import UsageError
 
@@ -172,7 +172,7 @@ def test_pgd_beats_fgsm_and_worst_case_is_a_lower_bound(trained_tiny, digits_tes
     x, y = digits_test[0][:120], digits_test[1][:120]
     attacks = [FGSM(EPS), PGD(EPS, steps=10, step_size=EPS / 4, seed=0), create_attack("cw10", EPS, step_size=EPS / 4)]
     calls: list[tuple[int, int, str]] = []
-    res = evaluate(trained_tiny, x, y, attacks, batch_size=50, progress=lambda d, t, s: calls.append((d, t, s)))
+    res = run_cascade(trained_tiny, x, y, attacks, batch_size=50, progress=lambda d, t, s: calls.append((d, t, s)))
     acc = res.accuracies()
     assert res.n == 120 and acc["clean"] > 0.9
     assert acc["pgd10@0.1"] < acc["fgsm@0.1"] - 0.05  # iterating helps a lot at this radius
@@ -193,11 +193,11 @@ def test_pgd_beats_fgsm_and_worst_case_is_a_lower_bound(trained_tiny, digits_tes
     assert not trained_tiny.training
 
 
-def test_evaluate_accepts_numpy_and_rejects_duplicates(trained_tiny, digits_test):
+def test_run_cascade_accepts_numpy_and_rejects_duplicates(trained_tiny, digits_test):
     x, y = digits_test[0][:20], digits_test[1][:20]
-    res = evaluate(trained_tiny, x.numpy(), y.numpy(), [FGSM(EPS)])
+    res = run_cascade(trained_tiny, x.numpy(), y.numpy(), [FGSM(EPS)])
     assert res.n == 20 and 0.0 <= res.attacks[0].robust_acc <= res.clean_acc
     with pytest.raises(UsageError, match="listed twice: fgsm@0.1"):
-        evaluate(trained_tiny, x, y, [FGSM(EPS), FGSM(EPS)])
+        run_cascade(trained_tiny, x, y, [FGSM(EPS), FGSM(EPS)])
     with pytest.raises(UsageError, match="no samples"):
-        evaluate(trained_tiny, x[:0], y[:0], [FGSM(EPS)])
+        run_cascade(trained_tiny, x[:0], y[:0], [FGSM(EPS)])

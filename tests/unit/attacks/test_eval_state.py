@@ -1,4 +1,4 @@
-"""The resumable evaluation state: JSON round trip, mismatch detection, and `evaluate` reusing,
+"""The resumable evaluation state: JSON round trip, mismatch detection, and `run_cascade` reusing,
 resuming and saving it on a real trained tiny model (the attack math is never mocked: the
 stand-ins below wrap real attacks and only count calls or stop like Ctrl-C)."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ciard_deploy.attacks import FGSM, Attack, create_attack, evaluate
+from ciard_deploy.attacks import FGSM, Attack, create_attack, run_cascade
 from ciard_deploy.resume import (
     AttackRecord,
     EvaluationKey,
@@ -199,15 +199,15 @@ def test_a_tampered_state_file_is_refused_with_the_reason(tmp_path, data, edit, 
         EvaluationState.load(path)
 
 
-# --------------------------------------------------------------------------- evaluate with a state
+# --------------------------------------------------------------------------- run_cascade with a state
 
 def _state(tmp_path: Path, x, y) -> EvaluationState:
     return open_state(tmp_path / "state.json", _key(x, y))[0]
 
 
-def test_evaluate_saves_and_a_second_call_runs_only_the_new_attack(tmp_path, trained_tiny, data):
+def test_run_cascade_saves_and_a_second_call_runs_only_the_new_attack(tmp_path, trained_tiny, data):
     x, y = data
-    first = evaluate(trained_tiny, x, y, [FGSM(EPS), _pgd()], batch_size=BATCH, state=_state(tmp_path, x, y))
+    first = run_cascade(trained_tiny, x, y, [FGSM(EPS), _pgd()], batch_size=BATCH, state=_state(tmp_path, x, y))
     saved = json.loads((tmp_path / "state.json").read_text())
     assert [(a["label"], a["done"] == a["total"]) for a in saved["attacks"]] == [("fgsm@0.1", True),
                                                                                 ("pgd5@0.1", True)]
@@ -215,7 +215,7 @@ def test_evaluate_saves_and_a_second_call_runs_only_the_new_attack(tmp_path, tra
 
     events = []
     fgsm, pgd, cw = Wrapped(FGSM(EPS)), Wrapped(_pgd()), Wrapped(create_attack("cw5", EPS))
-    second = evaluate(trained_tiny, x, y, [fgsm, pgd, cw], batch_size=BATCH, state=_state(tmp_path, x, y),
+    second = run_cascade(trained_tiny, x, y, [fgsm, pgd, cw], batch_size=BATCH, state=_state(tmp_path, x, y),
                       on_state=events.append)
     assert fgsm.calls == pgd.calls == 0 and cw.samples == int(first.clean_correct.sum())  # only cw ran
     assert [(e.kind, e.stage) for e in events] == [("reused", "clean"), ("reused", "fgsm@0.1"),
@@ -229,14 +229,14 @@ def test_evaluate_saves_and_a_second_call_runs_only_the_new_attack(tmp_path, tra
     assert second.worst_case_label == "worst(fgsm+pgd5+cw5)@0.1"
 
     # a subset: nothing runs, the result holds just that attack, the state keeps all three
-    only = evaluate(trained_tiny, x, y, [Wrapped(_pgd())], batch_size=BATCH, state=_state(tmp_path, x, y))
+    only = run_cascade(trained_tiny, x, y, [Wrapped(_pgd())], batch_size=BATCH, state=_state(tmp_path, x, y))
     assert [a.label for a in only.attacks] == ["pgd5@0.1"] and only.attacks[0].origin == "reused"
     assert len(EvaluationState.load(tmp_path / "state.json").attacks) == 3
 
 
 def test_ctrl_c_keeps_finished_batches_and_the_next_call_continues_there(tmp_path, trained_tiny, data):
     x, y = data
-    reference = evaluate(trained_tiny, x, y, [FGSM(EPS)], batch_size=BATCH)
+    reference = run_cascade(trained_tiny, x, y, [FGSM(EPS)], batch_size=BATCH)
     n_correct = int(reference.clean_correct.sum())
     path = tmp_path / "state.json"
     seen: list[int] = []
@@ -246,7 +246,7 @@ def test_ctrl_c_keeps_finished_batches_and_the_next_call_continues_there(tmp_pat
 
     stopping = Wrapped(FGSM(EPS), stop_at=4, on_call=on_call)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(trained_tiny, x, y, [_pgd(), stopping], batch_size=BATCH, state=_state(tmp_path, x, y),
+        run_cascade(trained_tiny, x, y, [_pgd(), stopping], batch_size=BATCH, state=_state(tmp_path, x, y),
                  save_every=0)
     assert seen == [0, BATCH, 2 * BATCH, 3 * BATCH]
     saved = EvaluationState.load(path)
@@ -256,7 +256,7 @@ def test_ctrl_c_keeps_finished_batches_and_the_next_call_continues_there(tmp_pat
 
     events = []
     pgd, resumed = Wrapped(_pgd()), Wrapped(FGSM(EPS))
-    res = evaluate(trained_tiny, x, y, [pgd, resumed], batch_size=BATCH, state=_state(tmp_path, x, y),
+    res = run_cascade(trained_tiny, x, y, [pgd, resumed], batch_size=BATCH, state=_state(tmp_path, x, y),
                    on_state=events.append)
     assert pgd.calls == 0 and resumed.samples == n_correct - 3 * BATCH  # only the samples not yet attacked
     assert [(e.kind, e.stage, e.done) for e in events][1:] == [("reused", "pgd5@0.1", n_correct),
@@ -270,24 +270,24 @@ def test_an_error_inside_an_attack_also_saves_its_finished_batches(tmp_path, tra
     """With the default save_every (seconds), the batches done before a failure are written on the way out."""
     x, y = data
     with pytest.raises(RuntimeError, match="boom"):
-        evaluate(trained_tiny, x, y, [Wrapped(FGSM(EPS), stop_at=3, exc=lambda: RuntimeError("boom"))],
+        run_cascade(trained_tiny, x, y, [Wrapped(FGSM(EPS), stop_at=3, exc=lambda: RuntimeError("boom"))],
                  batch_size=BATCH, state=_state(tmp_path, x, y))
     assert EvaluationState.load(tmp_path / "state.json").record("fgsm@0.1").done == 2 * BATCH
 
 
-def test_evaluate_refuses_a_state_for_other_data_eps_or_settings(tmp_path, trained_tiny, data):
+def test_run_cascade_refuses_a_state_for_other_data_eps_or_settings(tmp_path, trained_tiny, data):
     x, y = data
     state = _state(tmp_path, x, y)
-    evaluate(trained_tiny, x, y, [_pgd()], batch_size=BATCH, state=state)
+    run_cascade(trained_tiny, x, y, [_pgd()], batch_size=BATCH, state=state)
     before = (tmp_path / "state.json").read_bytes()
     with pytest.raises(UsageError, match="for 96 samples, not 95"):
-        evaluate(trained_tiny, x[:-1], y[:-1], [_pgd()], state=state)
+        run_cascade(trained_tiny, x[:-1], y[:-1], [_pgd()], state=state)
     with pytest.raises(UsageError, match="other images or labels"):
-        evaluate(trained_tiny, x.flip(0), y.flip(0), [_pgd()], state=state)
+        run_cascade(trained_tiny, x.flip(0), y.flip(0), [_pgd()], state=state)
     with pytest.raises(UsageError, match="state is for eps 0.1; fgsm@0.2 has another budget"):
-        evaluate(trained_tiny, x, y, [FGSM(0.2)], state=state)
+        run_cascade(trained_tiny, x, y, [FGSM(0.2)], state=state)
     with pytest.raises(StateMismatch, match="pgd5@0.1 options.seed 0 .file. vs None .now."):
-        evaluate(trained_tiny, x, y, [create_attack("pgd5", EPS)], state=state)
+        run_cascade(trained_tiny, x, y, [create_attack("pgd5", EPS)], state=state)
     assert (tmp_path / "state.json").read_bytes() == before
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.export.inspection import inspect_artifact
-from ciard_deploy.export.manifest import (ArtifactRecord, Manifest, check_files, load_manifest, read_onnx_metadata,
-                                          set_onnx_metadata)
+from ciard_deploy.export.manifest import ArtifactRecord, Manifest, check_files, load_manifest, set_onnx_metadata
 from ciard_deploy.fingerprint import sha256_file
+from ciard_deploy.runtime.ort_backend import read_onnx_metadata
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,7 @@ import pytest
 
 from ciard_deploy.resume import StateMismatch
 from ciard_deploy.errors import ArtifactError, UsageError
-from ciard_deploy.verify.pack_partial import (PARTIAL_KIND, PackKey, _Partial, check_partial_dir, discard_partial, partial_dir, read_partial)
+from ciard_deploy.verify.pack_partial import (PARTIAL_KIND, PackKey, PartialFolder, check_partial_dir, discard_partial, partial_dir, read_partial)
 
 pytestmark = pytest.mark.unit
 
@@ -54,7 +54,7 @@ def files(folder):
 
 
 def open_partial(folder, attacks, key=None, on_mismatch="refuse", events=None):
-    return _Partial(folder, key or make_key(), attacks, on_mismatch, (events.append if events is not None else None),
+    return PartialFolder(folder, key or make_key(), attacks, on_mismatch, (events.append if events is not None else None),
                     info={"model_source": "test"})
 
 
