@@ -96,8 +96,8 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = (), _count: list[int] 
     return deep_merge(merged, _absolutize_paths(data, p.parent))
 
 
-_PATH_KEYS = (("data", "data_root"), ("teachers", "clean", "checkpoint"), ("teachers", "clean", "recipe"),
-              ("teachers", "robust", "checkpoint"), ("teachers", "robust", "recipe"))
+_PATH_KEYS = (("data", "data_root"), *(("teachers", role, key) for role in ("clean", "robust")
+                                       for key in ("checkpoint", "recipe", "model_dir")))
 
 
 def _absolutize_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

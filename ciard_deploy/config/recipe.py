@@ -94,6 +94,8 @@ class RecipeBase(Section):
         renaming it does not. A checkpoint teacher enters by its resolved path only: hashing is
         never allowed to read (or need) a weights file of hundreds of MB; its sha256 is pinned at
         run time instead (``teachers.json`` of the run, the inputs of ``ciard run``'s distill stage).
+        A RobustBench teacher enters by its ID, threat model and dataset, not by where its weights
+        lie (``model_dir``) nor by them: their sha256 is pinned at run time like a checkpoint's.
 
         Raises:
             RecipeError: a teacher recipe cannot be read or does not validate.
@@ -162,8 +164,12 @@ class DistillRecipe(RecipeBase):
         return d
 
     def hash_payload(self) -> dict[str, Any]:
-        """The resolved recipe with each teacher recipe's path replaced by its content hash."""
+        """The resolved recipe with each teacher recipe's path replaced by its content hash (and no
+        RobustBench ``model_dir``)."""
         d = super().hash_payload()
+        for role in TEACHER_ROLES:
+            if d["teachers"].get(role) and d["teachers"][role].get("robustbench") is not None:
+                d["teachers"][role].pop("model_dir", None)
         for role, h in self.teacher_hashes().items():
             d["teachers"][role].pop("recipe", None)
             d["teachers"][role]["recipe_hash"] = h

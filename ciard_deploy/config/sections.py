@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_serializer, field_validator,
+                      model_serializer, model_validator)
 
 from ciard_deploy.options.catalog import DATASET_NAMES, MODEL_NAMES, check_name
 from ciard_deploy.options.common import Options, check_attack_spec, eps_text, eps_value
@@ -63,6 +64,13 @@ class ModelSpec(Section):
         return check_name("model", v, MODEL_NAMES)
 
 
+#: RobustBench's datasets and threat models (``robustbench.model_zoo.enums``), spelled as its ``load_model`` takes them
+ROBUSTBENCH_DATASETS = ("cifar10", "cifar100", "imagenet")
+ROBUSTBENCH_THREAT_MODELS = ("Linf", "L2", "corruptions")
+#: keys only a RobustBench teacher has: left out of every other teacher's resolved recipe (and so of its hash)
+ROBUSTBENCH_KEYS = ("robustbench", "threat_model", "dataset", "model_dir")
+
+
 class TeacherSpec(Section):
     checkpoint: str | None = Field(None, description="a ciard checkpoint (.safetensors + .json) or a user's "
                                                      ".pt/.pth/.safetensors state dict (then `arch` is needed)")
@@ -76,11 +84,42 @@ class TeacherSpec(Section):
     normalize: bool = Field(False, description="plain state dict only: normalize inside the model with the "
                                                "dataset's mean/std (false: the network sees [0, 1] pixels, as the "
                                                "reference TRADES/ResNet-56 checkpoints expect)")
+    robustbench: str | None = Field(None, description="a RobustBench model-zoo ID (e.g. Zhang2019Theoretically), "
+                                                      "built by the `robustbench` package (pip install "
+                                                      "'ciard-deploy[robustbench]'; normalization inside its model) "
+                                                      "from <model_dir>/<dataset>/<threat_model>/<ID>.pt")
+    threat_model: Literal["Linf", "L2", "corruptions"] | None = Field(
+        None, description="RobustBench teacher: the leaderboard the ID is on (default Linf; a robust teacher must be "
+                          "Linf, the recipe's attack)")
+    dataset: Literal["cifar10", "cifar100", "imagenet"] | None = Field(
+        None, description="RobustBench teacher: the dataset it was trained on (default: the recipe's dataset; "
+                          "needed for an imagefolder copy)")
+    model_dir: str | None = Field(None, description="RobustBench teacher: RobustBench's model_dir, the folder holding "
+                                                    "<dataset>/<threat_model>/<ID>.pt (default "
+                                                    "$CIARD_CACHE/robustbench, i.e. ~/.cache/ciard/robustbench)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_threat_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("robustbench") is not None and data.get("threat_model") is None:
+            data = {**data, "threat_model": "Linf"}  # RobustBench's own default, written out so the hash names it
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
-        if (self.checkpoint is None) == (self.recipe is None):
-            raise ValueError("give exactly one of 'checkpoint' or 'recipe'")
+        if sum(x is not None for x in (self.checkpoint, self.recipe, self.robustbench)) != 1:
+            raise ValueError("give exactly one of 'checkpoint' or 'recipe' or 'robustbench' (a RobustBench ID)")
+        if self.robustbench is not None:
+            extra = [k for k in ("recipe_hash", "arch") if getattr(self, k) is not None]
+            if extra or self.normalize:
+                raise ValueError(f"a RobustBench teacher's architecture and normalization come from its model zoo: "
+                                 f"remove {', '.join(extra) or 'normalize'}")
+            if not self.robustbench.strip() or "/" in self.robustbench or "\\" in self.robustbench:
+                raise ValueError(f"robustbench {self.robustbench!r} is not a model-zoo ID (e.g. Zhang2019Theoretically)")
+        else:
+            given = [k for k in ROBUSTBENCH_KEYS[1:] if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for a RobustBench teacher ('robustbench: ID')")
         if self.recipe_hash is not None:
             if self.recipe is None:
                 raise ValueError("'recipe_hash' pins a teacher recipe; a checkpoint teacher has none (its sha256 "
@@ -92,6 +131,14 @@ class TeacherSpec(Section):
         if self.arch is not None:
             check_name("model", self.arch, MODEL_NAMES)
         return self
+
+    @model_serializer(mode="wrap")
+    def _write(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d = handler(self)
+        if self.robustbench is None:  # checkpoint and recipe teachers read (and hash) as before these keys existed
+            for k in ROBUSTBENCH_KEYS:
+                d.pop(k, None)
+        return d
 
 
 class TeachersConfig(Section):
@@ -210,5 +257,6 @@ class TrainConfig(Section):
         return self
 
 
-__all__ = ["AttackConfig", "DataConfig", "MethodSection", "ModelSpec", "OptimConfig", "Section", "TEACHER_ROLES",
-           "TeacherSpec", "TeachersConfig", "TrainConfig"]
+__all__ = ["AttackConfig", "DataConfig", "MethodSection", "ModelSpec", "OptimConfig", "ROBUSTBENCH_DATASETS",
+           "ROBUSTBENCH_KEYS", "ROBUSTBENCH_THREAT_MODELS", "Section", "TEACHER_ROLES", "TeacherSpec", "TeachersConfig",
+           "TrainConfig"]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from ciard_deploy.config.sections import TEACHER_ROLES
+from ciard_deploy.config.sections import ROBUSTBENCH_DATASETS, TEACHER_ROLES
 from ciard_deploy.options.methods import METHOD_CATALOG
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,14 +56,38 @@ def cross_checks(recipe: "Recipe") -> list[str]:
             spec = getattr(recipe.teachers, role)
             if role in needed and spec is None:
                 problems.append(f"teachers.{role}: required by method {recipe.method.name!r} "
-                                f"(give a checkpoint or a recipe)")
+                                f"(give a checkpoint, a recipe or a robustbench ID)")
             elif role not in needed and spec is not None:
                 problems.append(f"teachers.{role}: method {recipe.method.name!r} does not use a {role} teacher "
                                 f"(remove it or set teachers.{role}: null)")
+        problems += robustbench_problems(recipe)
     if recipe.train.selection == "holdout" and recipe.data.holdout == 0:
         problems.append("data.holdout: selection 'holdout' needs a held-out part (or set train.selection: test)")
     if recipe.optim.schedule == "step" and not recipe.optim.milestones:
         problems.append("optim.milestones: the step schedule needs milestones (epochs)")
+    return problems
+
+
+def robustbench_problems(recipe: "Recipe") -> list[str]:
+    """A RobustBench teacher's dataset and threat model against the recipe (its ID is checked at run time,
+    against the installed model zoo): the recipe's own dataset, or for an image folder the one named."""
+    problems = []
+    for role in TEACHER_ROLES:
+        spec = getattr(recipe.teachers, role)
+        if spec is None or spec.robustbench is None:
+            continue
+        where, ds = f"teachers.{role}", recipe.data.dataset
+        if ds in ROBUSTBENCH_DATASETS and spec.dataset not in (None, ds):
+            problems.append(f"{where}.dataset: {spec.dataset!r}, but this recipe trains on {ds!r}")
+        elif ds == "imagefolder" and spec.dataset is None:
+            problems.append(f"{where}.dataset: required for an imagefolder recipe: the RobustBench dataset the "
+                            f"folder holds ({', '.join(ROBUSTBENCH_DATASETS)})")
+        elif ds not in ROBUSTBENCH_DATASETS and ds != "imagefolder":
+            problems.append(f"{where}.robustbench: RobustBench has models for {', '.join(ROBUSTBENCH_DATASETS)} "
+                            f"only, this recipe trains on {ds!r}")
+        if role == "robust" and spec.threat_model != "Linf":
+            problems.append(f"{where}.threat_model: {spec.threat_model!r}, but the recipe trains against L-inf "
+                            f"attacks (attack.eps): a robust teacher must be a RobustBench Linf model")
     return problems
 
 
@@ -101,4 +125,4 @@ def valid_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
     return []
 
 
-__all__ = ["cross_checks", "format_errors", "problem_message", "valid_keys", "validate_method"]
+__all__ = ["cross_checks", "format_errors", "problem_message", "robustbench_problems", "valid_keys", "validate_method"]

@@ -5,6 +5,8 @@ A teacher is given in a recipe by one of:
 - ``checkpoint: PATH`` -- a ciard checkpoint (``.safetensors`` + ``.json`` model card, e.g. a
   ``student_best`` of an earlier run), or a user's own ``.pt``/``.pth``/``.safetensors`` state
   dict (``module.`` prefixes fine, pickled code refused) together with ``arch``;
+- ``robustbench: ID`` (with ``threat_model``, default Linf) -- a RobustBench model-zoo entry, built and
+  loaded by the ``robustbench`` package from its ``model_dir`` layout (``robustbench_teachers``);
 - ``recipe: PATH`` -- a kind ``train`` recipe (natural, pgd_at, trades). If no finished run of
   it is cached, it is trained first, into ``$CIARD_CACHE/teachers/<recipe hash>/`` (default
   ``~/.cache/ciard/teachers/``); a second distillation with the same teacher recipe reuses it
@@ -37,6 +39,7 @@ from torch import nn
 from ciard_deploy.config import TeacherSpec, TrainRecipe, load_teacher_recipe
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.checkpoints import checkpoint_paths, load_weights_into
+from ciard_deploy.distill.robustbench_teachers import load_robustbench_teacher
 from ciard_deploy.model_loader import load_checkpoint
 from ciard_deploy.fingerprint import sha256_file
 from ciard_deploy.models import create_model
@@ -67,7 +70,10 @@ def is_trained(run_dir: Path) -> bool:
 
 
 def load_teacher(spec: TeacherSpec, role: str, info: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """A teacher from a checkpoint (ciard checkpoint or plain state dict); returns (model, reference)."""
+    """A teacher from a checkpoint (ciard checkpoint or plain state dict) or a RobustBench ID; returns
+    (model, reference)."""
+    if spec.robustbench is not None:
+        return load_robustbench_teacher(spec, role, info, device)
     path = Path(spec.checkpoint or "")
     weights, meta_path = checkpoint_paths(path)
     if path.suffix in ("", ".safetensors", ".json") and meta_path.exists() and weights.exists():

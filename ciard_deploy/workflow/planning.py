@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 from ciard_deploy.config import TEACHER_ROLES, DistillRecipe, RecipeBase
 from ciard_deploy.errors import ArtifactError, UsageError
 from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
+from ciard_deploy.distill import robustbench_teachers
 from ciard_deploy.fingerprint import sha256_file
 from ciard_deploy.verify.pack_artifacts import TWIN_SUFFIXES
 from ciard_deploy.fingerprint import canonical_json_hash, flatten
@@ -30,13 +31,17 @@ def checkpoint_files(run_dir: Path) -> list[Path]:
 
 
 def teacher_inputs(recipe: "RecipeBase") -> dict[str, Any]:
-    """What the teachers of a distill recipe are: their recipe's hash, or their checkpoint's sha256."""
+    """What the teachers of a distill recipe are: their recipe's hash, their checkpoint's sha256, or their
+    RobustBench ID with its weights' sha256 (a changed weights file runs the distill stage again)."""
     if not isinstance(recipe, DistillRecipe):
         return {}
     out: dict[str, Any] = {role: {"recipe_hash": h} for role, h in recipe.teacher_hashes().items()}
     for role in TEACHER_ROLES:
         spec = getattr(recipe.teachers, role)
         if spec is None or spec.recipe is not None:
+            continue
+        if spec.robustbench is not None:
+            out[role] = robustbench_teachers.teacher_input(spec, role, recipe.data.dataset)
             continue
         weights = checkpoint_paths(spec.checkpoint)[0] if Path(spec.checkpoint).suffix in ("", ".json") \
             else Path(spec.checkpoint)
