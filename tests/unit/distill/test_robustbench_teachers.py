@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ciard_deploy.config import DistillRecipe, TeacherSpec, deep_merge, recipe_from_dict
+from ciard_deploy.config import DistillRecipe, TeacherSpec, deep_merge, find_recipe, load_recipe, recipe_from_dict
 from ciard_deploy.data import get_dataset_info
 from ciard_deploy.data.base import DatasetInfo
 from ciard_deploy.distill import robustbench_teachers as rbt
@@ -208,3 +208,16 @@ def test_a_distillation_from_a_robustbench_teacher_runs(zoo, tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [s["loss"] for s in steps if "loss" in s]
     assert losses and all(np.isfinite(losses)) and losses[0] > 0
+
+
+@pytest.mark.parametrize("name, model_id, dataset", [
+    ("cifar10/cifar10_ciard_robustbench-zhang2019-wrn-34-10_to_resnet18_linf8", "Zhang2019Theoretically", "cifar10"),
+    ("cifar100/cifar100_ciard_robustbench-gowal2020-wrn-70-16_to_resnet18_linf8", "Gowal2020Uncovering_extra",
+     "cifar100"),
+])
+def test_the_paper_recipes_name_teachers_of_the_installed_model_zoo(name, model_id, dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIARD_CACHE", str(tmp_path))
+    r = load_recipe(find_recipe(name))
+    entry = rbt.locate(r.teachers.robust, "robust", r.data.dataset)
+    assert (entry.model_id, entry.dataset, entry.threat_model) == (model_id, dataset, "Linf")
+    assert entry.files == (tmp_path / "robustbench" / dataset / "Linf" / f"{model_id}.pt",)  # the default model_dir
