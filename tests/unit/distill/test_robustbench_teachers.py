@@ -221,3 +221,19 @@ def test_the_paper_recipes_name_teachers_of_the_installed_model_zoo(name, model_
     entry = rbt.locate(r.teachers.robust, "robust", r.data.dataset)
     assert (entry.model_id, entry.dataset, entry.threat_model) == (model_id, dataset, "Linf")
     assert entry.files == (tmp_path / "robustbench" / dataset / "Linf" / f"{model_id}.pt",)  # the default model_dir
+
+
+def test_the_cli_says_it_in_one_line_with_the_exit_code(zoo, tmp_path, invoke, monkeypatch):
+    """``ciard distill``: missing weights exit 2, robustbench absent exit 3; no traceback either way."""
+    data = _image_folder(tmp_path / "data", {"train": 1, "test": 1})
+    recipe = deep_merge(BASE, {"data": {"dataset": "imagefolder", "data_root": str(data), "holdout": 0},
+                               "teachers": {"robust": {"dataset": "cifar10", "model_dir": str(tmp_path / "empty")}},
+                               "train": {"device": "cpu", "selection": "test"}})
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(recipe))
+    res = invoke("distill", path, "--out", tmp_path / "run")
+    assert res.exit_code == EXIT_BAD_INPUT and "Traceback" not in res.output, res.output
+    assert f"{MODEL_ID}: no weights file {tmp_path / 'empty' / 'cifar10' / 'Linf' / MODEL_ID}.pt" in res.output
+    monkeypatch.setitem(sys.modules, "robustbench", None)
+    res = invoke("distill", path, "--out", tmp_path / "run2")
+    assert res.exit_code == EXIT_ENVIRONMENT and "pip install 'ciard-deploy[robustbench]'" in res.output, res.output
