@@ -120,7 +120,8 @@ class DistillRecipe(RecipeBase):
     kind: Literal["distill"] = Field(..., description="distill: a student trained from teachers")
     student: ModelSpec = Field(..., description="the student network")
     teachers: TeachersConfig = Field(default_factory=TeachersConfig, description="the teachers the method needs, "
-                                                                                 "each by checkpoint or by recipe")
+                                                                                 "each by checkpoint, by recipe or by "
+                                                                                 "RobustBench ID")
 
     # teacher recipe hashes computed so far, keyed by everything they depend on: a recipe object
     # is a snapshot, so a teacher file edited after its first use cannot change this recipe's hash
