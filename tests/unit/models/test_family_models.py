@@ -5,7 +5,9 @@ take, a model that cannot take the data, timm not installed)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from ciard_deploy.models import create_model
 
 pytestmark = pytest.mark.unit
 DIGITS = get_dataset_info("digits")
+RECIPE = Path(__file__).parents[3] / "recipes/quick/digits_natural_none_to_tiny_cnn.yaml"
 
 
 # --------------------------------------------------------------------------- recipe keys (torch-free checks)
@@ -44,6 +47,14 @@ def test_recipe_refuses_malformed_names(arch, words):
         ModelSpec(arch=arch)
     for w in words:
         assert w in str(e.value), str(e.value)
+
+
+def test_validating_a_family_recipe_imports_neither_torch_nor_the_family():
+    code = ("import sys; from ciard_deploy.config import load_recipe; "
+            f"r = load_recipe({str(RECIPE)!r}, ['model.arch=torchvision:resnet18', 'model.stem=cifar']); "
+            "assert r.model_spec.stem == 'cifar' and len(r.hash) == 64; "
+            "bad = [m for m in ('torch', 'timm', 'torchvision') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_stem_needs_a_family_architecture():
@@ -154,3 +165,33 @@ def test_teacher_stem_must_match_its_card(tmp_path):
     spec = TeacherSpec(checkpoint=str(tmp_path / "t.safetensors"), arch="timm:resnet10t", stem="cifar")
     with pytest.raises(ArtifactError, match="has stem none, the recipe says stem cifar"):
         load_teacher(spec, "robust", DIGITS, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- the CLI: one line, nothing written
+
+
+@pytest.mark.parametrize("override, code, words", [
+    ("model.arch=timm:resnet_18", 2, ["unknown model 'timm:resnet_18'", "Did you mean timm:resnet18"]),
+    ("model.arch=torchvision:resnet_18", 2, ["unknown model 'torchvision:resnet_18'", "torchvision:resnet18"]),
+    ("model.arch=timm:test_vit", 2, ["timm:test_vit cannot take this dataset's 1x8x8 inputs"]),
+    ("model.arch=timn:resnet18", 2, ["model.arch", "unknown model family 'timn'", "Did you mean 'timm'"]),
+    ("model.stem=cifar", 2, ["stem 'cifar' adapts", "'tiny_cnn' has its own stem"]),
+])
+def test_train_refuses_in_one_line_and_writes_nothing(invoke, assert_one_line_error, tmp_path, override, code, words):
+    out = tmp_path / "run"
+    res = invoke("train", RECIPE, "--out", out, "--set", override, "-q")
+    assert_one_line_error(res, code, *words)
+    assert not out.exists()
+
+
+def test_train_without_timm_is_exit_3(invoke, assert_one_line_error, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    res = invoke("train", RECIPE, "--out", tmp_path / "run", "--set",
+                 "model.arch=timm:resnet18", "-q")
+    assert_one_line_error(res, 3, "timm:resnet18 needs timm", "pip install 'ciard-deploy[timm]'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_models_lists_the_families(invoke):
+    res = invoke("models")
+    assert res.exit_code == 0 and "timm:<name>" in res.output and "torchvision:<name>" in res.output
