@@ -1,9 +1,10 @@
 """Checkpoint files: the format and reading/writing them, without building a model.
 
 A checkpoint is two files: ``NAME.safetensors`` (weights) and ``NAME.json`` (the model card,
-``CheckpointMeta``: architecture, classes, input shape, dataset, normalization, eps, recipe hash,
-versions, metrics), validated on read (``CheckpointCard``). Users' own ``.pt``/``.pth`` files go
-through ``torch.load(weights_only=True)`` only: nothing here ever unpickles arbitrary code.
+``CheckpointMeta``: architecture (with its stem, for a ``timm:``/``torchvision:`` one), classes, input
+shape, dataset, normalization, eps, recipe hash, versions, metrics), validated on read
+(``CheckpointCard``). Users' own ``.pt``/``.pth`` files go through ``torch.load(weights_only=True)``
+only: nothing here ever unpickles arbitrary code.
 
 Rebuilding a model from a checkpoint needs the model and dataset registries:
 ``ciard_deploy.model_loader`` (above ``models`` and ``data``). This module imports neither, nor torch
@@ -17,7 +18,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,12 +52,15 @@ class CheckpointMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
     extra: dict[str, Any] = field(default_factory=dict)
+    stem: str | None = None  # a family architecture's stem (``models.create_model``); written only when set
     format: str = "ciard-checkpoint/1"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("input_shape", "mean", "std", "classes"):
             d[k] = list(d[k])
+        if d["stem"] is None:
+            del d["stem"]
         return d
 
     @classmethod
@@ -113,6 +117,7 @@ class CheckpointCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, Any] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)
+    stem: Literal["cifar"] | None = None
     format: ShortText = "ciard-checkpoint/1"
 
     @field_validator("input_shape")

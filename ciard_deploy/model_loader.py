@@ -19,7 +19,7 @@ from ciard_deploy.models import create_model
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, CheckpointMeta]:
     """Rebuilds the model named in the metadata and loads its weights (eval mode)."""
     meta = read_meta(path)
-    model = create_model(meta.arch, meta.num_classes, meta.input_shape[0], meta.mean, meta.std)
+    model = create_model(meta.arch, meta.num_classes, meta.input_shape[0], meta.mean, meta.std, stem=meta.stem)
     load_weights_into(model, checkpoint_paths(path)[0])
     return model.to(device).eval(), meta
 
@@ -37,7 +37,7 @@ def load_model(source: str | os.PathLike, arch: str | None = None, dataset: str 
     if not arch or not dataset:
         raise UsageError(f"{path.name} has no ciard metadata: pass --arch and --dataset to load it as a plain state dict")
     info = get_dataset_info(dataset, data_root)
-    model = create_model(arch, info.num_classes, info.in_chans, info.mean, info.std)
+    model = create_model(arch, info.num_classes, info.in_chans, info.mean, info.std, input_shape=info.input_shape)
     load_weights_into(model, path)
     meta = CheckpointMeta(arch, info.num_classes, info.input_shape, info.mean, info.std, dataset, info.classes,
                           extra={"source": str(path), "sha256": sha256_file(path)})

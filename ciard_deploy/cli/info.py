@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 from pathlib import Path
 from typing import Optional
 
+from rich.markup import escape
 from rich.table import Table
 
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import ForceJsonOption, JsonOption, check_outputs, console, handle_errors, write_json
 from ciard_deploy import __version__
 from ciard_deploy.attacks import ATTACKS
+from ciard_deploy.options.catalog import MODEL_FAMILIES
 
 
 def environment_report() -> dict:
@@ -86,20 +89,39 @@ def _listing(title: str, columns: list[str], rows: list[tuple[str, ...]], right:
     write_json(json_out, records, force)
 
 
+def model_families() -> list[dict]:
+    """One record per model family (``timm:NAME``, ``torchvision:NAME``): installed or how to install it.
+    Reads package metadata only (importing timm takes seconds)."""
+    records = []
+    for family, extra in MODEL_FAMILIES.items():
+        try:
+            version: str | None = importlib.metadata.version(family)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+        state = f"{family} {version}" if version else f"not installed: pip install 'ciard-deploy[{extra}]'"
+        records.append({"name": f"{family}:<name>", "family": family, "installed": version is not None,
+                        "version": version, "params_10_classes_rgb": None,
+                        "role": f"any {family} architecture ({state}); fresh weights (pretrained off); "
+                                "stem: cifar for its ResNets"})
+    return records
+
+
 @app.command()
 @handle_errors
 def models(json_out: JsonOption = None, force: ForceJsonOption = False) -> None:
-    """List the registered model architectures."""
+    """List the registered model architectures and the model families (timm:NAME, torchvision:NAME)."""
     from ciard_deploy.models import MODELS
 
     check_outputs({"--json": json_out}, force)
     params = "params (10 classes, RGB)"
     counts = {name: e.num_params() for name, e in MODELS.items()}
+    families = model_families()
     _listing("models (all take float32 NCHW in [0, 1])", ["name", params, "role"],
-             [(name, f"{counts[name] / 1e6:.2f}M", e.role) for name, e in MODELS.items()], right=(params,),
+             [(name, f"{counts[name] / 1e6:.2f}M", e.role) for name, e in MODELS.items()]
+             + [(escape(f["name"]), "-", escape(f["role"])) for f in families], right=(params,),
              json_out=json_out, force=force,
              records=[{"name": name, "params_10_classes_rgb": counts[name], "role": e.role}
-                      for name, e in MODELS.items()])
+                      for name, e in MODELS.items()] + families)
 
 
 @app.command()

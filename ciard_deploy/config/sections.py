@@ -2,7 +2,8 @@
 
 Each is a frozen pydantic model that refuses unknown keys (``Section``); names a recipe uses
 (architectures, datasets, attacks) are checked against torch-free catalogs (``options.catalog``,
-``attacks.base``), so validating a recipe imports no torch.
+``attacks.base``), so validating a recipe imports no torch. A ``timm:NAME`` / ``torchvision:NAME``
+architecture is checked by its form here and by its family when the model is built.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_serializer, field_validator,
                       model_serializer, model_validator)
 
-from ciard_deploy.options.catalog import DATASET_NAMES, MODEL_NAMES, check_name
+from ciard_deploy.options.catalog import DATASET_NAMES, MODEL_FAMILIES, STEMS, check_arch, check_name, split_arch
 from ciard_deploy.options.common import Options, check_attack_spec, eps_text, eps_value
 
 #: the teacher roles a distill recipe can name
@@ -53,15 +54,46 @@ class DataConfig(Section):
         return v
 
 
-class ModelSpec(Section):
-    arch: str = Field(..., description="registered architecture (`ciard models`)")
+STEM_DESCRIPTION = (f"{'/'.join(STEMS)}: a {' or '.join(f'{f}:' for f in MODEL_FAMILIES)} ResNet gets a CIFAR-style "
+                    "stem (3x3 stride-1 first conv, no max-pool) for small images; null: the family's own stem")
+
+
+def check_stem(arch: str | None, stem: str | None) -> None:
+    """A stem needs a family architecture (the built-in ones are sized for their datasets already)."""
+    if stem is not None and (arch is None or split_arch(arch) is None):
+        raise ValueError(f"stem {stem!r} adapts a {' or '.join(f'{f}:NAME' for f in MODEL_FAMILIES)} "
+                         f"architecture; the built-in {arch!r} has its own stem (drop stem)")
+
+
+class StemSection(Section):
+    """A section with an optional ``stem``: left out of the dump while null, so recipes that do not use it
+    keep their hash."""
+
+    @model_serializer(mode="wrap")
+    def _drop_null_stem(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d = handler(self)
+        if getattr(self, "stem", None) is None:
+            d.pop("stem", None)
+        return d
+
+
+class ModelSpec(StemSection):
+    arch: str = Field(..., description="registered architecture (`ciard models`) or a model of a family: "
+                                       "timm:NAME (pip install 'ciard-deploy[timm]') or torchvision:NAME, built with "
+                                       "fresh weights (pretrained stays off: nothing downloads)")
     normalize: bool = Field(True, description="normalize inside the model with the dataset's mean/std (inputs "
                                               "stay in [0, 1] either way)")
+    stem: Literal["cifar"] | None = Field(None, description=STEM_DESCRIPTION)
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        return check_name("model", v, MODEL_NAMES)
+        return check_arch(v)
+
+    @model_validator(mode="after")
+    def _stem_fits(self) -> "ModelSpec":
+        check_stem(self.arch, self.stem)
+        return self
 
 
 #: RobustBench's datasets and threat models (``robustbench.model_zoo.enums``), spelled as its ``load_model`` takes them
@@ -71,7 +103,7 @@ ROBUSTBENCH_THREAT_MODELS = ("Linf", "L2", "corruptions")
 ROBUSTBENCH_KEYS = ("robustbench", "threat_model", "dataset", "model_dir")
 
 
-class TeacherSpec(Section):
+class TeacherSpec(StemSection):
     checkpoint: str | None = Field(None, description="a ciard checkpoint (.safetensors + .json) or a user's "
                                                      ".pt/.pth/.safetensors state dict (then `arch` is needed)")
     recipe: str | None = Field(None, description="a kind 'train' recipe that trains this teacher when it is not "
@@ -104,6 +136,8 @@ class TeacherSpec(Section):
         if isinstance(data, dict) and data.get("robustbench") is not None and data.get("threat_model") is None:
             data = {**data, "threat_model": "Linf"}  # RobustBench's own default, written out so the hash names it
         return data
+    stem: Literal["cifar"] | None = Field(None, description="plain state dict of a family architecture only: "
+                                                           + STEM_DESCRIPTION)
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherSpec":
@@ -129,7 +163,8 @@ class TeacherSpec(Section):
         if self.checkpoint and Path(self.checkpoint).suffix in (".pt", ".pth", ".bin") and not self.arch:
             raise ValueError("a .pt/.pth/.bin state dict needs 'arch' (the architecture it fits)")
         if self.arch is not None:
-            check_name("model", self.arch, MODEL_NAMES)
+            check_arch(self.arch)
+        check_stem(self.arch, self.stem)
         return self
 
     @model_serializer(mode="wrap")
@@ -138,6 +173,8 @@ class TeacherSpec(Section):
         if self.robustbench is None:  # checkpoint and recipe teachers read (and hash) as before these keys existed
             for k in ROBUSTBENCH_KEYS:
                 d.pop(k, None)
+        if self.stem is None:  # as StemSection does (this serializer replaces its one)
+            d.pop("stem", None)
         return d
 
 

@@ -181,7 +181,8 @@ class TrainingLoop:
         seed_everything(t.seed)
         spec = r.model_spec
         mean, std = (info.mean, info.std) if spec.normalize else (None, None)
-        self.model = create_model(spec.arch, info.num_classes, info.in_chans, mean, std).to(dev)
+        self.model = create_model(spec.arch, info.num_classes, info.in_chans, mean, std, stem=spec.stem,
+                                  input_shape=info.input_shape).to(dev)
         self.channels_last = t.channels_last and dev.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

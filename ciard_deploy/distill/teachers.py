@@ -80,6 +80,8 @@ def load_teacher(spec: TeacherSpec, role: str, info: Any, device: torch.device) 
         model, meta = load_checkpoint(weights, device="cpu")
         if spec.arch is not None and spec.arch != meta.arch:
             raise ArtifactError(f"teachers.{role}: {weights} is a {meta.arch}, the recipe says arch {spec.arch}")
+        if spec.stem is not None and spec.stem != meta.stem:
+            raise ArtifactError(f"teachers.{role}: {weights} has stem {meta.stem or 'none'}, the recipe says stem {spec.stem}")
         if meta.num_classes != info.num_classes or tuple(meta.input_shape) != tuple(info.input_shape):
             raise ArtifactError(f"teachers.{role}: {weights} was made for {meta.num_classes} classes of "
                                 f"{tuple(meta.input_shape)} inputs ({meta.dataset or 'unknown dataset'}); "
@@ -94,7 +96,8 @@ def load_teacher(spec: TeacherSpec, role: str, info: Any, device: torch.device) 
         raise ArtifactError(f"teachers.{role}: {path} is a plain state dict (no .json model card next to it): "
                             f"give teachers.{role}.arch")
     mean, std = (info.mean, info.std) if spec.normalize else (None, None)
-    model = create_model(spec.arch, info.num_classes, info.in_chans, mean, std)
+    model = create_model(spec.arch, info.num_classes, info.in_chans, mean, std, stem=spec.stem,
+                         input_shape=info.input_shape)
     load_weights_into(model, path)
     ref = {"role": role, "source": "checkpoint", "path": str(path.resolve()), "sha256": sha256_file(path),
            "arch": spec.arch, "recipe": None, "recipe_hash": None, "dataset": info.name, "metrics": {}}

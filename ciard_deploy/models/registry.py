@@ -1,4 +1,5 @@
-"""The model registry: name -> constructor(num_classes, in_chans) plus a short description."""
+"""The model registry: name -> constructor(num_classes, in_chans) plus a short description; ``create_model``
+builds a registered model or a family one (``timm:NAME``, ``torchvision:NAME``: ``models.external``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from ciard_deploy.options.catalog import MODEL_NAMES
+from ciard_deploy.errors import UsageError
+from ciard_deploy.models.external import build_family_model, check_input_size
+from ciard_deploy.options.catalog import MODEL_NAMES, split_arch
 from ciard_deploy.registry import Registry
 from ciard_deploy.models.normalize import Normalized
 
@@ -39,17 +42,32 @@ def register_model(name: str, role: str = "") -> Callable:
 
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
-    """Builds a registered model that takes float32 NCHW images in [0, 1].
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, *,
+                 stem: str | None = None, input_shape: Sequence[int] | None = None) -> nn.Module:
+    """Builds a model that takes float32 NCHW images in [0, 1].
 
     Args:
-        name: a name from ``list_models()``.
+        name: a name from ``list_models()``, or ``timm:NAME`` / ``torchvision:NAME`` (fresh weights).
         num_classes: number of output logits.
         in_chans: input channels (1 for digits, 3 for CIFAR).
         mean, std: per-channel normalization applied inside the model (defaults 0 and 1).
+        stem: ``"cifar"``: a family ResNet gets a 3x3 stride-1 first conv and no stem max-pool.
+        input_shape: (C, H, W) of the data: a family model must take it (one forward of a zero batch).
+
+    Raises:
+        UsageError: unknown name (near match named), a stem for a built-in model or a model it cannot
+            adapt, a family model that cannot take ``input_shape``.
+        EnvironmentMissing: the family's package (timm, torchvision) is not installed.
     """
 
-    net = MODELS.get(name).build(num_classes=num_classes, in_chans=in_chans)
+    if split_arch(name) is not None:
+        net = build_family_model(name, num_classes, in_chans, stem)
+        if input_shape is not None:
+            check_input_size(net, name, input_shape, num_classes)
+    elif stem is not None:
+        raise UsageError(f"stem {stem!r} adapts timm:/torchvision: models; the built-in {name!r} has its own stem")
+    else:
+        net = MODELS.get(name).build(num_classes=num_classes, in_chans=in_chans)
     mean = list(mean) if mean is not None else [0.0] * in_chans
     std = list(std) if std is not None else [1.0] * in_chans
     if len(mean) != in_chans or len(std) != in_chans:
