@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
@@ -167,8 +168,8 @@ def _train_verb(kind: str, recipe: str, out: Path, overrides: List[str], resume:
             finally:
                 shown.close()  # no live bar above the lines that follow (an interruption, the table)
     except TrainingInterrupted as e:
-        sets = "".join(f" --set {o}" for o in overrides)
-        err_console.print(f"[yellow]{escape(str(e))}[/]\nresume with: ciard {kind} {recipe} --out {out}{sets} --resume",
+        sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)  # train.loggers=[tensorboard]: not markup
+        err_console.print(f"[yellow]{escape(str(e))}[/]\nresume with: {escape(f'ciard {kind} {recipe} --out {out}{sets}')} --resume",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     if int(os.environ.get("RANK", "0")) != 0:

@@ -115,8 +115,10 @@ def inspect_cmd(
     json_out: JsonOption = None,
     force: ForceJsonOption = False,
 ) -> None:
-    """Show an export's manifest (checking file hashes), or the metadata an ONNX file or engine carries.
+    """Show an export's manifest (checking file hashes), or what an ONNX file or engine holds.
 
+    Any ONNX file (ciard's or not): inputs and outputs, opsets, op histogram, QDQ nodes and the share of weights
+    stored as int8/uint8, file and weight sizes, producer and metadata; a ciard artifact also its ciard metadata.
     A file that is not what its manifest records (missing, another size or sha256) is exit 2, after the table.
     """
 
@@ -129,7 +131,10 @@ def inspect_cmd(
     if rep["kind"] == "manifest":
         render_manifest(rep["manifest"])
     else:
-        render_artifact_metadata(rep)
+        if rep.get("onnx"):
+            render_onnx_summary(rep)
+        if rep["metadata"] or rep.get("manifest_entry") or not rep.get("onnx"):
+            render_artifact_metadata(rep, other_props=not rep.get("onnx"))
     for problem in rep["problems"]:
         if problem not in rep["mismatches"]:
             err_console.print(f"[bold yellow]warning:[/] {escape(problem)}", highlight=False)
@@ -203,14 +208,61 @@ def render_manifest(m: dict[str, Any]) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
-def render_artifact_metadata(rep: dict[str, Any]) -> None:
+def _shape(shape: list[Any] | None) -> str:
+    return "?" if shape is None else "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _bytes(n: int) -> str:
+    return f"{n} B" if n < 1024 else _fmt_size(n)
+
+
+def render_onnx_summary(rep: dict[str, Any]) -> None:
+    s = rep["onnx"]
+    ir = f" IR {s['ir_version']}" if s["ir_version"] else ""
+    t = Table(title=f"{Path(rep['path']).name} (ONNX{ir}, sha256 {rep['sha256'][:12]}...)", show_header=False)
+    t.add_column("key")
+    t.add_column("value", overflow="fold")
+    for kind in ("inputs", "outputs"):
+        for v in s[kind]:
+            t.add_row(kind[:-1], escape(f"{v['name']}: {v['type']} {_shape(v['shape'])}"))
+    if s["opsets"] is not None:
+        t.add_row("opsets", ", ".join(f"{d} {v}" for d, v in s["opsets"].items()))
+    t.add_row("producer", escape(s["producer"] or "-"))
+    for key in ("graph", "model_version", "domain", "doc"):
+        if s.get(key):
+            t.add_row(key.replace("_", " "), escape(str(s[key])))
+    w = s["weights"]
+    size = _bytes(s["file_bytes"])
+    if w is not None:
+        size += f"; weights {_bytes(w['bytes'])} in {w['initializers']} initializers ({w['elements']:,} values)"
+    if s["external_data"]:
+        ext = s["external_data"]
+        size += f"; external data {_bytes(ext['bytes'])} in {', '.join(ext['files'])}"
+    t.add_row("size", escape(size))
+    if w is not None:
+        q = w["quantized"]
+        t.add_row("quantized", f"{s['qdq_nodes']} QuantizeLinear/DequantizeLinear nodes; {'/'.join(q['types'])} "
+                               f"weights: {q['share_of_elements']:.1%} of weight values, {q['share_of_bytes']:.1%} "
+                               f"of weight bytes")
+        t.add_row("weight types", ", ".join(f"{k} {_bytes(r['bytes'])}" for k, r in w["by_type"].items()) or "-")
+    if s["ops"] is not None:
+        t.add_row(f"ops ({s['nodes']} nodes)", escape(", ".join(f"{op} {n}" for op, n in s["ops"].items()) or "-"))
+    for k, v in s["metadata"].items():
+        if not k.startswith("ciard."):  # ciard's own keys: the metadata table below
+            t.add_row(f"[dim]{escape(k)}[/]", escape(v))
+    console.print(t)
+    for note in s.get("notes", []):
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def render_artifact_metadata(rep: dict[str, Any], other_props: bool = True) -> None:
     t = Table(title=f"{Path(rep['path']).name} ({rep['kind']}, {_fmt_size(rep['size'])}, sha256 {rep['sha256'][:12]}...)",
               show_header=True)
     t.add_column("key")
     t.add_column("value", overflow="fold")
     for k, v in rep["metadata"].items():
         t.add_row(escape(k), escape(v if isinstance(v, str) else _compact(v)))
-    for k, v in rep["other_props"].items():
+    for k, v in (rep["other_props"] if other_props else {}).items():
         t.add_row(f"[dim]{escape(k)}[/]", escape(str(v)))
     entry = rep.get("manifest_entry")
     if entry:

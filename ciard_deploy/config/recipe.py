@@ -77,9 +77,12 @@ class RecipeBase(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
 
     def hash_payload(self) -> dict[str, Any]:
-        """What :attr:`hash` covers: the resolved recipe without its ``deploy`` section."""
+        """What :attr:`hash` covers: the resolved recipe without its ``deploy`` section and without
+        ``train.loggers`` (where the numbers are also sent changes no model, and a run resumes with a
+        tracker added)."""
         d = self.to_dict()
         d.pop("deploy", None)
+        d["train"].pop("loggers", None)
         return d
 
     @property

@@ -20,6 +20,9 @@ from ciard_deploy.options.common import Options, check_attack_spec, eps_text, ep
 #: the teacher roles a distill recipe can name
 TEACHER_ROLES = ("clean", "robust")
 
+#: the experiment trackers ``train.loggers`` can name (``distill.loggers`` holds them; each is an extra)
+LOGGER_NAMES = ("mlflow", "tensorboard")
+
 
 class Section(Options):
     """Base of every recipe section: unknown keys are errors, values are immutable."""
@@ -255,6 +258,10 @@ class TrainConfig(Section):
                                      description="attacks of the final test-set evaluation in summary.json")
     final_eval_n: int | None = Field(None, gt=0, description="test images of the final evaluation (null: all)")
     sync_bn: bool = Field(False, description="DDP: convert the student's BatchNorm to SyncBatchNorm")
+    loggers: list[str] = Field(default_factory=list, description="experiment trackers that get metrics.jsonl's "
+                                                                 "scalars each epoch: tensorboard (<run>/tb), mlflow "
+                                                                 "(<run>/mlruns, or $MLFLOW_TRACKING_URI); not "
+                                                                 "part of the recipe hash")
 
     @field_validator("eval_step_size", mode="before")
     @classmethod
@@ -287,6 +294,15 @@ class TrainConfig(Section):
             check_attack_spec(spec)
         return v
 
+    @field_validator("loggers")
+    @classmethod
+    def _loggers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            check_name("logger", name, LOGGER_NAMES)
+        if len(set(v)) != len(v):
+            raise ValueError(f"a logger is named twice: {v}")
+        return v
+
     @model_validator(mode="after")
     def _selection_needs_attack(self) -> "TrainConfig":
         if self.eval_attack is None and self.select_by != "clean":
@@ -294,6 +310,6 @@ class TrainConfig(Section):
         return self
 
 
-__all__ = ["AttackConfig", "DataConfig", "MethodSection", "ModelSpec", "OptimConfig", "ROBUSTBENCH_DATASETS",
-           "ROBUSTBENCH_KEYS", "ROBUSTBENCH_THREAT_MODELS", "Section", "TEACHER_ROLES", "TeacherSpec", "TeachersConfig",
-           "TrainConfig"]
+__all__ = ["AttackConfig", "DataConfig", "LOGGER_NAMES", "MethodSection", "ModelSpec", "OptimConfig",
+           "ROBUSTBENCH_DATASETS", "ROBUSTBENCH_KEYS", "ROBUSTBENCH_THREAT_MODELS", "Section", "TEACHER_ROLES",
+           "TeacherSpec", "TeachersConfig", "TrainConfig"]

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from ciard_deploy.config import DistillRecipe, RecipeBase
 from ciard_deploy.data import iterate_batches
 from ciard_deploy.distill import ddp
 from ciard_deploy.distill.events import Callback, RunControl, TrainEvent, TrainingInterrupted, emit
+from ciard_deploy.distill.loggers import Trackers, check_installed
 from ciard_deploy.distill.methods import create_method
 from ciard_deploy.distill.rng import rng_state, seed_everything, set_rng_state
 from ciard_deploy.distill.run_context import log_to, signals_to
@@ -105,6 +106,7 @@ class TrainingLoop:
         self.phase = "setup"  # "train", then "final_eval": what a stop at once interrupts
         self.saved_at: tuple[int, int] | None = None  # (epochs done, steps done in the next) of train_state.pt
         self.robust_label: str | None = None
+        self.trackers = Trackers()  # train.loggers, opened on rank 0 once the resume position is known
         if t.eval_attack is not None:
             self.robust_label = make_attacks([t.eval_attack], recipe.attack.eps, t.eval_step_size)[0].label
 
@@ -112,6 +114,7 @@ class TrainingLoop:
     def execute(self, resume: bool, stop_after_epoch: int | None, handle_signals: bool) -> dict[str, Any]:
         """Trains (or resumes) the run and returns its summary; what a refusal before training created in
         the run dir is removed again. The caller holds the run dir's lock."""
+        check_installed(self.recipe.train.loggers)  # exit 3 before anything is written or trained
         before = {p.name for p in lock_entries(self.run_dir)} if self.run_dir.is_dir() else set()
         try:
             return self._execute_held(resume, stop_after_epoch, handle_signals)
@@ -140,11 +143,21 @@ class TrainingLoop:
         self.ctx.barrier()
         log_ctx = log_to(self.run_dir / "train.log") if self.ctx.is_main else contextlib.nullcontext()
         sig_ctx = signals_to(self.control) if handle_signals else contextlib.nullcontext()
-        with log_ctx, sig_ctx:
+        with log_ctx, sig_ctx, self._trackers_closed():
             try:
                 return self._train(state, stop_after_epoch)
             except KeyboardInterrupt:  # a second SIGINT, or any signal while there is no step to finish
                 raise self._stopped_at_once(self.control.stop_reason or "SIGINT") from None
+
+    @contextlib.contextmanager
+    def _trackers_closed(self) -> Iterator[None]:
+        """Closes the trackers however the run ends (MLflow records finished, killed or failed)."""
+        try:
+            yield
+        except BaseException as e:
+            self.trackers.close(e)
+            raise
+        self.trackers.close(None)
 
     def _stopped_at_once(self, reason: str) -> TrainingInterrupted:
         """The TrainingInterrupted of a stop that did not wait for a step: it names what is kept."""
@@ -294,6 +307,7 @@ class TrainingLoop:
         if self.ctx.is_main:
             trim_metrics(self.run_dir, start_epoch)
             atomic_write_json(self.run_dir / "teachers.json", self.teacher_refs)
+            self.trackers = Trackers.open(t.loggers, self.run_dir, r, start_epoch)
         log.info("%s %s: %s on %s (%d train / %d selection images), %d epochs x %d steps, device %s%s",
                  r.kind, r.method.name, r.model_spec.arch, r.data.dataset, len(self.data.train_idx),
                  len(self.data.select_y), t.epochs, self.steps_per_epoch, self.device,
@@ -396,6 +410,7 @@ class TrainingLoop:
             save_checkpoint(self.run_dir / "student_last", self.model, self._card({}, e1))
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
+            self.trackers.log_line(line)
             self._save_state(e1, 0, self.data_gen.get_state(), {})
         self.ctx.barrier()
         log.info("epoch %d/%d: loss %.4f, %s%.0f img/s", e1, t.epochs, line["loss"],
