@@ -15,7 +15,7 @@ import pytest
 
 import ciard_deploy as cd
 from ciard_deploy.fingerprint import sha256_file
-from ciard_deploy.errors import ArtifactError, CiardError, RecipeError, UsageError
+from ciard_deploy.errors import ArtifactError, CiardError, GateFailed, RecipeError, UsageError
 
 pytestmark = pytest.mark.integration
 
@@ -179,6 +179,26 @@ def test_bad_gates_a_missing_artifact_and_an_existing_pack_are_refused(demo, tmp
         cd.verify(demo["exported"].path("onnx"), demo["pack"], gates={"min_clen": 0.9})
     with pytest.raises(UsageError, match="already exists; pass --force"):
         cd.pack(demo["run"], demo["pack"].path)
+
+
+def test_gates_from_a_file_and_check_raising_gate_failed(demo, tmp_path):
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("gates: {min_clean: 0.999}\n")
+    onnx = demo["exported"].path("onnx")
+    report = cd.verify(onnx, demo["pack"].path, gates=gates, live=[])
+    assert report.status == "failed" and report.gates == {"min_clean": 0.999}
+    with pytest.raises(GateFailed, match="min_clean") as e:
+        cd.verify(onnx, demo["pack"], gates=gates, live=[], check=True)
+    assert e.value.exit_code == 1
+
+
+def test_a_pack_attacks_the_artifacts_of_an_export(demo, tmp_path):
+    pack = cd.pack(demo["run"], tmp_path / "pack.npz", n=20, attacks=["fgsm"], artifacts=demo["exported"],
+                   artifact_attacks=["fgsm"])
+    made = {a.sha256: a.meta.get("skipped") for a in pack.artifacts}
+    exported = {sha256_file(demo["exported"].path(name)) for name in ("onnx", "onnx-int8")}
+    assert set(made) == exported and not any(made.values()), made
+    assert not (tmp_path / "pack.npz.partial").exists()
 
 
 def _linear():
