@@ -9,7 +9,7 @@ cheap and torch-free; the event types (``events``) are torch-free and imported h
 
 from __future__ import annotations
 
-from ciard_deploy._lazy import lazy_attributes
+from ciard_deploy._lazy import callable_package, lazy_attributes
 from typing import TYPE_CHECKING
 
 from ciard_deploy.distill.events import RunControl, TrainEvent, TrainingInterrupted
@@ -26,3 +26,6 @@ _LAZY = {
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 __all__ = ["RunControl", "TrainEvent", "TrainingInterrupted", "resolve_teachers", "run"]
+
+# `ciard_deploy.distill(...)` runs the Python API verb `ciard_deploy.api.distill` (loaded on the first call)
+callable_package(__name__, "ciard_deploy.api:distill")

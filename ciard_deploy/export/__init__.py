@@ -10,6 +10,7 @@ devices); ``run`` imports it when called.
 
 from __future__ import annotations
 
+from ciard_deploy._lazy import callable_package
 from ciard_deploy.export.base import FORMATS, Exporter, FormatSpec, format_table, formats_from_flags, resolve_formats
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, check_files, load_manifest
 from ciard_deploy.export.parity_gate import ParityResult, compare_logits
@@ -20,3 +21,6 @@ from ciard_deploy.options.export import ExportOptions
 __all__ = ["FORMATS", "MANIFEST_NAME", "ArtifactRecord", "ExportOptions", "ExportResult", "Exporter", "FormatSpec", "Manifest",
            "ParityResult", "check_files", "compare_logits", "format_table", "formats_from_flags", "load_manifest",
            "resolve_formats", "run"]
+
+# `ciard_deploy.export(...)` runs the Python API verb `ciard_deploy.api.export` (loaded on the first call)
+callable_package(__name__, "ciard_deploy.api:export")

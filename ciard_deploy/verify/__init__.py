@@ -16,6 +16,7 @@ everything else runs on a device that has only numpy, onnxruntime (or TensorRT).
 
 from __future__ import annotations
 
+from ciard_deploy._lazy import callable_package
 from ciard_deploy.runtime.parity_metrics import Parity, compare
 from ciard_deploy.verify.checks import CHECKS, Finding
 from ciard_deploy.verify.measure import AttackOutcome, RuntimeEvaluation, evaluate_runtime, stratified_subset
@@ -33,3 +34,6 @@ __all__ = ["AttackOutcome", "CHECKS", "Finding", "GateResult", "Gates", "Parity"
            "RobustnessPack", "RuntimeEvaluation", "VerifyKey", "VerifyReport", "VerifyState", "build_pack",
            "check_report_paths", "check_writable", "compare", "evaluate_runtime", "gates_from_mapping", "gates_from_recipe", "judge",
            "load_gates", "load_pack", "run", "save_pack", "stratified_subset"]
+
+# `ciard_deploy.verify(...)` runs the Python API verb `ciard_deploy.api.verify` (loaded on the first call)
+callable_package(__name__, "ciard_deploy.api:verify")
