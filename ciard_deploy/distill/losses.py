@@ -98,11 +98,13 @@ def _attack_model(model: nn.Module) -> nn.Module:
 def pgd_train_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float,
                      steps: int = 10, step_size: float = 2 / 255, loss: AttackLoss = "ce",
                      target_logits: torch.Tensor | None = None, kl_T: float = 1.0, start: Start = "normal",
-                     start_std: float = 0.001, generator: torch.Generator | None = None) -> torch.Tensor:
+                     start_std: float = 0.001, generator: torch.Generator | None = None,
+                     train_mode: bool = False, clamp_start: bool = True) -> torch.Tensor:
     """L-inf PGD as the distillation methods run it during training (white-box, on the student).
 
     The model is put in eval mode for the attack (BatchNorm uses running statistics and is not
-    updated) and its previous mode is restored afterwards. Gradients are taken w.r.t. the input
+    updated; ``train_mode=True``: train mode, batch statistics, running ones updated on every step,
+    as the ARD script) and its previous mode is restored afterwards. Gradients are taken w.r.t. the input
     only: no parameter ``.grad`` is touched. Each step is ``x' + step_size * sign(grad)``, then
     projection to the eps-ball around ``x``, then to [0, 1] (the reference order).
 
@@ -120,9 +122,12 @@ def pgd_train_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None =
         kl_T: temperature of both sides of the KL loss.
         start: ``"normal"``: ``x + start_std * randn`` (TRADES/RSLAD/CIARD, not projected before
             the first step, as in the reference); ``"uniform"``: ``x + U(-eps, eps)`` clipped to
-            [0, 1] (Madry PGD-AT, ARD); ``"none"``: ``x``.
+            [0, 1] (Madry PGD-AT, ARD; ``clamp_start=False``: not clipped, as the ARD script);
+            ``"none"``: ``x``.
         start_std: std of the ``"normal"`` start (0.001).
         generator: seeds the random start (default: the global RNG).
+        train_mode: attack the model in train mode instead of eval mode.
+        clamp_start: clip the ``"uniform"`` start to [0, 1].
 
     Returns:
         the adversarial batch, detached, same dtype as ``x``.
@@ -138,13 +143,15 @@ def pgd_train_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None =
         x_adv = x + start_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     elif start == "uniform":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = (x + (2.0 * noise - 1.0) * eps).clamp(0.0, 1.0)
+        x_adv = x + (2.0 * noise - 1.0) * eps
+        if clamp_start:
+            x_adv = x_adv.clamp(0.0, 1.0)
     elif start == "none":
         x_adv = x.clone()
     else:
         raise ValueError(f"unknown start {start!r}")
     target = target_logits.detach() if target_logits is not None else None
-    net.eval()
+    net.train(train_mode)
     try:
         for _ in range(steps):
             x_adv.requires_grad_(True)
