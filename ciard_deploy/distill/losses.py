@@ -4,7 +4,8 @@ Conventions (all from the methods' reference code):
 
 - ``kl_soft(p_logits, q_logits)`` is ``KL(softmax(p / T_p) || softmax(q / T_q))`` with the first
   argument the *target* (a teacher, or the clean output in TRADES) and the second the model
-  being trained; it is computed in float32 whatever the autocast dtype.
+  being trained; it is computed in float32 whatever the autocast dtype (float64 inputs stay
+  float64: ``at_least_float32``, so a float64 reference run is float64 throughout).
 - Reductions: ``"elementwise"`` averages the per-element terms ``p_k (log p_k - log q_k)`` over
   batch *and* classes (``nn.KLDivLoss()``'s default ``mean``, and the ``torch.mean(kl_loss(...))``
   of the CIARD/MTARD/RSLAD scripts): it equals ``batchmean / num_classes``. ``"batchmean"`` is
@@ -28,6 +29,11 @@ AttackLoss = Literal["ce", "kl"]
 Start = Literal["normal", "uniform", "none"]
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or kept in float64: loss terms never compute in half precision, nor below the input's."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def kl_soft(target_logits: torch.Tensor, student_logits: torch.Tensor, *, teacher_T: float = 1.0,
             student_T: float = 1.0, reduction: Reduction = "elementwise") -> torch.Tensor:
     """Soft-label distillation term ``KL(softmax(target / teacher_T) || softmax(student / student_T))``.
@@ -45,8 +51,8 @@ def kl_soft(target_logits: torch.Tensor, student_logits: torch.Tensor, *, teache
     Returns:
         a scalar float32 tensor (or (N,) for ``"none"``); 0 for an empty batch reduced by mean.
     """
-    log_p = F.log_softmax(target_logits.float() / teacher_T, dim=1)
-    log_q = F.log_softmax(student_logits.float() / student_T, dim=1)
+    log_p = F.log_softmax(at_least_float32(target_logits) / teacher_T, dim=1)
+    log_q = F.log_softmax(at_least_float32(student_logits) / student_T, dim=1)
     terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)  # p * (log p - log q)
     if reduction == "elementwise":
         return terms.mean() if terms.numel() else terms.sum()
@@ -60,13 +66,13 @@ def kl_soft(target_logits: torch.Tensor, student_logits: torch.Tensor, *, teache
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy in float32 (safe under autocast)."""
-    return F.cross_entropy(logits.float(), y, reduction=reduction)
+    """Cross-entropy in float32 (safe under autocast; float64 kept)."""
+    return F.cross_entropy(at_least_float32(logits), y, reduction=reduction)
 
 
 def softmax_entropy(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """Mean over the batch of the entropy (nats) of ``softmax(logits / T)``; a float32 scalar."""
-    log_p = F.log_softmax(logits.float() / T, dim=1)
+    log_p = F.log_softmax(at_least_float32(logits) / T, dim=1)
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ciard_deploy.distill.losses import cross_entropy, kl_soft, pgd_train_attack
+from ciard_deploy.distill.losses import at_least_float32, cross_entropy, kl_soft, pgd_train_attack
 from ciard_deploy.distill.methods.base import METHODS, Method, StepResult
 from ciard_deploy.options.methods import ArdConfig
 
@@ -28,7 +28,7 @@ class ARD(Method):
         cfg, teacher = self.cfg, self.teacher_nets["robust"]
         teacher.eval()
         with torch.no_grad():
-            t_nat = teacher(x).float()
+            t_nat = at_least_float32(teacher(x))
         T = cfg.temperature
         x_adv = pgd_train_attack(self.student, x, y, eps=self.eps, steps=self.attack_steps, step_size=self.step_size,
                                  loss=cfg.attack_loss, target_logits=t_nat, kl_T=T,

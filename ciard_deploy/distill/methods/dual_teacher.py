@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ciard_deploy.distill.losses import kl_soft, pgd_train_attack, softmax_entropy
+from ciard_deploy.distill.losses import at_least_float32, kl_soft, pgd_train_attack, softmax_entropy
 from ciard_deploy.distill.methods.base import Method, StepResult
 from ciard_deploy.distill.schedules import milestone_epochs
 from ciard_deploy.errors import ArtifactError
@@ -108,8 +108,8 @@ class DualTeacherMethod(Method):
         c_adv = None
         if self.push_enabled:
             with torch.no_grad():
-                c_adv = Tc(x_adv).float()
-        r_det = r_adv.detach().float()
+                c_adv = at_least_float32(Tc(x_adv))
+        r_det = at_least_float32(r_adv.detach())
 
         # 4. distillation terms with the current temperatures
         loss_rob = kl_soft(r_det, s_adv, teacher_T=self.tau_robust, reduction=cfg.kl_reduction)
@@ -147,7 +147,7 @@ class DualTeacherMethod(Method):
         ``teacher_clean_bn_pass`` also ``Tr(x)`` for its BatchNorm statistics only."""
         s_nat = self.student(x)
         with torch.no_grad():
-            t_nat = self.teacher_nets["clean"](x).float()
+            t_nat = at_least_float32(self.teacher_nets["clean"](x))
             if retrain and getattr(self.cfg, "teacher_clean_bn_pass", False):
                 self.teacher_nets["robust"](x)  # output unused: its BatchNorm statistics also follow clean batches
         return s_nat, t_nat
