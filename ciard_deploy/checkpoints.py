@@ -54,13 +54,15 @@ class CheckpointMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     stem: str | None = None  # a family architecture's stem (``models.create_model``); written only when set
     format: str = "ciard-checkpoint/1"
+    activation: str | None = None  # an architecture's activation choice (``create_model``); written only when set
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for k in ("input_shape", "mean", "std", "classes"):
             d[k] = list(d[k])
-        if d["stem"] is None:
-            del d["stem"]
+        for k in ("stem", "activation"):
+            if d[k] is None:
+                del d[k]
         return d
 
     @classmethod
@@ -119,6 +121,7 @@ class CheckpointCard(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
     stem: Literal["cifar"] | None = None
     format: ShortText = "ciard-checkpoint/1"
+    activation: Literal["relu6", "relu"] | None = None
 
     @field_validator("input_shape")
     @classmethod

@@ -19,7 +19,8 @@ from ciard_deploy.models import create_model
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, CheckpointMeta]:
     """Rebuilds the model named in the metadata and loads its weights (eval mode)."""
     meta = read_meta(path)
-    model = create_model(meta.arch, meta.num_classes, meta.input_shape[0], meta.mean, meta.std, stem=meta.stem)
+    model = create_model(meta.arch, meta.num_classes, meta.input_shape[0], meta.mean, meta.std, stem=meta.stem,
+                         activation=meta.activation)
     load_weights_into(model, checkpoint_paths(path)[0])
     return model.to(device).eval(), meta
 

@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_serializer, field_validator,
                       model_serializer, model_validator)
 
-from ciard_deploy.options.catalog import DATASET_NAMES, MODEL_FAMILIES, STEMS, check_arch, check_name, split_arch
+from ciard_deploy.options.catalog import (DATASET_NAMES, MODEL_FAMILIES, STEMS, check_activation, check_arch,
+                                          check_name, split_arch)
 from ciard_deploy.options.common import Options, check_attack_spec, eps_text, eps_value
 
 #: the teacher roles a distill recipe can name
@@ -69,14 +70,15 @@ def check_stem(arch: str | None, stem: str | None) -> None:
 
 
 class StemSection(Section):
-    """A section with an optional ``stem``: left out of the dump while null, so recipes that do not use it
-    keep their hash."""
+    """A section with an optional ``stem`` (and ``activation``): left out of the dump while null, so recipes
+    that do not use them keep their hash."""
 
     @model_serializer(mode="wrap")
     def _drop_null_stem(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         d = handler(self)
-        if getattr(self, "stem", None) is None:
-            d.pop("stem", None)
+        for key in ("stem", "activation"):
+            if getattr(self, key, None) is None:
+                d.pop(key, None)
         return d
 
 
@@ -87,6 +89,9 @@ class ModelSpec(StemSection):
     normalize: bool = Field(True, description="normalize inside the model with the dataset's mean/std (inputs "
                                               "stay in [0, 1] either way)")
     stem: Literal["cifar"] | None = Field(None, description=STEM_DESCRIPTION)
+    activation: Literal["relu6", "relu"] | None = Field(
+        None, description="mobilenetv2 only: relu6 (its own, null) or relu (the kuangliu-style CIFAR MobileNetV2 "
+                          "of the CIARD reference code)")
 
     @field_validator("arch")
     @classmethod
@@ -96,6 +101,7 @@ class ModelSpec(StemSection):
     @model_validator(mode="after")
     def _stem_fits(self) -> "ModelSpec":
         check_stem(self.arch, self.stem)
+        check_activation(self.arch, self.activation)
         return self
 
 

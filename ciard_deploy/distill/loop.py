@@ -195,7 +195,7 @@ class TrainingLoop:
         spec = r.model_spec
         mean, std = (info.mean, info.std) if spec.normalize else (None, None)
         self.model = create_model(spec.arch, info.num_classes, info.in_chans, mean, std, stem=spec.stem,
-                                  input_shape=info.input_shape).to(dev)
+                                  input_shape=info.input_shape, activation=spec.activation).to(dev)
         self.channels_last = t.channels_last and dev.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

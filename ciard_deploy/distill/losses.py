@@ -4,7 +4,8 @@ Conventions (all from the methods' reference code):
 
 - ``kl_soft(p_logits, q_logits)`` is ``KL(softmax(p / T_p) || softmax(q / T_q))`` with the first
   argument the *target* (a teacher, or the clean output in TRADES) and the second the model
-  being trained; it is computed in float32 whatever the autocast dtype.
+  being trained; it is computed in float32 whatever the autocast dtype (float64 inputs stay
+  float64: ``at_least_float32``, so a float64 reference run is float64 throughout).
 - Reductions: ``"elementwise"`` averages the per-element terms ``p_k (log p_k - log q_k)`` over
   batch *and* classes (``nn.KLDivLoss()``'s default ``mean``, and the ``torch.mean(kl_loss(...))``
   of the CIARD/MTARD/RSLAD scripts): it equals ``batchmean / num_classes``. ``"batchmean"`` is
@@ -28,6 +29,11 @@ AttackLoss = Literal["ce", "kl"]
 Start = Literal["normal", "uniform", "none"]
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or kept in float64: loss terms never compute in half precision, nor below the input's."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def kl_soft(target_logits: torch.Tensor, student_logits: torch.Tensor, *, teacher_T: float = 1.0,
             student_T: float = 1.0, reduction: Reduction = "elementwise") -> torch.Tensor:
     """Soft-label distillation term ``KL(softmax(target / teacher_T) || softmax(student / student_T))``.
@@ -45,8 +51,8 @@ def kl_soft(target_logits: torch.Tensor, student_logits: torch.Tensor, *, teache
     Returns:
         a scalar float32 tensor (or (N,) for ``"none"``); 0 for an empty batch reduced by mean.
     """
-    log_p = F.log_softmax(target_logits.float() / teacher_T, dim=1)
-    log_q = F.log_softmax(student_logits.float() / student_T, dim=1)
+    log_p = F.log_softmax(at_least_float32(target_logits) / teacher_T, dim=1)
+    log_q = F.log_softmax(at_least_float32(student_logits) / student_T, dim=1)
     terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)  # p * (log p - log q)
     if reduction == "elementwise":
         return terms.mean() if terms.numel() else terms.sum()
@@ -60,13 +66,13 @@ def kl_soft(target_logits: torch.Tensor, student_logits: torch.Tensor, *, teache
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy in float32 (safe under autocast)."""
-    return F.cross_entropy(logits.float(), y, reduction=reduction)
+    """Cross-entropy in float32 (safe under autocast; float64 kept)."""
+    return F.cross_entropy(at_least_float32(logits), y, reduction=reduction)
 
 
 def softmax_entropy(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """Mean over the batch of the entropy (nats) of ``softmax(logits / T)``; a float32 scalar."""
-    log_p = F.log_softmax(logits.float() / T, dim=1)
+    log_p = F.log_softmax(at_least_float32(logits) / T, dim=1)
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
@@ -98,11 +104,13 @@ def _attack_model(model: nn.Module) -> nn.Module:
 def pgd_train_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float,
                      steps: int = 10, step_size: float = 2 / 255, loss: AttackLoss = "ce",
                      target_logits: torch.Tensor | None = None, kl_T: float = 1.0, start: Start = "normal",
-                     start_std: float = 0.001, generator: torch.Generator | None = None) -> torch.Tensor:
+                     start_std: float = 0.001, generator: torch.Generator | None = None,
+                     train_mode: bool = False, clamp_start: bool = True) -> torch.Tensor:
     """L-inf PGD as the distillation methods run it during training (white-box, on the student).
 
     The model is put in eval mode for the attack (BatchNorm uses running statistics and is not
-    updated) and its previous mode is restored afterwards. Gradients are taken w.r.t. the input
+    updated; ``train_mode=True``: train mode, batch statistics, running ones updated on every step,
+    as the ARD script) and its previous mode is restored afterwards. Gradients are taken w.r.t. the input
     only: no parameter ``.grad`` is touched. Each step is ``x' + step_size * sign(grad)``, then
     projection to the eps-ball around ``x``, then to [0, 1] (the reference order).
 
@@ -120,9 +128,12 @@ def pgd_train_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None =
         kl_T: temperature of both sides of the KL loss.
         start: ``"normal"``: ``x + start_std * randn`` (TRADES/RSLAD/CIARD, not projected before
             the first step, as in the reference); ``"uniform"``: ``x + U(-eps, eps)`` clipped to
-            [0, 1] (Madry PGD-AT, ARD); ``"none"``: ``x``.
+            [0, 1] (Madry PGD-AT, ARD; ``clamp_start=False``: not clipped, as the ARD script);
+            ``"none"``: ``x``.
         start_std: std of the ``"normal"`` start (0.001).
         generator: seeds the random start (default: the global RNG).
+        train_mode: attack the model in train mode instead of eval mode.
+        clamp_start: clip the ``"uniform"`` start to [0, 1].
 
     Returns:
         the adversarial batch, detached, same dtype as ``x``.
@@ -138,13 +149,15 @@ def pgd_train_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None =
         x_adv = x + start_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     elif start == "uniform":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_adv = (x + (2.0 * noise - 1.0) * eps).clamp(0.0, 1.0)
+        x_adv = x + (2.0 * noise - 1.0) * eps
+        if clamp_start:
+            x_adv = x_adv.clamp(0.0, 1.0)
     elif start == "none":
         x_adv = x.clone()
     else:
         raise ValueError(f"unknown start {start!r}")
     target = target_logits.detach() if target_logits is not None else None
-    net.eval()
+    net.train(train_mode)
     try:
         for _ in range(steps):
             x_adv.requires_grad_(True)

@@ -31,7 +31,8 @@ def student_card(recipe: RecipeBase, info: Any, metrics: dict[str, Any], epoch: 
     """The model card of a run's ``student_best``/``student_last`` checkpoint after ``epoch`` epochs."""
     spec = recipe.model_spec
     return CheckpointMeta(
-        arch=spec.arch, stem=spec.stem, num_classes=info.num_classes, input_shape=tuple(info.input_shape),
+        arch=spec.arch, stem=spec.stem, activation=spec.activation, num_classes=info.num_classes,
+        input_shape=tuple(info.input_shape),
         mean=tuple(info.mean) if spec.normalize else (0.0,) * info.in_chans,
         std=tuple(info.std) if spec.normalize else (1.0,) * info.in_chans,
         dataset=info.name, classes=tuple(info.classes), eps=recipe.attack.eps, recipe_hash=recipe.hash,
@@ -62,7 +63,9 @@ def final_test_metrics(recipe: RecipeBase, run_dir: Path, data: DataSplits, devi
         if which == "best" and not path.exists():
             continue
         info = data.info
-        net = create_model(recipe.model_spec.arch, info.num_classes, info.in_chans, stem=recipe.model_spec.stem).to(device)
+        spec = recipe.model_spec
+        net = create_model(spec.arch, info.num_classes, info.in_chans, stem=spec.stem,
+                           activation=spec.activation).to(device)
         load_weights_into(net, path)
         if which == "last" and same:
             test_metrics = dict(results["best"])

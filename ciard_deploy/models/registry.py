@@ -10,7 +10,7 @@ from torch import nn
 
 from ciard_deploy.errors import UsageError
 from ciard_deploy.models.external import build_family_model, check_input_size
-from ciard_deploy.options.catalog import MODEL_NAMES, split_arch
+from ciard_deploy.options.catalog import MODEL_NAMES, check_activation, split_arch
 from ciard_deploy.registry import Registry
 from ciard_deploy.models.normalize import Normalized
 
@@ -43,7 +43,8 @@ def register_model(name: str, role: str = "") -> Callable:
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, *,
-                 stem: str | None = None, input_shape: Sequence[int] | None = None) -> nn.Module:
+                 stem: str | None = None, input_shape: Sequence[int] | None = None,
+                 activation: str | None = None) -> nn.Module:
     """Builds a model that takes float32 NCHW images in [0, 1].
 
     Args:
@@ -53,6 +54,7 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3,
         mean, std: per-channel normalization applied inside the model (defaults 0 and 1).
         stem: ``"cifar"``: a family ResNet gets a 3x3 stride-1 first conv and no stem max-pool.
         input_shape: (C, H, W) of the data: a family model must take it (one forward of a zero batch).
+        activation: an architecture's activation choice (``options.catalog.ACTIVATIONS``; None: its own).
 
     Raises:
         UsageError: unknown name (near match named), a stem for a built-in model or a model it cannot
@@ -60,6 +62,11 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3,
         EnvironmentMissing: the family's package (timm, torchvision) is not installed.
     """
 
+    if activation is not None:
+        try:
+            check_activation(name, activation)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if split_arch(name) is not None:
         net = build_family_model(name, num_classes, in_chans, stem)
         if input_shape is not None:
@@ -67,7 +74,8 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3,
     elif stem is not None:
         raise UsageError(f"stem {stem!r} adapts timm:/torchvision: models; the built-in {name!r} has its own stem")
     else:
-        net = MODELS.get(name).build(num_classes=num_classes, in_chans=in_chans)
+        kw = {} if activation is None else {"activation": activation}
+        net = MODELS.get(name).build(num_classes=num_classes, in_chans=in_chans, **kw)
     mean = list(mean) if mean is not None else [0.0] * in_chans
     std = list(std) if std is not None else [1.0] * in_chans
     if len(mean) != in_chans or len(std) != in_chans:

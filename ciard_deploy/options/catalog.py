@@ -21,6 +21,11 @@ MODEL_NAMES: tuple[str, ...] = (
     "mobilenetv2", "mobilenetv2_tiny", "preactresnet18", "resnet18", "resnet18_tiny", "resnet34", "resnet56",
     "small_cnn", "small_cnn_wide", "tiny_cnn", "wrn-16-2", "wrn-28-10", "wrn-34-10")
 
+#: built-in architectures whose activation a recipe may choose (``model.activation``): their choices, the
+#: first being the architecture's own (MobileNetV2's ReLU6; the kuangliu-style CIFAR MobileNetV2 of the CIARD
+#: reference code uses ReLU)
+ACTIVATIONS: dict[str, tuple[str, ...]] = {"mobilenetv2": ("relu6", "relu"), "mobilenetv2_tiny": ("relu6", "relu")}
+
 #: model families whose architectures a recipe names as ``FAMILY:NAME`` -> the extra that installs them
 MODEL_FAMILIES: dict[str, str] = {"timm": "timm", "torchvision": "train"}
 
@@ -39,6 +44,18 @@ def check_name(kind: str, name: str, names: Iterable[str]) -> str:
     if name not in valid:
         raise ValueError(unknown_name_message(kind, name, valid))
     return name
+
+
+def check_activation(arch: str | None, activation: str | None) -> None:
+    """An activation choice needs an architecture that offers it (``ACTIVATIONS``)."""
+    if activation is None:
+        return
+    choices = ACTIVATIONS.get(arch or "")
+    if choices is None:
+        raise ValueError(f"activation {activation!r}: only {', '.join(sorted(ACTIVATIONS))} offer a choice of "
+                         f"activation, not {arch!r} (drop activation)")
+    if activation not in choices:
+        raise ValueError(f"activation {activation!r}: {arch} offers {', '.join(choices)}")
 
 
 def split_arch(name: str) -> tuple[str, str] | None:
@@ -71,4 +88,5 @@ def check_arch(name: str) -> str:
     return name
 
 
-__all__ = ["DATASET_NAMES", "MODEL_FAMILIES", "MODEL_NAMES", "STEMS", "check_arch", "check_name", "split_arch"]
+__all__ = ["ACTIVATIONS", "DATASET_NAMES", "MODEL_FAMILIES", "MODEL_NAMES", "STEMS", "check_activation", "check_arch",
+           "check_name", "split_arch"]

@@ -9,10 +9,10 @@ registry accepts: a new method adds its ``Config`` and one catalog row here, and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import pydantic
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 #: where the MTARD/CIARD temperature and weight steps shrink, as fractions of the run (215, 260, 285 of 300)
 PAPER_MILESTONES = (215 / 300, 260 / 300, 285 / 300)
@@ -22,6 +22,18 @@ class MethodConfig(pydantic.BaseModel):
     """Base of each method's hyper-parameters; every field has a description (shown by `ciard recipe show`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: fields added after recipes were first hashed: left out of the dump (hence of the recipe hash) while at
+    #: their default, so a recipe that does not set them keeps its hash
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d = handler(self)
+        for name in self.OMIT_AT_DEFAULT:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                d.pop(name, None)
+        return d
 
 
 class DualTeacherConfig(MethodConfig):
@@ -80,6 +92,15 @@ class ArdConfig(MethodConfig):
     kl_reduction: Literal["elementwise", "batchmean"] = Field(
         "elementwise", description="elementwise: averaged over batch and classes (nn.KLDivLoss() default of the "
                                    "official code); batchmean: summed over classes")
+    attack_mode: Literal["eval", "train"] = Field(
+        "eval", description="mode of the student while the attack runs: eval (BatchNorm uses and keeps its running "
+                            "statistics); train (the official ARD script: batch statistics, and the running ones "
+                            "updated on every attack step)")
+    clamp_start: bool = Field(
+        True, description="clip the uniform random start to [0, 1] before the first attack step; false: the "
+                          "official ARD script (x + U(-eps, eps) unclipped, clipped only after the first step)")
+
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"attack_mode", "clamp_start"})
 
 
 class CiardConfig(DualTeacherConfig):
@@ -112,6 +133,23 @@ class MtardConfig(DualTeacherConfig):
     shrink_mode: Literal["per_batch", "once"] = Field(
         "once", description="once: a single tenfold shrink of the temperature/weight steps per milestone epoch "
                             "(MTARD scripts); per_batch: on every batch of a milestone epoch (CIARD script)")
+    shrink_at: Literal["start", "end"] = Field(
+        "start", description="once mode: start: the shrink applies from the first batch of the milestone epoch; "
+                             "end: after its last batch, i.e. from the next epoch (the MTARD script, which "
+                             "shrinks at the end of epochs 215, 260, 285)")
+    clean_forward: Literal["before_attack", "after_attack"] = Field(
+        "before_attack", description="when the student's clean forward (train mode, updating BatchNorm) runs: "
+                                     "before_attack (CIARD/B-MTARD order: the attack then sees BatchNorm statistics "
+                                     "that include this clean batch); after_attack (the MTARD script: attack, "
+                                     "adversarial forward, then clean forward)")
+
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"shrink_at", "clean_forward"})
+
+    @model_validator(mode="after")
+    def _shrink_at_needs_once(self) -> "MtardConfig":
+        if self.shrink_at != "start" and self.shrink_mode != "once":
+            raise ValueError("shrink_at 'end' needs shrink_mode 'once' (per_batch shrinks during the milestone epoch)")
+        return self
 
 
 class NaturalConfig(MethodConfig):
@@ -145,6 +183,14 @@ class TradesConfig(MethodConfig):
     kl_reduction: Literal["batchmean", "elementwise"] = Field(
         "batchmean", description="batchmean: KL summed over classes, averaged over the batch (the official "
                                  "code); elementwise: also averaged over classes (num_classes times smaller)")
+    third_clean_forward: bool = Field(
+        False, description="run the clean batch through the student a third time (train mode) after the adversarial "
+                           "forward and take the KL target from it, as the official TRADES script does: the same "
+                           "loss and gradients, but BatchNorm's running statistics move once more (clean, "
+                           "adversarial, clean), so the next step's eval-mode attack differs; false reuses the "
+                           "first clean forward")
+
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"third_clean_forward"})
 
 
 @dataclass(frozen=True)

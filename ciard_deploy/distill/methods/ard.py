@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 import torch
 
-from ciard_deploy.distill.losses import cross_entropy, kl_soft, pgd_train_attack
+from ciard_deploy.distill.losses import at_least_float32, cross_entropy, kl_soft, pgd_train_attack
 from ciard_deploy.distill.methods.base import METHODS, Method, StepResult
 from ciard_deploy.options.methods import ArdConfig
 
@@ -14,8 +13,9 @@ from ciard_deploy.options.methods import ArdConfig
 class ARD(Method):
     """ARD step.
 
-    Teacher Tr (frozen, eval) on the clean batch gives ``t``; the attack (student in eval mode)
-    crafts ``x_adv``; loss (student in train mode):
+    Teacher Tr (frozen, eval) on the clean batch gives ``t``; the attack (student in eval mode, or
+    in train mode with ``attack_mode: train`` as the ARD script) crafts ``x_adv``; loss (student in
+    train mode):
     ``alpha * T^2 * KL(softmax(t / T) || softmax(S(x_adv) / T)) + (1 - alpha) * CE(S(x), y)``.
     """
 
@@ -28,11 +28,12 @@ class ARD(Method):
         cfg, teacher = self.cfg, self.teacher_nets["robust"]
         teacher.eval()
         with torch.no_grad():
-            t_nat = teacher(x).float()
+            t_nat = at_least_float32(teacher(x))
         T = cfg.temperature
         x_adv = pgd_train_attack(self.student, x, y, eps=self.eps, steps=self.attack_steps, step_size=self.step_size,
                                  loss=cfg.attack_loss, target_logits=t_nat, kl_T=T,
-                                 start="uniform" if cfg.random_start else "none")
+                                 start="uniform" if cfg.random_start else "none",
+                                 train_mode=cfg.attack_mode == "train", clamp_start=cfg.clamp_start)
         self.student.train()
         s_adv = self.student(x_adv)
         loss_kd = kl_soft(t_nat, s_adv, teacher_T=T, student_T=T, reduction=cfg.kl_reduction) * (T * T)

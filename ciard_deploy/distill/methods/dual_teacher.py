@@ -2,7 +2,8 @@
 
 One step on a batch (x, y), following CIARD.md and the released CIARD/B-MTARD scripts:
 
-1. clean pass: ``s_nat = S(x)`` (train mode); ``t_nat = Tc(x)`` (eval, no grad);
+1. clean pass: ``s_nat = S(x)`` (train mode); ``t_nat = Tc(x)`` (eval, no grad) (MTARD's
+   ``clean_forward: after_attack``: after step 3 instead, the MTARD script's order);
 2. ``x_adv``: PGD on the student's cross-entropy (student in eval mode, start ``x + 0.001 randn``);
 3. adversarial pass: ``s_adv = S(x_adv)`` (train); ``r_adv = Tr(x_adv)``;
 4. ``L_rob = KL(softmax(r_adv / tau_r) || softmax(s_adv))``, ``L_nat = KL(softmax(t_nat / tau_c) || softmax(s_nat))``;
@@ -25,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ciard_deploy.distill.losses import kl_soft, pgd_train_attack, softmax_entropy
+from ciard_deploy.distill.losses import at_least_float32, kl_soft, pgd_train_attack, softmax_entropy
 from ciard_deploy.distill.methods.base import Method, StepResult
 from ciard_deploy.distill.schedules import milestone_epochs
 from ciard_deploy.errors import ArtifactError
@@ -73,7 +74,8 @@ class DualTeacherMethod(Method):
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = int(epoch)
         if self.cfg.shrink_mode == "once":
-            n = sum(1 for m in self.milestones if m <= epoch)
+            after = getattr(self.cfg, "shrink_at", "start") == "end"  # MTARD script: from the epoch after
+            n = sum(1 for m in self.milestones if m < epoch or (m == epoch and not after))
             scale = self.cfg.shrink_factor ** n
             self.temp_lr = self.cfg.temp_lr * scale
             self.weight_lr = self.cfg.weight_lr * scale
@@ -86,15 +88,13 @@ class DualTeacherMethod(Method):
         S, Tc, Tr = self.student, self.teacher_nets["clean"], self.teacher_nets["robust"]
         retrain = self.retraining
 
-        # 1. clean pass
+        # 1. clean pass (MTARD's clean_forward: after_attack moves it after step 3, as the MTARD script)
         S.train()
         Tc.eval()
         Tr.train(retrain)
-        s_nat = S(x)
-        with torch.no_grad():
-            t_nat = Tc(x).float()
-            if retrain and getattr(cfg, "teacher_clean_bn_pass", False):
-                Tr(x)  # output unused: the robust teacher's BatchNorm statistics also follow clean batches
+        clean_first = getattr(cfg, "clean_forward", "before_attack") == "before_attack"
+        if clean_first:
+            s_nat, t_nat = self._clean_pass(x, retrain)
         # 2. adversarial examples against the student (eval mode inside, restored to train)
         x_adv = pgd_train_attack(S, x, y, eps=self.eps, steps=self.attack_steps, step_size=self.step_size,
                                  loss="ce", start="normal", start_std=cfg.start_std)
@@ -103,11 +103,13 @@ class DualTeacherMethod(Method):
         s_adv = S(x_adv)
         with torch.set_grad_enabled(self.teacher_needs_grad(epoch) and torch.is_grad_enabled()):
             r_adv = Tr(x_adv)  # train mode when retraining (BatchNorm follows x_adv), graph kept when it will step
+        if not clean_first:
+            s_nat, t_nat = self._clean_pass(x, retrain)
         c_adv = None
         if self.push_enabled:
             with torch.no_grad():
-                c_adv = Tc(x_adv).float()
-        r_det = r_adv.detach().float()
+                c_adv = at_least_float32(Tc(x_adv))
+        r_det = at_least_float32(r_adv.detach())
 
         # 4. distillation terms with the current temperatures
         loss_rob = kl_soft(r_det, s_adv, teacher_T=self.tau_robust, reduction=cfg.kl_reduction)
@@ -139,6 +141,16 @@ class DualTeacherMethod(Method):
         self._pending = {"tau": (tau_r, tau_c), "w": (w_rob, w_nat), "init": init, "epoch": int(epoch),
                          "r_adv": r_adv if r_adv.requires_grad else None, "y": y}
         return StepResult(loss, metrics, x_adv)
+
+    def _clean_pass(self, x: torch.Tensor, retrain: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``S(x)`` (train mode, with its graph) and ``Tc(x)`` (no grad); with teacher retraining and
+        ``teacher_clean_bn_pass`` also ``Tr(x)`` for its BatchNorm statistics only."""
+        s_nat = self.student(x)
+        with torch.no_grad():
+            t_nat = at_least_float32(self.teacher_nets["clean"](x))
+            if retrain and getattr(self.cfg, "teacher_clean_bn_pass", False):
+                self.teacher_nets["robust"](x)  # output unused: its BatchNorm statistics also follow clean batches
+        return s_nat, t_nat
 
     def extra_terms(self, loss: torch.Tensor, metrics: dict[str, float], **tensors: Any) -> torch.Tensor:
         """Hook for CIARD's push term; MTARD adds nothing."""

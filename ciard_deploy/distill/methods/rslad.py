@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ciard_deploy.distill.losses import kl_soft, pgd_train_attack
+from ciard_deploy.distill.losses import at_least_float32, kl_soft, pgd_train_attack
 from ciard_deploy.distill.methods.base import METHODS, Method, StepResult
 from ciard_deploy.options.methods import RsladConfig
 
@@ -28,7 +28,7 @@ class RSLAD(Method):
         cfg, teacher = self.cfg, self.teacher_nets["robust"]
         teacher.eval()
         with torch.no_grad():
-            t_nat = teacher(x).float()
+            t_nat = at_least_float32(teacher(x))
         x_adv = pgd_train_attack(self.student, x, eps=self.eps, steps=self.attack_steps, step_size=self.step_size,
                                  loss="kl", target_logits=t_nat, start="normal", start_std=cfg.start_std)
         self.student.train()

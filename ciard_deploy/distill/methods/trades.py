@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from ciard_deploy.distill.losses import cross_entropy, kl_soft, pgd_train_attack
@@ -16,7 +15,9 @@ class Trades(Method):
 
     Attack (student in eval mode): maximize ``KL(S(x) || S(x'))`` starting from ``x + 0.001 randn``.
     Loss (student in train mode): ``CE(S(x), y) + beta * KL(softmax(S(x)) || softmax(S(x_adv)))``,
-    the KL target not detached (as in the official code; ``S(x)`` is computed once and reused).
+    the KL target not detached (as in the official code). ``S(x)`` is computed once and reused, or
+    (``third_clean_forward``, as the official script) computed again after ``S(x_adv)`` and the KL
+    target taken from that third forward: same loss and gradients, one more BatchNorm update.
     """
 
     name = "trades"
@@ -34,7 +35,8 @@ class Trades(Method):
         logits_nat = self.student(x)
         logits_adv = self.student(x_adv)
         loss_nat = cross_entropy(logits_nat, y)
-        loss_rob = kl_soft(logits_nat, logits_adv, reduction=self.cfg.kl_reduction)
+        target_nat = self.student(x) if self.cfg.third_clean_forward else logits_nat
+        loss_rob = kl_soft(target_nat, logits_adv, reduction=self.cfg.kl_reduction)
         loss = loss_nat + self.cfg.beta * loss_rob
         metrics = {"loss_nat": loss_nat.item(), "loss_rob": loss_rob.item(),
                    "acc": (logits_nat.detach().argmax(1) == y).float().mean().item(),
