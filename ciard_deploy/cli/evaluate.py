@@ -1,4 +1,4 @@
-"""`ciard eval`: white-box robustness of a PyTorch checkpoint."""
+"""`ciard eval`: white-box robustness of a PyTorch checkpoint, or a paper's whole table (`--protocol ciard`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -21,7 +22,19 @@ from ciard_deploy.errors import UsageError
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="Run dir, `ciard run` folder, ciard checkpoint (.safetensors + .json), or a plain .pt/.pth with --arch."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset (default: the one in the checkpoint's metadata)."),
-    attacks: str = typer.Option("pgd20,cw30", "--attacks", "-a", help="Comma-separated attacks: fgsm, pgd20, cw30, aa, square1000, ..."),
+    attacks: Optional[str] = typer.Option(None, "--attacks", "-a", help="Comma-separated attacks: fgsm, pgd20, cw30, aa, square1000, ... (default pgd20,cw30)."),
+    protocol: Optional[str] = typer.Option(
+        None, "--protocol",
+        help="A paper's whole table instead of --attacks, printed with the paper's column names. ciard: Clean, "
+             "FGSM, PGD-SAT (PGD-20, step 2/255), PGD-TRADES (PGD-20, step 0.003), CW-inf (30 steps), AA "
+             "(AutoAttack standard), BB-PGD and BB-CW (PGD-20 / CW-30 of step 0.003 crafted on --transfer-from), "
+             "Square (100 queries)."),
+    transfer_from: Optional[str] = typer.Option(
+        None, "--transfer-from",
+        help="Protocol's black-box columns: the model they are crafted on (the original robust teacher): a ciard "
+             "checkpoint or run dir, a plain state dict with --transfer-arch (fed [0, 1] pixels, as the TRADES "
+             "release expects), or robustbench:ID."),
+    transfer_arch: Optional[str] = typer.Option(None, "--transfer-arch", help="Architecture of a plain --transfer-from state dict."),
     n: int = typer.Option(1000, "--n", help="Test images (seeded, class-stratified)."),
     eps: Optional[str] = typer.Option(
         None, "--eps",
@@ -53,7 +66,11 @@ def eval_cmd(
     """
     from ciard_deploy import checkpoint_eval  # imports torch: `ciard --help` stays torch-free
 
-    names = [a.strip() for a in attacks.split(",") if a.strip()]
+    if protocol is not None and attacks is not None:
+        raise UsageError(f"--protocol {protocol} names its own attacks: leave out --attacks")
+    if transfer_from is not None and protocol is None:
+        raise UsageError("--transfer-from feeds a protocol's black-box columns: give --protocol too")
+    names = [] if protocol is not None else [a.strip() for a in (attacks or "pgd20,cw30").split(",") if a.strip()]
     if state is not None and json_out is not None and state.resolve() == json_out.resolve():
         raise UsageError(f"--state and --json name the same file ({state}): give them different paths")
     inputs = checkpoint_inputs(checkpoint)
@@ -65,13 +82,16 @@ def eval_cmd(
         with progress("eval", unit="img") as update:
             rep = checkpoint_eval.run(checkpoint, names, eps, n=n, dataset=dataset, data_root=data_root,
                                download=download, arch=arch, device=device, batch_size=batch_size, seed=seed,
-                               progress=update, state_path=state, fresh=fresh, on_state=_state_line)
+                               progress=update, state_path=state, fresh=fresh, on_state=_state_line,
+                               protocol=protocol, transfer_from=transfer_from, transfer_arch=transfer_arch)
     except KeyboardInterrupt:
         if state is not None and state.exists():
             err_console.print(f"[yellow]interrupted[/]: finished work is in {escape(str(state))}; run the same "
                               "command again to continue", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         raise
+    if rep.get("protocol"):
+        render_protocol(rep)
     render_eval(rep)
     write_json(json_out, rep, force)
 
@@ -100,6 +120,22 @@ def render_eval(rep: dict) -> None:
         t.add_row("[bold]worst case[/]", f"[bold]{rep['worst_case_acc']:.4f}[/]", "")
     console.print(t)
     console.print(_eps_caption(rep), highlight=False, soft_wrap=True)
+
+
+def render_protocol(rep: dict) -> None:
+    """The paper's row: one column per paper column, accuracies in %, then which attack each column ran."""
+    p = rep["protocol"]
+    t = Table(title=f"--protocol {p['name']}: {rep['model']['arch']} on {rep['dataset']} test (n={rep['n']}, "
+                    f"eps {rep['eps_label']}), accuracy %", box=box.SIMPLE_HEAD,
+              collapse_padding=True, pad_edge=False)  # no rules between columns: fits 80 wide
+    for c in p["columns"]:
+        t.add_column(c["column"], justify="right", no_wrap=True, min_width=len(c["column"]))
+    t.add_row(*(f"{100 * c['accuracy']:.2f}" for c in p["columns"]))
+    console.print(t)
+    src = p.get("transfer_from") or {}
+    where = src.get("robustbench") or src.get("path")
+    console.print(", ".join(f"{escape(c['column'])} = {escape(c['label'])}" for c in p["columns"][1:])
+                  + (f"; transfer-* crafted on {escape(str(where))}" if where else ""), highlight=False, soft_wrap=True)
 
 
 def _eps_caption(rep: dict) -> str:

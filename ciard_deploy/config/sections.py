@@ -228,7 +228,10 @@ class OptimConfig(Section):
         "ciard", description="ciard: constant, then cosine x exp decay to 0 from `decay_start` (the paper); "
                              "step: x gamma at `milestones`; cosine: to 0 at the end; constant")
     decay_start: float = Field(0.5, ge=0, lt=1, description="ciard schedule: fraction of the epochs at constant lr")
-    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs at which lr *= gamma")
+    milestones: list[int] = Field(default_factory=list, description="step schedule: epochs, counted from 0 as torch's "
+                                                                    "MultiStepLR does, from which lr *= gamma (a script "
+                                                                    "that sets `lr` when its 1-based epoch >= 75 has "
+                                                                    "milestone 74)")
     gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
 
     @field_validator("milestones")
