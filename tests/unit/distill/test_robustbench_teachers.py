@@ -212,7 +212,7 @@ def test_a_distillation_from_a_robustbench_teacher_runs(zoo, tmp_path):
 
 @pytest.mark.parametrize("name, model_id, dataset", [
     ("cifar10/cifar10_ciard_robustbench-zhang2019-wrn-34-10_to_resnet18_linf8", "Zhang2019Theoretically", "cifar10"),
-    ("cifar100/cifar100_ciard_robustbench-gowal2020-wrn-70-16_to_resnet18_linf8", "Gowal2020Uncovering_extra",
+    ("cifar100/cifar100_ciard_robustbench-gowal2020-wrn-70-16_to_resnet18_linf8", "Gowal2020Uncovering",
      "cifar100"),
 ])
 def test_the_paper_recipes_name_teachers_of_the_installed_model_zoo(name, model_id, dataset, tmp_path, monkeypatch):
