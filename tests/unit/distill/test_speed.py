@@ -121,3 +121,61 @@ def test_compiled_training_matches_eager(tmp_path):
     assert plain["status"] == comp["status"] == "complete"
     lp, lc = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[-1]) for d in ("plain", "comp"))
     assert lc["loss"] == pytest.approx(lp["loss"], rel=1e-3)
+
+
+def _mtpgd_with_masks(model, x, y, eps, steps, targets):
+    """MultiTargetPGD as written before its boolean-mask updates became sync-free (the reference)."""
+    import math
+
+    from ciard_deploy.attacks.torch_ops import project_linf
+
+    with torch.no_grad():
+        logits = model(x)
+    best, broken = x.clone(), logits.argmax(1) != y
+    ranked = logits.clone()
+    ranked[torch.arange(len(y)), y] = -torch.inf
+    order = ranked.argsort(dim=1, descending=True)
+    sizes = [eps / 20 + (eps / 2 - eps / 20) * 0.5 * (1 + math.cos(math.pi * i / max(steps - 1, 1)))
+             for i in range(steps)]
+    for t in range(min(targets, logits.shape[1] - 1)):
+        active = torch.nonzero(~broken).flatten()
+        if len(active) == 0:
+            break
+        xa, xc, ya, target = x[active].clone(), x[active], y[active], order[active, t]
+        alive = torch.ones(len(active), dtype=torch.bool)
+        for step in sizes:
+            xa.requires_grad_(True)
+            with torch.enable_grad():
+                z = model(xa)
+                margin = z.gather(1, target[:, None]).squeeze(1) - z.gather(1, ya[:, None]).squeeze(1)
+                (grad,) = torch.autograd.grad(margin.sum(), xa)
+            with torch.no_grad():
+                now = (z.argmax(1) != ya) & alive
+                if bool(now.any()):
+                    best[active[now]] = xa.detach()[now]
+                    broken[active[now]] = True
+                    alive &= ~now
+                if not bool(alive.any()):
+                    break
+                xa = project_linf(xa.detach() + step * grad.sign(), xc, eps)
+        else:
+            with torch.no_grad():
+                now = (model(xa).argmax(1) != ya) & alive
+                best[active[now]] = xa[now]
+                broken[active[now]] = True
+    return best
+
+
+def test_multitarget_pgd_without_mask_syncs_finds_the_same_images():
+    from ciard_deploy.attacks.pgd import MultiTargetPGD
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(24, 1, 8, 8)
+    y = model(x).argmax(1)  # all correct at the start: the attack has work to do
+    got = MultiTargetPGD(0.05, steps=6, targets=3)._perturb(model, x, y)
+    want = _mtpgd_with_masks(model, x, y, 0.05, 6, 3)
+    broken = (got != x).flatten(1).any(1)
+    assert torch.equal(got, want) and 0 < int(broken.sum()) < 24
