@@ -6,15 +6,15 @@
 Checks, in order, each in its own subprocess with its own timeout, all within the total budget:
 
 1. ``env``: the device, torch/CUDA/cuDNN/NCCL versions, onnxruntime's providers;
-2. ``pytest-gpu``: ``pytest -m gpu tests`` with the first GPU visible;
-3. ``train:<method>`` for every method: a tiny run on digits (fresh tiny_cnn teachers, ``teacher_start_fraction``
+2. ``train:<method>`` for every method: a tiny run on digits (fresh tiny_cnn teachers, ``teacher_start_fraction``
    0 so CIARD's robust teacher steps) in fp32, bf16 autocast, fp16 with the GradScaler, and bf16 +
    channels_last + the training set on the GPU + fused SGD; each must give finite losses, and a run stopped
    mid-epoch and resumed must end with the same weights as the uninterrupted run (``train.deterministic``);
-4. ``compile``: CIARD with ``train.compile: true`` in bf16 (finite losses, close to the eager run);
-5. ``ddp-nccl``: ``torchrun --nproc_per_node 2`` CIARD distill on NCCL with SyncBatchNorm (2+ GPUs only);
-6. ``ort-cuda``: export the fp32 CIARD student, build a small pack, ``ciard verify --provider cuda``
+3. ``ddp-nccl``: ``torchrun --nproc_per_node 2`` CIARD distill on NCCL with SyncBatchNorm (2+ GPUs only);
+4. ``ort-cuda``: export the fp32 CIARD student, build a small pack, ``ciard verify --provider cuda``
    (when onnxruntime has the CUDA provider);
+5. ``pytest-gpu``: ``pytest -m gpu tests`` with the first GPU visible (tests/gpu);
+6. ``compile``: CIARD with ``train.compile: true`` in bf16 (finite losses, close to the eager run);
 7. ``bench``: ``tools/bench_step.py --device cuda --paper-teachers`` (ResNet-18 <- ResNet-56 + WRN-34-10,
    batch 128, PGD-10) in each precision and layout: img/s, peak memory, fraction of peak FLOP/s, epoch time.
 
