@@ -293,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain reference step")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile variant (CUDA)")
     ap.add_argument("--check-flops", action="store_true", help="also count one real step under FlopCounterMode")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="count the step's FLOPs on the meta device (no compute, seconds even for the paper's models)")
     ap.add_argument("--epoch-images", type=int, default=50_000, help="images of the epoch whose time is reported")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
 
     from ciard_deploy.devices import resolve_device
 
+    if args.flops_only:
+        return flops_only(args)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -355,6 +359,30 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "device_name": dev_name, "torch": torch.__version__,
                        "epoch_images": args.epoch_images, "rows": rows}, f, indent=2)
+    return 0
+
+
+def flops_only(args: argparse.Namespace) -> int:
+    """FLOPs of one step per student, counted on meta tensors; prints and writes them."""
+    meta = torch.device("meta")
+    x = torch.empty(args.batch, 3, 32, 32, device=meta)
+    rows = []
+    for student_arch in args.students:
+        teachers = ("resnet56", "wrn-34-10") if args.paper_teachers else (
+            ("small_cnn_wide",) * 2 if student_arch in ("small_cnn", "tiny_cnn") else ("resnet56", "wrn-16-2"))
+        models = dict(zip(("student", "clean", "robust"),
+                          (build(a, torch.device("cpu"), i).to(meta) for i, a in enumerate((student_arch, *teachers)))))
+        flops, detail = step_flops(models, x)
+        epoch = flops / args.batch * args.epoch_images
+        rows.append({"student": student_arch, "teachers": " + ".join(teachers), "batch": args.batch,
+                     "flops_per_step": flops, "flops_per_image": flops / args.batch, "flops_per_epoch": epoch,
+                     "flops_detail": detail})
+        print(f"{student_arch} ({' + '.join(teachers)}), batch {args.batch}: {flops / 1e12:.2f} TFLOP per step, "
+              f"{flops / args.batch / 1e9:.1f} GFLOP per image, {epoch / 1e15:.2f} PFLOP per "
+              f"{args.epoch_images}-image epoch", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": "meta (FLOPs only)", "torch": torch.__version__, "rows": rows}, f, indent=2)
     return 0
 
 
