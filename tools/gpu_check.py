@@ -9,14 +9,16 @@ Checks, in order, each in its own subprocess with its own timeout, all within th
 2. ``train:<method>`` for every method: a tiny run on digits (fresh tiny_cnn teachers, ``teacher_start_fraction``
    0 so CIARD's robust teacher steps) in fp32, bf16 autocast, fp16 with the GradScaler, and bf16 +
    channels_last + the training set on the GPU + fused SGD; each must give finite losses, and a run stopped
-   mid-epoch and resumed must end with the same weights as the uninterrupted run (``train.deterministic``);
+   mid-epoch and resumed must end with the same weights as the uninterrupted run (``train.deterministic``;
+   where a CUDA kernel has no deterministic version, within 10x the difference of two uninterrupted runs);
 3. ``ddp-nccl``: ``torchrun --nproc_per_node 2`` CIARD distill on NCCL with SyncBatchNorm (2+ GPUs only);
 4. ``ort-cuda``: export the fp32 CIARD student, build a small pack, ``ciard verify --provider cuda``
    (when onnxruntime has the CUDA provider);
 5. ``pytest-gpu``: ``pytest -m gpu tests`` with the first GPU visible (tests/gpu);
-6. ``compile``: CIARD with ``train.compile: true`` in bf16 (finite losses, close to the eager run);
-7. ``bench``: ``tools/bench_step.py --device cuda --paper-teachers`` (ResNet-18 <- ResNet-56 + WRN-34-10,
-   batch 128, PGD-10) in each precision and layout: img/s, peak memory, fraction of peak FLOP/s, epoch time.
+6. ``bench``: ``tools/bench_step.py --device cuda --paper-teachers`` (ResNet-18 <- ResNet-56 + WRN-34-10,
+   batch 128, PGD-10) in each precision and layout: img/s, peak memory, fraction of peak FLOP/s, epoch time;
+7. ``compile``: CIARD with ``train.compile: true`` in bf16 (finite losses, close to the eager run), last:
+   its compile time is the least predictable.
 
 Without CUDA it prints one line and exits 3. Exit 0: every check passed or was skipped; 1: one failed.
 The JSON is rewritten after each check, so a run cut short keeps what it finished.
@@ -99,9 +101,14 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(ln)["loss"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _max_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
 def train_worker(method: str, device: str, work: Path, configs: list[str]) -> dict[str, Any]:
     """Runs ``method`` in each config: uninterrupted, then stopped at epoch 2 step 2 and resumed; returns
-    per config the losses, whether they are finite, the largest weight difference and the time."""
+    per config the losses, whether they are finite, the largest weight difference (and, when it is not 0,
+    the run-to-run difference of two uninterrupted runs it must stay within) and the time."""
     import torch
 
     from ciard_deploy.config import recipe_from_dict
@@ -128,10 +135,17 @@ def train_worker(method: str, device: str, work: Path, configs: list[str]) -> di
             interrupted = True
         run(recipe, part, resume=True, handle_signals=False)
         wa, wb = _weights(full), _weights(part)
-        diff = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+        diff = _max_diff(wa, wb)
+        noise = None
+        if diff > 0:  # some CUDA backward kernels (adaptive avg-pool) have no deterministic version: a second
+            # uninterrupted run measures that run-to-run noise, and the resumed run must stay within it
+            run(recipe, base / "full-again", handle_signals=False)
+            noise = _max_diff(wa, _weights(base / "full-again"))
         losses = _losses(full)
         out[name] = {"losses": losses, "finite": all(math.isfinite(v) for v in losses), "interrupted": interrupted,
-                     "resume_max_abs_diff": diff, "resume_equal": diff == 0.0 and list(wa) == list(wb),
+                     "resume_max_abs_diff": diff, "run_to_run_max_abs_diff": noise,
+                     "resume_equal": list(wa) == list(wb) and (diff == 0.0 or (noise is not None and 0 < noise
+                                                                                and diff <= 10 * noise)),
                      "resumed_losses": _losses(part), "seconds": round(time.perf_counter() - t0, 2)}
     if device.startswith("cuda"):
         out["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -352,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     c.check("ddp-nccl", 120, lambda t: ddp_check(work, t))
     c.check("ort-cuda", 90, lambda t: ort_check(work, t))
     c.check("pytest-gpu", 120, pytest_gpu)
-    c.check("compile", 150, lambda t: compile_check(work, t))
     if not args.no_bench:
-        c.check("bench", 240, lambda t: bench_check(work, t))
+        c.check("bench", 180, lambda t: bench_check(work, t))
+    c.check("compile", 150, lambda t: compile_check(work, t))
     n = {s: sum(ch["status"] == s for ch in c.report["checks"]) for s in ("pass", "fail", "skip")}
     print(f"gpu_check: {n['pass']} passed, {n['fail']} failed, {n['skip']} skipped in {c.report['elapsed_s']:.0f} s; "
           f"report {out}", flush=True)
