@@ -230,16 +230,21 @@ class MultiTargetPGD(TorchAttack):
                     (grad,) = torch.autograd.grad(margin.sum(), xa)
                 with torch.no_grad():
                     now = (z.argmax(1) != ya) & alive  # the iterate just scored, before the step
-                    if bool(now.any()):
-                        best[active[now]] = xa.detach()[now]
-                        broken[active[now]] = True
-                        alive &= ~now
-                    if not bool(alive.any()):
+                    _keep(best, broken, active, now, xa.detach())
+                    alive &= ~now
+                    if not bool(alive.any()):  # the one host read per step: stops when all are broken
                         break
                     xa = project_linf(xa.detach() + step * grad.sign(), xc, eps)
             else:
                 with torch.no_grad():
                     now = (model(xa).argmax(1) != ya) & alive
-                    best[active[now]] = xa[now]
-                    broken[active[now]] = True
+                    _keep(best, broken, active, now, xa)
         return best
+
+
+def _keep(best: torch.Tensor, broken: torch.Tensor, active: torch.Tensor, now: torch.Tensor,
+          xa: torch.Tensor) -> None:
+    """Stores the iterates ``xa`` of the rows ``active[now]`` into ``best`` and marks them broken, without a
+    boolean-mask index (which would wait for the GPU to count the rows)."""
+    best[active] = torch.where(now[:, None, None, None], xa, best[active])
+    broken[active] = broken[active] | now

@@ -242,6 +242,10 @@ class OptimConfig(Section):
         return v
 
 
+#: TrainConfig's speed switches and their defaults (today's behaviour): left out of a dump while at them
+SPEED_DEFAULTS: dict[str, Any] = {"data_on_device": "auto", "fused_optimizer": False, "compile": False}
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0, description="training epochs")
     seed: int = Field(0, description="seed of weights, data order, augmentation and attacks")
@@ -271,6 +275,31 @@ class TrainConfig(Section):
                                                                  "scalars each epoch: tensorboard (<run>/tb), mlflow "
                                                                  "(<run>/mlruns, or $MLFLOW_TRACKING_URI); not "
                                                                  "part of the recipe hash")
+    data_on_device: Literal["auto", "true", "false"] = Field(
+        "auto", description="hold the in-memory training set on the device (uint8; crops and flips there, drawn from "
+                            "the same generator: the same batches), so no step copies from the host; auto: on CUDA "
+                            "when the images take under a quarter of the free GPU memory, never on CPU")
+    fused_optimizer: bool = Field(False, description="the student's SGD as one fused kernel (fused=True; CUDA, and "
+                                                     "CPU in recent torch); false: torch's default (foreach on CUDA)")
+    compile: bool = Field(False, description="torch.compile the student and the teachers in place (their weights "
+                                             "and checkpoints unchanged); the first steps pay the compile time")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_on_device_bool(cls, data: Any) -> Any:
+        # YAML reads true/false as booleans: accept them for the auto|true|false switch
+        if isinstance(data, dict) and isinstance(data.get("data_on_device"), bool):
+            data = {**data, "data_on_device": "true" if data["data_on_device"] else "false"}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _drop_speed_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the speed switches at their defaults stay out of the dump, so every recipe written before them keeps its hash
+        d = handler(self)
+        for key, default in SPEED_DEFAULTS.items():
+            if d.get(key, default) == default:
+                d.pop(key, None)
+        return d
 
     @field_validator("eval_step_size", mode="before")
     @classmethod

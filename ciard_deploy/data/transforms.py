@@ -15,12 +15,15 @@ def augment_batch(x: torch.Tensor, padding: int = 4, generator: torch.Generator 
     n, _, h, w = x.shape
     if padding > 0:
         padded = F.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h)[None, :])  # n, h
-        cols = (dx[:, None] + torch.arange(w)[None, :])  # n, w
-        x = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-                   rows[:, None, :, None], cols[:, None, None, :]]
-    flip = torch.rand(n, generator=generator) < 0.5
+        # drawn on the CPU generator whatever x's device: a batch held on the GPU gets the same crops
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        dev = x.device
+        rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])  # n, h
+        cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])  # n, w
+        x = padded[torch.arange(n, device=dev)[:, None, None, None],
+                   torch.arange(x.shape[1], device=dev)[None, :, None, None], rows[:, None, :, None],
+                   cols[:, None, None, :]]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x.contiguous()

@@ -34,6 +34,7 @@ from ciard_deploy.distill.rng import rng_state, seed_everything, set_rng_state
 from ciard_deploy.distill.run_context import log_to, signals_to
 from ciard_deploy.distill.schedules import lr_factor
 from ciard_deploy.distill.selection import accuracy_metrics, make_attacks, selection_score
+from ciard_deploy.distill.speed import compile_in_place, place_train_data, student_sgd
 from ciard_deploy.distill.splits import prepare_data
 from ciard_deploy.distill.summary import final_test_metrics, run_summary, student_card
 from ciard_deploy.distill.train_state import (STATE_FORMAT, STATE_NAME, bad_state, check_run_dir, check_same_teachers,
@@ -184,6 +185,7 @@ class TrainingLoop:
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = not t.deterministic
         self.data = prepare_data(r)
+        self.data.train = place_train_data(self.data.train, t.data_on_device, dev)
         info = self.data.info
         # teachers first: training one (nested run) must not shift this run's seeds
         self.teachers: dict[str, nn.Module] = {}
@@ -204,6 +206,8 @@ class TrainingLoop:
         self.net = ddp.wrap_student(self.model, self.ctx, dev, t.sync_bn)
         if self.ctx.enabled and t.sync_bn and dev.type == "cuda":
             self.model = self.net.module  # the converted (SyncBatchNorm) model
+        if t.compile:
+            compile_in_place([self.model, *self.teachers.values()])
         # data order: one generator, seeded from the recipe, drives shuffling and augmentation
         self.data_gen = torch.Generator().manual_seed(t.seed)
         self.per_rank_batch = r.data.batch_size // self.ctx.world_size
@@ -220,9 +224,7 @@ class TrainingLoop:
                                     step_size=a.step_size, epochs=t.epochs, steps_per_epoch=self.steps_per_epoch)
         self.trainable = self.method.trainable_teachers()
         self.hooks = [h for m in self.trainable.values() for h in ddp.average_gradients_of(m, self.ctx)]
-        o = r.optim
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                   weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
+        self.opt = student_sgd(self.model.parameters(), r.optim, t.fused_optimizer)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda e: lr_factor(r, e))
         self.scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16")
         self.best: dict[str, Any] = {"score": -1.0, "epoch": 0, "metrics": {}}
