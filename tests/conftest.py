@@ -24,6 +24,32 @@ requires_shared_cifar = pytest.mark.skipif(
     not CIFAR_TAR.exists(), reason=f"real CIFAR-10 JPEG copy not found at {CIFAR_TAR} (only on project machines)")
 
 
+TOOLS = REPO / "tools"
+
+
+@pytest.fixture(scope="session")
+def load_tool() -> Any:
+    """``load_tool("bench_step")``: a script of ``tools/`` imported as a module (they are scripts, not a
+    package), once per session; registered in ``sys.modules`` while the session runs (a dataclass of the
+    script looks its module up there)."""
+    import importlib.util
+
+    loaded: dict[str, Any] = {}
+
+    def load(name: str) -> Any:
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+            loaded[name] = module
+        return loaded[name]
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(f"_tool_{name}", None)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     # Module- and session-scoped fixtures run before the per-test cache below: give the whole

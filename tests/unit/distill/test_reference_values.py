@@ -4,7 +4,6 @@ paper recipes select (issue 15), each checked for the effect the script's docume
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,16 +18,9 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("_tool_reference_check", ROOT / "tools" / "reference_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 @pytest.fixture(scope="module")
-def tool():
-    return load_tool()
+def tool(load_tool):
+    return load_tool("reference_check")
 
 
 @pytest.fixture(scope="module")

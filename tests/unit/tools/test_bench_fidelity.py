@@ -4,28 +4,18 @@ verify covered, the table, the exit-3 line and the --json guard. No torchattacks
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.unit
-TOOLS = Path(__file__).resolve().parents[3] / "tools"
 
 
 @pytest.fixture(scope="module")
-def bf():
-    spec = importlib.util.spec_from_file_location("_tool_bench_fidelity", TOOLS / "bench_fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    try:
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def bf(load_tool):
+    return load_tool("bench_fidelity")
 
 
 def test_bits_round_trip(bf):

@@ -4,27 +4,17 @@ CIARD train with a 10x weaker distillation loss than the baselines it was compar
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from ciard_deploy.config import find_recipe, load_raw, validate_recipe
 
 pytestmark = pytest.mark.unit
-TOOLS = Path(__file__).resolve().parents[3] / "tools"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 @pytest.mark.parametrize("source", ["smoke/cifar10_ciard_small_cnn_wide_to_small_cnn_linf8_smoke",
                                     "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"])
-def test_derive_keeps_the_comparison_fair(source):
+def test_derive_keeps_the_comparison_fair(load_tool, source):
     cm = load_tool("compare_methods")
     path = find_recipe(source)
     raw = load_raw(path)

@@ -5,7 +5,6 @@ step (per-model counts times the step's passes) equals a count of a real step.""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,13 +17,6 @@ pytestmark = pytest.mark.unit
 TOOLS = Path(__file__).resolve().parents[3] / "tools"
 
 
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
 def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_3(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(TOOLS.parent)}
@@ -35,7 +27,7 @@ def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_3(tmp_path):
     assert not out.exists()
 
 
-def test_gpu_check_training_worker_resumes_to_the_same_weights_on_cpu(tmp_path):
+def test_gpu_check_training_worker_resumes_to_the_same_weights_on_cpu(load_tool, tmp_path):
     gc = load_tool("gpu_check")
     res = gc.train_worker("natural", "cpu", tmp_path, ["fp32"])["fp32"]
     assert res["finite"] and res["interrupted"] and len(res["losses"]) == 2
@@ -43,7 +35,7 @@ def test_gpu_check_training_worker_resumes_to_the_same_weights_on_cpu(tmp_path):
     assert res["resumed_losses"] == res["losses"]
 
 
-def test_gpu_check_recipes_cover_every_method_and_validate():
+def test_gpu_check_recipes_cover_every_method_and_validate(load_tool):
     from ciard_deploy.config import recipe_from_dict
     from ciard_deploy.distill.methods import list_methods
 
@@ -56,7 +48,7 @@ def test_gpu_check_recipes_cover_every_method_and_validate():
             assert r.method.name == m and r.train.device == "cuda"
 
 
-def test_step_flops_equal_a_count_of_a_real_ciard_step():
+def test_step_flops_equal_a_count_of_a_real_ciard_step(load_tool):
     bs = load_tool("bench_step")
     device = torch.device("cpu")
     models = [bs.build(a, device, i) for i, a in enumerate(("tiny_cnn", "tiny_cnn", "small_cnn"))]
@@ -69,7 +61,7 @@ def test_step_flops_equal_a_count_of_a_real_ciard_step():
     assert s["per_pass"]["weight_backward"] > s["per_pass"]["input_backward"] > 0
 
 
-def test_peak_table_matches_device_names_and_a_given_peak_wins():
+def test_peak_table_matches_device_names_and_a_given_peak_wins(load_tool):
     bs = load_tool("bench_step")
     assert bs.peak_tflops("NVIDIA H100 80GB HBM3", "bf16", None) == 989.4
     assert bs.peak_tflops("NVIDIA H100 PCIe", "fp16", None) == 756.0
