@@ -15,12 +15,14 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ciard_deploy import __version__
+from ciard_deploy.data import create_dataset
 from ciard_deploy.errors import GateFailed, UsageError
 from ciard_deploy.export.base import FORMATS
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest
@@ -101,8 +103,6 @@ def export_qat(result: QatResult, out_dir: str | Path, *, n: int = 512, force: b
     import onnx
     import torch
 
-    from ciard_deploy.data import create_dataset  # imports torch
-
     out = Path(out_dir)
     check_output(out, [QAT_FILE, MANIFEST_NAME], force)
     opts = ExportOptions(threads=threads, n=n)
@@ -119,7 +119,8 @@ def export_qat(result: QatResult, out_dir: str | Path, *, n: int = 512, force: b
         ctx = ExportContext(model, meta, opts, staging, meta.dataset, meta.eps, _source_info(result.source, meta))
         raw = staging / "raw.onnx"
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
             torch.onnx.export(model, (x[:2],), str(raw), dynamo=False, opset_version=opts.opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})

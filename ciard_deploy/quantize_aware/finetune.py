@@ -25,6 +25,7 @@ import torch
 
 from ciard_deploy.checkpoints import CheckpointMeta, resolve_checkpoint
 from ciard_deploy.config import DistillRecipe, RecipeBase, load_recipe
+from ciard_deploy.config.quantize import QuantizeConfig
 from ciard_deploy.data import iterate_batches
 from ciard_deploy.distill.loop import train_step
 from ciard_deploy.distill.methods import create_method
@@ -72,8 +73,6 @@ def finetune(run_dir: str | Path, *, epochs: int | None = None, lr: float | None
     Raises:
         UsageError: no run dir / recipe, a layer the quantizer cannot handle (named), a loss that diverges.
     """
-    from ciard_deploy.config.quantize import QuantizeConfig
-
     run_dir = Path(run_dir)
     recipe = recipe or run_recipe(run_dir)
     q = recipe.quantize or QuantizeConfig()
