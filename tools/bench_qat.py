@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     export_qat(qres, work / "qat", n=args.n, force=True, threads=args.threads)
     print(f"QAT fine-tuned and exported in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    files = {"FP32": res.path("onnx"), "PTQ INT8": res.path("onnx-int8"), "QAT INT8": work / "qat" / "model.qat.int8.onnx"}
+    files = {"FP32": res.path("onnx"), "PTQ INT8": res.path("onnx-int8"),
+             "QAT INT8": work / "qat" / "model.qat.int8.onnx"}
     pack_attacks = list(d.pack.attacks) if d is not None else ["apgd-ce", "apgd-t"]
     art_attacks = list(d.pack.artifact_attacks) if d is not None else ["apgd-ce", "apgd-t", "mtpgd100"]
     t0 = time.perf_counter()

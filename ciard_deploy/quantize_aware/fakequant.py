@@ -89,8 +89,8 @@ def check_quantizable(model: nn.Module) -> None:
         if isinstance(m, (*_QUANTIZED, FakeQuantLayer, FakeQuantize)) or list(m.children()):
             continue
         if any(True for _ in m.parameters(recurse=False)):
-            what = "BatchNorm not after a Conv2d (it cannot be folded)" if isinstance(m, nn.modules.batchnorm._BatchNorm) \
-                else "not supported"
+            bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+            what = "BatchNorm not after a Conv2d (it cannot be folded)" if bn else "not supported"
             raise UsageError(f"QAT: layer {name!r} ({type(m).__name__}) is {what}; the INT8 quantizer handles "
                              "Conv2d and Linear (BatchNorm2d folded into the Conv2d before it)")
         if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
