@@ -15,6 +15,7 @@ from ciard_deploy.cli import distill  # noqa: F401
 from ciard_deploy.cli import recipe  # noqa: F401
 from ciard_deploy.cli import plot  # noqa: F401
 from ciard_deploy.cli import run  # noqa: F401
+from ciard_deploy.cli import qat  # noqa: F401
 from ciard_deploy.cli.app import app
 
 

@@ -17,6 +17,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from ciard_deploy.config.deploy import DeployConfig
 from ciard_deploy.config.loading import apply_overrides, load_raw
+from ciard_deploy.config.quantize import QuantizeConfig
 from ciard_deploy.config.sections import (TEACHER_ROLES, AttackConfig, DataConfig, MethodSection, ModelSpec,
                                           OptimConfig, Section, TeachersConfig, TrainConfig)
 from ciard_deploy.config.validation import cross_checks, format_errors, problem_message, validate_method
@@ -41,6 +42,9 @@ class RecipeBase(Section):
     deploy: DeployConfig | None = Field(None, description="export, robustness pack, verify and gates for "
                                                           "`ciard run` (not part of the training: the recipe "
                                                           "hash leaves it out)")
+    quantize: QuantizeConfig | None = Field(None, description="quantization-aware robust fine-tuning of the "
+                                                              "trained student (`ciard qat`; a stage after "
+                                                              "training: the recipe hash leaves it out)")
 
     _source: Path | None = PrivateAttr(None)
 
@@ -69,19 +73,21 @@ class RecipeBase(Section):
         """The resolved recipe as plain JSON-able data (eps written as ``8/255``)."""
         d = self.model_dump(mode="json")
         d["method"] = {"name": self.method.name, **self.method.params}
-        if d.get("deploy") is None:
-            d.pop("deploy", None)
+        for section in ("deploy", "quantize"):
+            if d.get(section) is None:
+                d.pop(section, None)
         return d
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
 
     def hash_payload(self) -> dict[str, Any]:
-        """What :attr:`hash` covers: the resolved recipe without its ``deploy`` section and without
-        ``train.loggers`` (where the numbers are also sent changes no model, and a run resumes with a
+        """What :attr:`hash` covers: the resolved recipe without its ``deploy`` and ``quantize``
+        sections (stages after training) and without ``train.loggers`` (where the numbers are also sent changes no model, and a run resumes with a
         tracker added)."""
         d = self.to_dict()
         d.pop("deploy", None)
+        d.pop("quantize", None)
         d["train"].pop("loggers", None)
         return d
 

@@ -63,6 +63,9 @@ def cross_checks(recipe: "Recipe") -> list[str]:
         problems += robustbench_problems(recipe)
     if recipe.train.selection == "holdout" and recipe.data.holdout == 0:
         problems.append("data.holdout: selection 'holdout' needs a held-out part (or set train.selection: test)")
+    if recipe.quantize is not None and recipe.deploy is not None and "onnx-int8" not in recipe.deploy.formats:
+        problems.append("quantize: mode qat exports an INT8 QDQ ONNX but deploy.formats has no INT8 target: add "
+                        "onnx-int8 (or remove the quantize section)")
     if recipe.optim.schedule == "step" and not recipe.optim.milestones:
         problems.append("optim.milestones: the step schedule needs milestones (epochs)")
     return problems
