@@ -160,7 +160,7 @@ def _planned_files(names: Sequence[str]) -> list[str]:
     return [f for n in names for f in FORMATS.get(n).files()] + [MANIFEST_NAME]
 
 
-def _source_info(source: str | Path, meta: Any) -> dict[str, Any]:
+def source_info_of(source: str | Path, meta: Any) -> dict[str, Any]:
     ckpt = resolve_checkpoint(source)
     meta_file = checkpoint_paths(ckpt)[1]
     run_dir = Path(source) if Path(source).is_dir() else ckpt.parent
@@ -324,7 +324,7 @@ def run(source: str | os.PathLike, out_dir: str | os.PathLike, formats: Sequence
         if opts.reference_attack and eps is not None else None
     test = create_dataset(ds_name, "test", root=opts.data_root, n=opts.n, seed=opts.seed)
     x, y = test.tensors()
-    source_info = _source_info(source, meta)
+    source_info = source_info_of(source, meta)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)

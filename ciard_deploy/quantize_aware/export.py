@@ -27,7 +27,7 @@ from ciard_deploy.errors import GateFailed, UsageError
 from ciard_deploy.export.base import FORMATS
 from ciard_deploy.export.manifest import MANIFEST_NAME, ArtifactRecord, Manifest
 from ciard_deploy.export.onnx import save_onnx
-from ciard_deploy.export.pipeline import (ExportContext, _source_info, check_artifact, check_output, export_versions,
+from ciard_deploy.export.pipeline import (ExportContext, source_info_of, check_artifact, check_output, export_versions,
                                           measure_reference)
 from ciard_deploy.options.export import ExportOptions
 from ciard_deploy.quantize_aware.finetune import QatResult
@@ -116,7 +116,7 @@ def export_qat(result: QatResult, out_dir: str | Path, *, n: int = 512, force: b
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.qat-", dir=out.parent))
     try:
-        ctx = ExportContext(model, meta, opts, staging, meta.dataset, meta.eps, _source_info(result.source, meta))
+        ctx = ExportContext(model, meta, opts, staging, meta.dataset, meta.eps, source_info_of(result.source, meta))
         raw = staging / "raw.onnx"
         t0 = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings():
