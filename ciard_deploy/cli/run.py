@@ -190,7 +190,7 @@ def run_cmd(
     recipe: str = typer.Argument(..., help="Recipe file with a deploy: section, or a shipped recipe name (`ciard recipe ls`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Workflow dir: new, empty, or one `ciard run` made (then finished stages are skipped)."),
     overrides: SetOption = [],
-    from_stage: Optional[str] = typer.Option(None, "--from", help="Force this stage and every later one: distill, export, pack or verify."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Force this stage and every later one: distill, export, quantize (a recipe with quantize:), pack or verify."),
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     quiet: QuietOption = False,

@@ -58,10 +58,23 @@ def pack_eps(recipe: "RecipeBase") -> float:
     return float(d.pack.eps if d.pack.eps is not None else recipe.attack.eps)
 
 
-def attacked_artifacts(state: Mapping[str, Any] | None) -> dict[str, Any]:
+def stage_outputs(state: Mapping[str, Any] | None, stage: str) -> dict[str, str]:
+    """The files a stage recorded in ``workflow.json`` (path in the workflow dir -> sha256)."""
+    return dict((state or {}).get("stages", {}).get(stage, {}).get("outputs", {}))
+
+
+def exported_outputs(state: Mapping[str, Any] | None, qat: bool = False) -> dict[str, str]:
+    """The export stage's files, and the quantize stage's when ``qat`` (a recipe with ``quantize:``)."""
+    out = stage_outputs(state, "export")
+    if qat:
+        out.update(stage_outputs(state, "quantize"))
+    return out
+
+
+def attacked_artifacts(state: Mapping[str, Any] | None, qat: bool = False) -> dict[str, Any]:
     """The exported files the pack stage attacks white-box (those a torch twin reads: ``TWIN_SUFFIXES``),
-    with their sha256 from the export stage."""
-    exported = dict((state or {}).get("stages", {}).get("export", {}).get("outputs", {}))
+    with their sha256 from the export stage (and the quantize stage's QAT artifact when ``qat``)."""
+    exported = exported_outputs(state, qat)
     return {k: v for k, v in sorted(exported.items()) if Path(k).suffix.lower() in TWIN_SUFFIXES}
 
 
@@ -75,17 +88,21 @@ def stage_inputs(stage: str, recipe: "RecipeBase", layout: Layout, teachers: Map
     assert d is not None
     if stage == "distill":
         return {"recipe_hash": recipe.hash, "teachers": dict(teachers or {})}
-    if stage in ("export", "pack"):
+    qat = recipe.quantize is not None
+    if stage in ("export", "quantize", "pack"):
         ckpt = file_hashes(layout, checkpoint_files(layout.run))
     # the deploy keys come from the option models' model_dump() (DeployConfig.stage_options, whose STAGE_KEYS
     # give every deploy field to a stage): a key added to a model cannot be left out of the skip decision
     if stage == "export":
         return {"checkpoint": ckpt, "options": d.stage_options("export")}
+    if stage == "quantize":  # the seed and threads of the fine-tuning are the recipe's own (train.seed)
+        return {"checkpoint": ckpt, "quantize": recipe.quantize.model_dump(mode="json"),
+                "options": {"parity_n": d.parity_n, "seed": d.seed}}
     if stage == "pack":
-        return {"checkpoint": ckpt, "artifacts": attacked_artifacts(state),
+        return {"checkpoint": ckpt, "artifacts": attacked_artifacts(state, qat),
                 "pack": {**d.stage_options("pack"), "eps": pack_eps(recipe)}}  # eps resolved (null: attack.eps)
     if stage == "verify":
-        exported = dict((state or {}).get("stages", {}).get("export", {}).get("outputs", {}))
+        exported = exported_outputs(state, qat)
         return {"artifacts": {k: v for k, v in exported.items() if not k.endswith("manifest.json")},
                 "pack": file_hashes(layout, [layout.pack]),
                 "settings": d.stage_options("verify"), "gates": d.gates_mapping(), "policy": d.policy_mapping()}
@@ -146,5 +163,5 @@ def plan(stage: str, record: Mapping[str, Any] | None, inputs: Mapping[str, Any]
     return "skip", "up to date"
 
 
-__all__ = ["attacked_artifacts", "changed_keys", "checkpoint_files", "file_hashes", "outputs_problem", "pack_eps",
-           "plan", "stage_inputs", "teacher_inputs"]
+__all__ = ["attacked_artifacts", "changed_keys", "checkpoint_files", "exported_outputs", "file_hashes", "outputs_problem", "pack_eps",
+           "plan", "stage_inputs", "stage_outputs", "teacher_inputs"]

@@ -20,7 +20,7 @@ from ciard_deploy.export.base import check_environment, resolve_formats
 from ciard_deploy.io import atomic_write_text
 from ciard_deploy.workflow.planning import file_hashes, plan, stage_inputs, teacher_inputs
 from ciard_deploy.workflow.stages import Progress, StageContext, run_stage
-from ciard_deploy.workflow.state import STAGES, STATE_NAME, Layout, StateFile, check_out_dir, new_state
+from ciard_deploy.workflow.state import QAT_STAGES, STATE_NAME, Layout, StateFile, check_out_dir, new_state, stages_of
 from ciard_deploy.fingerprint import canonical_json_hash
 from ciard_deploy.workflow.summary import StageEvent, StageOutcome, WorkflowResult, summarize
 from ciard_deploy.distill.events import TrainingInterrupted
@@ -97,7 +97,8 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
         from_stage: str | None = None, device: str | None = None, threads: int | None = None, entry: str = "run",
         on_event: Callable[[StageEvent], None] | None = None, train_callbacks: Sequence[Any] = (),
         progress: Progress | None = None) -> WorkflowResult:
-    """Runs (or brings up to date) distill -> export -> pack -> verify in ``out_dir``.
+    """Runs (or brings up to date) distill -> export [-> quantize] -> pack -> verify in ``out_dir``
+    (``quantize`` only for a recipe with a ``quantize:`` section).
 
     Args:
         recipe: a recipe file (``overrides`` apply) or a validated recipe; it needs a ``deploy:`` section.
@@ -123,11 +124,15 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
         EnvironmentMissing: a format or provider this machine cannot run (exit 3), before any work.
         TrainingInterrupted: training was stopped (SIGINT/SIGTERM); calling ``run`` again resumes it.
     """
-    if from_stage is not None and from_stage not in STAGES:
-        close = difflib.get_close_matches(str(from_stage), STAGES, n=1)
+    if from_stage is not None and from_stage not in QAT_STAGES:
+        close = difflib.get_close_matches(str(from_stage), QAT_STAGES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UsageError(f"--from {from_stage!r} is not a stage{hint}; stages: {', '.join(STAGES)}")
+        raise UsageError(f"--from {from_stage!r} is not a stage{hint}; stages: {', '.join(QAT_STAGES)}")
     rec = load_deploy_recipe(recipe, overrides)
+    stages = stages_of(rec)
+    if from_stage is not None and from_stage not in stages:
+        raise UsageError(f"--from {from_stage}: the recipe has no quantize: section, so no such stage; "
+                         f"stages: {', '.join(stages)}")
     layout = Layout(Path(out_dir))
     state = check_out_dir(layout.root, entry)
     _check_environment(rec)
@@ -150,7 +155,7 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
     outcomes: dict[str, StageOutcome] = {}
     forced = False
     with _torch_threads(threads):
-        for stage in STAGES:
+        for stage in stages:
             forced = forced or stage == from_stage
             record = sf.stage(stage)
             inputs = stage_inputs(stage, rec, layout, teachers, sf.data)
@@ -185,7 +190,7 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
             outcomes[stage] = StageOutcome(stage, done, reason, seconds)
             emit(StageEvent("end", stage, done, reason, seconds))
 
-    rows, reference, failures = summarize(layout)
+    rows, reference, failures = summarize(layout, rec.quantize is not None)
     result = WorkflowResult(layout.root, outcomes, rows, reference, failures, sf.data)
     sf.data.update(status=result.status, artifacts=rows, reference=reference, failures=failures,
                    last_call={k: asdict(v) for k, v in outcomes.items()})

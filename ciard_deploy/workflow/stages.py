@@ -3,13 +3,15 @@
     distill   distill.trainer.run (kind distill; kind train trains the model alone) -> DIR/run/
               (+ training curves in DIR/run/plots/)
     export    export.run(DIR/run, DIR/export, deploy.formats, ...)  -> artifacts + manifest.json
+    quantize  (a recipe with quantize: only) quantize_aware finetune + export_qat -> DIR/qat/
+              (model.qat.int8.onnx + manifest.json)
     pack      verify.pack_build.write_pack(DIR/run, DIR/pack.npz, ...)  -> DIR/pack.npz
               (while it runs, finished attacks in DIR/pack.npz.partial/, removed when the stage is done)
-    verify    verify.run(artifact, DIR/pack.npz, gates=...) for every artifact of the manifest
-              -> DIR/verify/<format>.json (report), .xml (JUnit), .md (Markdown) and .png (chart);
+    verify    verify.run(artifact, DIR/pack.npz, gates=...) for every artifact of the manifest (and the
+              QAT artifact, reported as onnx-int8-qat) -> DIR/verify/<format>.json (report), .xml (JUnit), .md (Markdown) and .png (chart);
               while it runs, DIR/verify/<format>.state.json (removed when the stage is done)
 
-The trainer (torch) is imported when the distill stage runs; everything else here is torch-free to import.
+The trainer and the QAT fine-tuning (torch) are imported when their stage runs; everything else here is torch-free to import.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Any, Callable, Mapping
 from ciard_deploy import export
 from ciard_deploy.resume import StateMismatch
 from ciard_deploy.errors import ArtifactError, CiardError
-from ciard_deploy.export.manifest import load_manifest
 from ciard_deploy.plots import accuracy_chart, rows_from_reports, safe_training_curves
 from ciard_deploy.runtime import BACKENDS
 from ciard_deploy.verify.verification import run as verify_run
@@ -34,6 +35,7 @@ from ciard_deploy.verify.pack_partial import partial_dir
 from ciard_deploy.verify.report import VerifyReport
 from ciard_deploy.verify.state import VerifyState
 from ciard_deploy.workflow.planning import attacked_artifacts, checkpoint_files, pack_eps
+from ciard_deploy.workflow.summary import verified_artifacts
 from ciard_deploy.workflow.state import Action, Layout, report_paths, state_path
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ def run_stage(ctx: StageContext, stage: str, action: Action, previous: Mapping[s
         return _run_distill(ctx, action)
     if stage == "export":
         return _run_export(ctx)
+    if stage == "quantize":
+        return _run_quantize(ctx)
     if stage == "pack":
         return _run_pack(ctx)
     if action == "rejudge":
@@ -109,6 +113,19 @@ def _run_export(ctx: StageContext) -> list[Path]:
     return files + [ctx.layout.export / "manifest.json"]
 
 
+def _run_quantize(ctx: StageContext) -> list[Path]:
+    """Fine-tunes the distilled student with fake quantization (the recipe's quantize: section, its method
+    and teachers) and writes DIR/qat/model.qat.int8.onnx + manifest.json (the workflow's own: replaced)."""
+    from ciard_deploy.quantize_aware.export import export_qat  # imports torch: the workflow package stays torch-free
+    from ciard_deploy.quantize_aware.finetune import finetune  # imports torch
+
+    device = ctx.device or ctx.recipe.train.device
+    result = finetune(ctx.layout.run, recipe=ctx.recipe, device="cpu" if device in (None, "auto") else device)
+    manifest = export_qat(result, ctx.layout.qat, n=ctx.recipe.deploy.parity_n, force=True,
+                          threads=ctx.threads, check=False)
+    return [ctx.layout.qat / a.file for a in manifest.artifacts] + [ctx.layout.qat / "manifest.json"]
+
+
 def pack_partial_path(layout: Layout) -> Path:
     """Where the pack stage keeps its finished attacks while it runs (``verify.pack_partial.partial_dir``)."""
     return partial_dir(layout.pack)
@@ -133,7 +150,7 @@ def _run_pack(ctx: StageContext) -> list[Path]:
         else:
             log.info("pack: %s in %s is damaged: it runs again", ev.stage, ctx.layout.rel(partial))
 
-    artifacts = [ctx.layout.root / name for name in attacked_artifacts(ctx.state)] \
+    artifacts = [ctx.layout.root / name for name in attacked_artifacts(ctx.state, r.quantize is not None)] \
         if d.pack.artifact_attacks else []
     write_pack(ctx.layout.run, ctx.layout.pack, force=True, dataset=r.data.dataset, data_root=r.data.data_root,
                download=r.data.download, n=d.pack.n, attacks=list(d.pack.attacks), eps=pack_eps(r), seed=d.seed,
@@ -196,25 +213,25 @@ def _run_verify(ctx: StageContext) -> list[Path]:
     states are removed: the stage's outputs (hashed in ``workflow.json``) are the reports only.
     """
     d = ctx.recipe.deploy
-    manifest = load_manifest(ctx.layout.export)
+    artifacts = verified_artifacts(ctx.layout, ctx.recipe.quantize is not None)
     gates = _gates(ctx.recipe)
-    states = {a.name: state_path(ctx.layout, a.name) for a in manifest.artifacts}
+    states = {name: state_path(ctx.layout, name) for name, _, _ in artifacts}
     _clear_verify_dir(ctx.layout, keep=set(states.values()))
     written: list[Path] = []
-    for a in manifest.artifacts:
-        def on_state(ev: Any, name: str = a.name) -> None:
+    for name, a, file in artifacts:
+        def on_state(ev: Any, name: str = name) -> None:
             log.info("verify %s: %s %s at %d/%d from %s", name, ev.kind, ev.stage, ev.done, ev.total, ev.path)
 
         options = dict(gates=gates, policy=_policy(ctx.recipe), provider=BACKENDS.get(a.runtime).provider_for(d.provider),
                        live=list(d.live_attacks), live_n=d.live_n, seed=d.seed, threads=ctx.threads,
-                       progress=ctx.progress_for(f"verify {a.name}"), state_path=states[a.name], on_state=on_state)
+                       progress=ctx.progress_for(f"verify {name}"), state_path=states[name], on_state=on_state)
         try:
-            report = verify_run(ctx.layout.export / a.file, ctx.layout.pack, **options)
+            report = verify_run(file, ctx.layout.pack, **options)
         except StateMismatch as e:  # made for an earlier export, pack or settings: the workflow's own, start over
-            log.info("verify %s: %s", a.name, e)
-            report = verify_run(ctx.layout.export / a.file, ctx.layout.pack, fresh=True, **options)
-        written += _write_reports(ctx.layout, a.name, report)
-    _combined_chart(ctx.layout, manifest)
+            log.info("verify %s: %s", name, e)
+            report = verify_run(file, ctx.layout.pack, fresh=True, **options)
+        written += _write_reports(ctx.layout, name, report)
+    _combined_chart(ctx.layout, [name for name, _, _ in artifacts])
     for p in states.values():
         p.unlink(missing_ok=True)
     return written
@@ -231,10 +248,10 @@ def _rejudge_verify(ctx: StageContext, record: Mapping[str, Any]) -> list[Path]:
     return written
 
 
-def _combined_chart(layout: Layout, manifest: Any) -> None:
+def _combined_chart(layout: Layout, names: list[str]) -> None:
     """``verify/accuracy.png``: PyTorch vs every artifact in one chart (a by-product: problems are logged)."""
     try:
-        reports = [json.loads(report_paths(layout, a.name)["json"].read_text()) for a in manifest.artifacts]
+        reports = [json.loads(report_paths(layout, name)["json"].read_text()) for name in names]
         accuracy_chart(rows_from_reports(reports), layout.verify / "accuracy.png",
                        title="clean and robust accuracy: PyTorch vs each artifact")
     except Exception as e:  # noqa: BLE001 - a missing matplotlib must not fail a verified run

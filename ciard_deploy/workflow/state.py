@@ -18,9 +18,11 @@ from ciard_deploy.errors import UsageError
 from ciard_deploy.io import atomic_write_json
 
 STAGES = ("distill", "export", "pack", "verify")
+QAT_STAGES = ("distill", "export", "quantize", "pack", "verify")  # a recipe with a quantize: section
+QAT_REPORT = "onnx-int8-qat"  # the report name of the quantize stage's artifact (the export's is onnx-int8)
 STATE_NAME = "workflow.json"
 STATE_FORMAT = "ciard-workflow/1"
-Stage = Literal["distill", "export", "pack", "verify"]
+Stage = Literal["distill", "export", "quantize", "pack", "verify"]
 Action = Literal["run", "resume", "rejudge", "skip"]
 
 
@@ -47,6 +49,10 @@ class Layout:
         return self.root / "export"
 
     @property
+    def qat(self) -> Path:
+        return self.root / "qat"
+
+    @property
     def pack(self) -> Path:
         return self.root / "pack.npz"
 
@@ -56,6 +62,11 @@ class Layout:
 
     def rel(self, path: Path) -> str:
         return Path(path).relative_to(self.root).as_posix()
+
+
+def stages_of(recipe: Any) -> tuple[str, ...]:
+    """The stages a recipe runs: with a ``quantize:`` section, ``quantize`` after ``export``."""
+    return QAT_STAGES if getattr(recipe, "quantize", None) is not None else STAGES
 
 
 def paths_of(layout: Layout) -> dict[str, str]:
@@ -138,5 +149,5 @@ def new_state(entry: str) -> dict[str, Any]:
             "updated": now, "status": "running", "recipe": {}, "stages": {s: {"status": "pending"} for s in STAGES}}
 
 
-__all__ = ["Action", "Layout", "STAGES", "STATE_FORMAT", "STATE_NAME", "Stage", "StateFile",
-           "check_out_dir", "load_state", "new_state", "paths_of", "report_paths", "state_path"]
+__all__ = ["Action", "Layout", "QAT_REPORT", "QAT_STAGES", "STAGES", "STATE_FORMAT", "STATE_NAME", "Stage", "StateFile",
+           "check_out_dir", "load_state", "new_state", "paths_of", "report_paths", "stages_of", "state_path"]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from ciard_deploy.export.manifest import load_manifest
 from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
 from ciard_deploy.verify.report import VerifyReport
-from ciard_deploy.workflow.state import Layout, paths_of, report_paths
+from ciard_deploy.workflow.state import QAT_REPORT, Layout, paths_of, report_paths
 
 
 @dataclass
@@ -89,20 +89,30 @@ class WorkflowResult:
                 "paths": paths_of(Layout(self.out_dir)), "state": self.state}
 
 
-def summarize(layout: Layout) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
-    """Rows per artifact, the PyTorch reference and the failures, from the manifest and the reports on disk."""
-    manifest = load_manifest(layout.export)
+def verified_artifacts(layout: Layout, qat: bool = False) -> list[tuple[str, Any, Path]]:
+    """(report name, artifact record, file) of every artifact verify measures: the export manifest's, then
+    the quantize stage's QAT artifact (report name ``onnx-int8-qat``) when ``qat`` (a recipe with ``quantize:``)."""
+    out = [(a.name, a, layout.export / a.file) for a in load_manifest(layout.export).artifacts]
+    if qat:
+        out += [(QAT_REPORT, a, layout.qat / a.file) for a in load_manifest(layout.qat).artifacts]
+    return out
+
+
+def summarize(layout: Layout, qat: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
+    """Rows per artifact, the PyTorch reference and the failures, from the manifests and the reports on disk
+    (``qat``: the quantize stage's artifact too, in a row named ``onnx-int8 (qat)``)."""
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     pack: dict[str, Any] = {}
-    for a in manifest.artifacts:
-        paths = report_paths(layout, a.name)
+    for report_name, a, file in verified_artifacts(layout, qat):
+        paths = report_paths(layout, report_name)
+        name = f"{a.name} (qat)" if report_name == QAT_REPORT else a.name
         rep = VerifyReport.from_json(paths["json"])
         pack = rep.pack
         wc = rep.results.get("worst_case") or {}
         bad, warned = rep.failures(), rep.warning_failures()
         rows.append({
-            "name": a.name, "file": f"export/{a.file}", "format": a.format, "precision": a.precision,
+            "name": name, "file": layout.rel(file), "format": a.format, "precision": a.precision,
             "runtime": rep.artifact.get("backend"), "size": a.size, "sha256": a.sha256,
             "clean": rep.metrics.get("clean_acc"),
             "worst_case": {"label": wc.get("label"), "acc": wc.get("acc"), "n": wc.get("n"),
@@ -119,10 +129,10 @@ def summarize(layout: Layout) -> tuple[list[dict[str, Any]], dict[str, Any], lis
             "reports": {k: layout.rel(p) for k, p in paths.items()},
         })
         if bad or warned:
-            failures.append(f"{a.name}: {rep.failure_summary()}")
+            failures.append(f"{name}: {rep.failure_summary()}")
         if not a.passed:
             p = a.parity.get("clean", {})
-            failures.append(f"{a.name}: export check failed (top-1 agreement with PyTorch "
+            failures.append(f"{name}: export check failed (top-1 agreement with PyTorch "
                             f"{p.get('top1_agreement', 0):.2%} < {p.get('threshold', 0):.1%})")
     ref = pack.get("reference", {})
     ckpt = resolve_checkpoint(layout.run)
@@ -135,4 +145,4 @@ def summarize(layout: Layout) -> tuple[list[dict[str, Any]], dict[str, Any], lis
     return rows, reference, failures
 
 
-__all__ = ["StageEvent", "StageOutcome", "WorkflowResult", "summarize"]
+__all__ = ["StageEvent", "StageOutcome", "WorkflowResult", "summarize", "verified_artifacts"]
