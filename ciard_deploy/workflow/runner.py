@@ -20,7 +20,7 @@ from ciard_deploy.export.base import check_environment, resolve_formats
 from ciard_deploy.io import atomic_write_text
 from ciard_deploy.workflow.planning import file_hashes, plan, stage_inputs, teacher_inputs
 from ciard_deploy.workflow.stages import Progress, StageContext, run_stage
-from ciard_deploy.workflow.state import QAT_STAGES, STATE_NAME, Layout, StateFile, check_out_dir, new_state, stages_of
+from ciard_deploy.workflow.state import QAT_STAGES, STAGES, STATE_NAME, Layout, StateFile, check_out_dir, new_state, stages_of
 from ciard_deploy.fingerprint import canonical_json_hash
 from ciard_deploy.workflow.summary import StageEvent, StageOutcome, WorkflowResult, summarize
 from ciard_deploy.distill.events import TrainingInterrupted
@@ -127,7 +127,8 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
     if from_stage is not None and from_stage not in QAT_STAGES:
         close = difflib.get_close_matches(str(from_stage), QAT_STAGES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UsageError(f"--from {from_stage!r} is not a stage{hint}; stages: {', '.join(QAT_STAGES)}")
+        raise UsageError(f"--from {from_stage!r} is not a stage{hint}; stages: {', '.join(STAGES)} "
+                         f"(and quantize, after export, with a quantize: section)")
     rec = load_deploy_recipe(recipe, overrides)
     stages = stages_of(rec)
     if from_stage is not None and from_stage not in stages:
