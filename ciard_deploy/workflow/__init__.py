@@ -6,8 +6,8 @@
     result.rows                        # one row per artifact: precision, size, clean, worst case, agreement, gates
 
 The stages, in order, each a plain library call: distill (or train) -> DIR/run/, export ->
-DIR/export/, pack -> DIR/pack.npz, verify -> DIR/verify/ (``stages`` says which call and what files each
-makes).
+DIR/export/, (with a recipe ``quantize:`` section) quantize -> DIR/qat/, pack -> DIR/pack.npz,
+verify -> DIR/verify/ (``stages`` says which call and what files each makes).
 
 The recipe's ``deploy:`` section (``config.DeployConfig``) says what export, pack and verify do.
 ``DIR/workflow.json`` records, per stage, its inputs (the recipe parts it reads and the sha256 of

@@ -163,5 +163,5 @@ def plan(stage: str, record: Mapping[str, Any] | None, inputs: Mapping[str, Any]
     return "skip", "up to date"
 
 
-__all__ = ["attacked_artifacts", "changed_keys", "checkpoint_files", "exported_outputs", "file_hashes", "outputs_problem", "pack_eps",
-           "plan", "stage_inputs", "stage_outputs", "teacher_inputs"]
+__all__ = ["attacked_artifacts", "changed_keys", "checkpoint_files", "exported_outputs", "file_hashes",
+           "outputs_problem", "pack_eps", "plan", "stage_inputs", "stage_outputs", "teacher_inputs"]

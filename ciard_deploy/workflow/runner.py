@@ -20,7 +20,8 @@ from ciard_deploy.export.base import check_environment, resolve_formats
 from ciard_deploy.io import atomic_write_text
 from ciard_deploy.workflow.planning import file_hashes, plan, stage_inputs, teacher_inputs
 from ciard_deploy.workflow.stages import Progress, StageContext, run_stage
-from ciard_deploy.workflow.state import QAT_STAGES, STAGES, STATE_NAME, Layout, StateFile, check_out_dir, new_state, stages_of
+from ciard_deploy.workflow.state import (QAT_STAGES, STAGES, STATE_NAME, Layout, StateFile, check_out_dir, new_state,
+                                         stages_of)
 from ciard_deploy.fingerprint import canonical_json_hash
 from ciard_deploy.workflow.summary import StageEvent, StageOutcome, WorkflowResult, summarize
 from ciard_deploy.distill.events import TrainingInterrupted

@@ -8,10 +8,12 @@
     pack      verify.pack_build.write_pack(DIR/run, DIR/pack.npz, ...)  -> DIR/pack.npz
               (while it runs, finished attacks in DIR/pack.npz.partial/, removed when the stage is done)
     verify    verify.run(artifact, DIR/pack.npz, gates=...) for every artifact of the manifest (and the
-              QAT artifact, reported as onnx-int8-qat) -> DIR/verify/<format>.json (report), .xml (JUnit), .md (Markdown) and .png (chart);
+              QAT artifact, reported as onnx-int8-qat) -> DIR/verify/<format>.json (report), .xml (JUnit),
+              .md (Markdown) and .png (chart);
               while it runs, DIR/verify/<format>.state.json (removed when the stage is done)
 
-The trainer and the QAT fine-tuning (torch) are imported when their stage runs; everything else here is torch-free to import.
+The trainer and the QAT fine-tuning (torch) are imported when their stage runs; everything else here is
+torch-free to import.
 """
 
 from __future__ import annotations

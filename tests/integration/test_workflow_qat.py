@@ -2,8 +2,9 @@
 on the quick CIARD digits recipe, shrunk by ``--set`` (short teachers, as tests/integration/test_workflow.py
 makes them, so the session's teacher cache serves both; a 3-epoch student; a 1-epoch QAT on 256 images;
 small pack and verify budgets, no gates; the twin of so short a QAT may miss the 99.5 % fidelity bar on 100
-random points in the ball, so the pack attacks through it anyway: this test is about the chain, not the numbers). The QAT artifact lands in DIR/qat/, is attacked white-box by the
-pack stage and verified like the export's artifacts; a second call skips every stage; a changed
+random points in the ball, so the pack attacks through it anyway: this test is about the chain, not the
+numbers). The QAT artifact lands in DIR/qat/, is attacked white-box by the pack stage and verified like the
+export's artifacts; a second call skips every stage; a changed
 ``quantize.epochs`` runs quantize, pack and verify again but neither distill nor export.
 """
 
@@ -36,7 +37,8 @@ def sets(tmp_path_factory) -> list[str]:
     return [f"teachers.robust.recipe={d / 'robust.yaml'}", f"teachers.clean.recipe={d / 'clean.yaml'}",
             "train.epochs=3", "train.eval_every=3", "train.final_attacks=[]", "deploy.formats=[onnx-int8]",
             "deploy.pack.n=100", "deploy.parity_n=100", "deploy.calib_n=128", "deploy.pack.attacks=[fgsm]",
-            "deploy.pack.artifact_attacks=[mtpgd10]", "deploy.pack.allow_untrusted_twin=true", "deploy.live_attacks=[]", "deploy.gates={}",
+            "deploy.pack.artifact_attacks=[mtpgd10]", "deploy.pack.allow_untrusted_twin=true",
+            "deploy.live_attacks=[]", "deploy.gates={}",
             "quantize={mode: qat, epochs: 1, train_subset: 256}"]
 
 
