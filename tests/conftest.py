@@ -50,6 +50,23 @@ def load_tool() -> Any:
         sys.modules.pop(f"_tool_{name}", None)
 
 
+@pytest.fixture(scope="session")
+def short_digits_teachers(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """``--set`` lines pointing the quick digits distill recipe at short teachers (own recipes extending the
+    shipped ones: an 8-epoch TRADES robust and a 3-epoch natural clean teacher). One definition, so every test
+    using them hits the same teacher cache entries (a recipe's hash is its content)."""
+    teachers = REPO / "recipes" / "teachers"
+
+    def build(d: Path) -> None:
+        (d / "robust.yaml").write_text(f"extends: {teachers / 'digits_trades_small_cnn_linf0.15.yaml'}\n"
+                                       "train: {epochs: 8, eval_every: 4, final_attacks: []}\n")
+        (d / "clean.yaml").write_text(f"extends: {teachers / 'digits_natural_small_cnn.yaml'}\n"
+                                      "train: {epochs: 3, final_attacks: []}\n")
+
+    d = made_once(tmp_path_factory, "short-digits-teachers", build)
+    return [f"teachers.robust.recipe={d / 'robust.yaml'}", f"teachers.clean.recipe={d / 'clean.yaml'}"]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     # Module- and session-scoped fixtures run before the per-test cache below: give the whole

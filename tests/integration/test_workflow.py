@@ -25,9 +25,7 @@ from ciard_deploy.fingerprint import sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 RECIPE = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
-TEACHERS = REPO / "recipes" / "teachers"
 EPOCHS = 8
 STOP_AFTER = 3
 runner = CliRunner()
@@ -58,15 +56,10 @@ def stage_actions(summary: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sets(tmp_path_factory) -> list[str]:
+def sets(short_digits_teachers) -> list[str]:
     """--set overrides: short teachers (own recipes extending the shipped ones), a short student, smaller
     pack / parity / Square budgets, and a robustness gate fitting 8 epochs."""
-    d = tmp_path_factory.mktemp("teachers")
-    (d / "robust.yaml").write_text(f"extends: {TEACHERS / 'digits_trades_small_cnn_linf0.15.yaml'}\n"
-                                   "train: {epochs: 8, eval_every: 4, final_attacks: []}\n")
-    (d / "clean.yaml").write_text(f"extends: {TEACHERS / 'digits_natural_small_cnn.yaml'}\n"
-                                  "train: {epochs: 3, final_attacks: []}\n")
-    return [f"teachers.robust.recipe={d / 'robust.yaml'}", f"teachers.clean.recipe={d / 'clean.yaml'}",
+    return [*short_digits_teachers,
             f"train.epochs={EPOCHS}", "train.eval_every=4", "deploy.pack.n=200", "deploy.parity_n=200",
             "deploy.calib_n=256", "deploy.square_queries=300", "deploy.square_n=100", "deploy.gates.min_robust=0.3",
             "deploy.pack.attacks=[pgd20,fgsm]", "deploy.pack.artifact_attacks=[mtpgd10]"]

@@ -21,20 +21,13 @@ from ciard_deploy.cli import app
 
 pytestmark = [pytest.mark.integration]
 
-REPO = Path(__file__).resolve().parents[2]
 RECIPE = "quick/digits_ciard_small_cnn_to_tiny_cnn_linf0.15"
-TEACHERS = REPO / "recipes" / "teachers"
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def sets(tmp_path_factory) -> list[str]:
-    d = tmp_path_factory.mktemp("teachers")
-    (d / "robust.yaml").write_text(f"extends: {TEACHERS / 'digits_trades_small_cnn_linf0.15.yaml'}\n"
-                                   "train: {epochs: 8, eval_every: 4, final_attacks: []}\n")
-    (d / "clean.yaml").write_text(f"extends: {TEACHERS / 'digits_natural_small_cnn.yaml'}\n"
-                                  "train: {epochs: 3, final_attacks: []}\n")
-    return [f"teachers.robust.recipe={d / 'robust.yaml'}", f"teachers.clean.recipe={d / 'clean.yaml'}",
+def sets(short_digits_teachers) -> list[str]:
+    return [*short_digits_teachers,
             "train.epochs=3", "train.eval_every=3", "train.final_attacks=[]", "deploy.formats=[onnx-int8]",
             "deploy.pack.n=100", "deploy.parity_n=100", "deploy.calib_n=128", "deploy.pack.attacks=[fgsm]",
             "deploy.pack.artifact_attacks=[mtpgd10]", "deploy.pack.allow_untrusted_twin=true",
