@@ -12,6 +12,7 @@ case trains or attacks: each is refused before the work.
 from __future__ import annotations
 
 import hashlib
+import errno
 import os
 import shutil
 import subprocess
@@ -231,8 +232,8 @@ def full_disk(tmp_path) -> Path:
                 while True:
                     f.write(b"\xa5" * 4096)
                     f.flush()
-            except OSError:
-                pass
+            except OSError as e:  # the end of the loop: the tmpfs is full, nothing else
+                assert e.errno == errno.ENOSPC, f"filling the tmpfs failed otherwise: {e}"
         yield d
     finally:
         _umount(d)
