@@ -3,7 +3,7 @@ with white-box attacks on the artifact itself.
 
     python tools/bench_qat.py                                  # digits (~10 min on one core)
     python tools/bench_qat.py --dataset cifar10                # CIFAR-10 CPU-sized model (real JPEG copy)
-    python tools/bench_qat.py --dataset digits,cifar10 --results tools/results/bench_qat
+    python tools/bench_qat.py --dataset digits,cifar10 --seeds 0,1,2 --results tools/results/bench_qat
 
 Per dataset: trains the dataset's CIARD recipe (digits: the quick recipe, tiny_cnn student; CIFAR-10: the
 smoke recipe, small_cnn student from small_cnn_wide teachers on 4,000 images; teachers from the cache or
@@ -168,8 +168,8 @@ def pct(v: float | None) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
-    lines = [f"## {r['dataset']}: {r['recipe']} ({r['method']}, student {r['student']}), eps {r['eps']}, "
-             f"{r['n']} test images",
+    lines = [f"## {r['dataset']}: {r['recipe']} ({r['method']}, student {r['student']}, seed {r.get('seed')}), "
+             f"eps {r['eps']}, {r['n']} test images",
              "",
              f"PTQ: onnxruntime quantize_static, {r['calib']['method']}, {r['calib']['n']} training images per "
              f"calibration source. QAT: {r['qat']['epochs']} epoch(s), lr {r['qat']['lr']}. White-box on the "
@@ -197,6 +197,48 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_recipe_seed(run_dir: Path) -> int:
+    from ciard_deploy.quantize_aware.finetune import run_recipe
+
+    return int(run_recipe(run_dir).train.seed)
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per artifact over the runs (seeds): mean, min and max of clean and worst case, and of their
+    difference from the same run's FP32 row, in points."""
+    out = []
+    for i, first in enumerate(runs[0]["rows"]):
+        rows = [r["rows"][i] for r in runs]
+        fp32 = [r["rows"][0] for r in runs]
+        stats: dict[str, Any] = {"artifact": first["artifact"], "runs": len(rows)}
+        for key, values in (("clean", [100 * r["clean"] for r in rows]),
+                            ("worst_case", [100 * r["worst_case"] for r in rows]),
+                            ("clean_vs_fp32", [100 * (r["clean"] - f["clean"]) for r, f in zip(rows, fp32)]),
+                            ("worst_vs_fp32", [100 * (r["worst_case"] - f["worst_case"]) for r, f in zip(rows, fp32)])):
+            stats[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+        out.append(stats)
+    return out
+
+
+def render_summary(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    lines = [f"## {result['dataset']}: summary over {len(runs)} seeds ({seeds}), points; mean [min, max]", "",
+             "| artifact | clean | worst case | clean vs FP32 | worst case vs FP32 |", "|---|---|---|---|---|"]
+    for s in result["summary"]:
+        cells = [f"{s[k]['mean']:.2f} [{s[k]['min']:.2f}, {s[k]['max']:.2f}]" for k in
+                 ("clean", "worst_case", "clean_vs_fp32", "worst_vs_fp32")]
+        lines.append(f"| {s['artifact']} | " + " | ".join(cells) + " |")
+    qat = next((s for s in result["summary"] if s["artifact"] == "QAT INT8"), None)
+    if qat is not None:
+        met = qat["worst_vs_fp32"]["mean"] >= -TARGET_ROBUST_PT and qat["clean_vs_fp32"]["mean"] >= -TARGET_CLEAN_PT
+        every = (qat["worst_vs_fp32"]["min"] >= -TARGET_ROBUST_PT and qat["clean_vs_fp32"]["min"] >= -TARGET_CLEAN_PT)
+        lines += ["", f"QAT INT8 vs issue 17's target (robust within {TARGET_ROBUST_PT:g} pt, clean within "
+                      f"{TARGET_CLEAN_PT:g} pt of FP32): {'met' if met else 'NOT met'} on the mean, "
+                      f"{'met' if every else 'NOT met'} on every seed"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="digits", help="digits, cifar10 or both (comma-separated)")
@@ -213,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "deploy.pack.artifact_attacks, else apgd-ce,apgd-t,mtpgd100)")
     ap.add_argument("--n", type=int, help="test images of the pack (default: digits 360, cifar10 500)")
     ap.add_argument("--live", action="store_true", help="also the recipe's query-only live attacks (slow)")
+    ap.add_argument("--seeds", help="train and bench one run per seed (train.seed), e.g. 0,1,2 (default: the "
+                                    "recipe's seed); the summary gives each row's mean, min and max over them")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", type=Path, help="write PREFIX_<dataset>.md and .json")
     ap.add_argument("--force", action="store_true", help="overwrite existing --results files")
@@ -221,11 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     args.calib = [s.strip() for s in args.calib.split(",") if s.strip()]
     if args.artifact_attacks:
         args.artifact_attacks = [s.strip() for s in args.artifact_attacks.split(",") if s.strip()]
+    try:
+        args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [None]
+    except ValueError:
+        ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
     unknown = [s for s in datasets if s not in DATASETS]
     if unknown or not datasets:
         ap.error(f"--dataset: one or more of {', '.join(DATASETS)}, got {args.dataset!r}")
-    if args.run_dir is not None and len(datasets) != 1:
-        ap.error("--run-dir benches one run: name its one --dataset")
+    if args.run_dir is not None and (len(datasets) != 1 or args.seeds != [None]):
+        ap.error("--run-dir benches one run: name its one --dataset and no --seeds")
     if args.results is not None and not args.force:
         taken = [p for d in datasets for p in (Path(f"{args.results}_{d}.md"), Path(f"{args.results}_{d}.json"))
                  if p.exists()]
@@ -237,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     work_root = args.work or Path(tempfile.mkdtemp(prefix="bench-qat-"))
+    command = "python tools/bench_qat.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ran = 0
     for dataset in datasets:
         extra: list[str] = []
@@ -245,22 +294,31 @@ def main(argv: list[str] | None = None) -> int:
             if got is None:
                 continue
             extra = got
-        work = work_root / dataset
-        work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        run_dir = args.run_dir or train(dataset, work, extra)
-        result = bench(dataset, run_dir, work, args)
-        result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                             "torch_threads": args.threads, "load_1min": os.getloadavg()[0]}
-        result["total_s"] = round(time.perf_counter() - t0, 1)
-        result["command"] = "python tools/bench_qat.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = render(result)
-        print("\n" + text)
+        runs = []
+        for seed in args.seeds:
+            work = work_root / dataset / ("recipe-seed" if seed is None else f"seed{seed}")
+            work.mkdir(parents=True, exist_ok=True)
+            seeded = extra if seed is None else [*extra, f"train.seed={seed}"]
+            run_dir = args.run_dir or train(dataset, work, seeded)
+            one = bench(dataset, run_dir, work, args)
+            one["seed"] = seed if seed is not None else run_recipe_seed(run_dir)
+            print("\n" + render(one), flush=True)
+            runs.append(one)
+        result = {"dataset": dataset, "command": command, "runs": runs, "summary": summarize(runs),
+                  "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                              "torch_threads": args.threads, "load_1min_at_end": round(os.getloadavg()[0], 2)},
+                  "total_s": round(time.perf_counter() - t0, 1)}
+        text = "\n\n".join(render(one) for one in runs)
+        if len(runs) > 1:
+            text = render_summary(result) + "\n\n" + text
+            print("\n" + render_summary(result))
         if args.results is not None:
             prefix = args.results
             prefix.parent.mkdir(parents=True, exist_ok=True)
-            Path(f"{prefix}_{dataset}.md").write_text(f"# bench_qat: {dataset}\n\n{text}\n\ncommand: `{result['command']}`"
-                                                      f"; {result['total_s']} s in all on {result['machine']}\n")
+            Path(f"{prefix}_{dataset}.md").write_text(
+                f"# bench_qat: {dataset}\n\n{text}\n\ncommand: `{command}`; {result['total_s']} s in all on "
+                f"{result['machine']}\n")
             Path(f"{prefix}_{dataset}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         ran += 1
     return 0 if ran else 3

@@ -23,7 +23,10 @@ def test_bench_rows_table_and_json(bq, digits_robust_run: Path, tmp_path: Path, 
             "--calib", "clean,adversarial", "--qat-epochs", "1", "--qat-train-subset", "256",
             "--artifact-attacks", "apgd-ce", "--results", str(prefix)]
     assert bq.main(argv) == 0
-    result = json.loads(Path(f"{prefix}_digits.json").read_text())
+    payload = json.loads(Path(f"{prefix}_digits.json").read_text())
+    assert payload["dataset"] == "digits" and len(payload["runs"]) == 1 and payload["command"].endswith(str(prefix))
+    result = payload["runs"][0]
+    assert result["seed"] == 0  # the run's recipe seed
     rows = {r["artifact"]: r for r in result["rows"]}
     assert list(rows) == ["FP32", "PTQ INT8 (clean calib.)", "PTQ INT8 (adversarial calib.)", "QAT INT8"]
     for r in rows.values():
@@ -44,6 +47,21 @@ def test_bench_rows_table_and_json(bq, digits_robust_run: Path, tmp_path: Path, 
     assert {p.name: p.read_bytes() for p in tmp_path.glob("res_*")} == before
 
 
+def test_summary_over_seeds_states_the_target_on_the_mean_and_on_every_seed(bq) -> None:
+    def run(seed, fp32, qat):
+        return {"seed": seed, "rows": [{"artifact": "FP32", "clean": fp32[0], "worst_case": fp32[1]},
+                                       {"artifact": "QAT INT8", "clean": qat[0], "worst_case": qat[1]}]}
+
+    runs = [run(0, (0.99, 0.60), (0.99, 0.605)), run(1, (0.98, 0.62), (0.98, 0.605))]
+    result = {"dataset": "digits", "runs": runs, "summary": bq.summarize(runs)}
+    qat = result["summary"][1]
+    assert qat["runs"] == 2 and qat["worst_vs_fp32"]["min"] == pytest.approx(-1.5)
+    assert qat["worst_vs_fp32"]["mean"] == pytest.approx(-0.5) and qat["clean_vs_fp32"]["max"] == pytest.approx(0.0)
+    text = bq.render_summary(result)
+    assert "summary over 2 seeds (0, 1)" in text and "| QAT INT8 | 98.50 [98.00, 99.00] | 60.50 [60.50, 60.50] |" in text
+    assert "met on the mean, NOT met on every seed" in text
+
+
 def test_cifar10_is_skipped_in_one_line_without_its_archive(bq, tmp_path: Path, capsys) -> None:
     code = bq.main(["--dataset", "cifar10", "--data-root", str(tmp_path / "none"), "--cifar-tar",
                     str(tmp_path / "missing.tar.gz"), "--work", str(tmp_path / "work")])
@@ -56,4 +74,7 @@ def test_cifar10_is_skipped_in_one_line_without_its_archive(bq, tmp_path: Path, 
 def test_run_dir_needs_one_dataset(bq, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         bq.main(["--dataset", "digits,cifar10", "--run-dir", str(tmp_path)])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bq.main(["--seeds", "0,x"])
     assert e.value.code == 2
