@@ -129,11 +129,15 @@ def bench(dataset: str, run_dir: Path, work: Path, args: argparse.Namespace) -> 
     q = recipe.quantize
     epochs = args.qat_epochs or (q.epochs if q else 2)
     lr = args.qat_lr or (q.lr if q else 0.01)
-    t0 = time.perf_counter()
-    qres = finetune(run_dir, recipe=recipe, epochs=epochs, lr=lr, train_subset=args.qat_train_subset, progress=lambda line: log(f"{dataset}: qat {line}"))
-    export_qat(qres, work / "qat", n=n, force=True, threads=args.threads, check=False)
-    timings["QAT fine-tuning + export"] = round(time.perf_counter() - t0, 1)
-    files["QAT INT8"] = work / "qat" / "model.qat.int8.onnx"
+    qat_history = {}
+    for mode in args.qat_scales:
+        t0 = time.perf_counter()
+        qres = finetune(run_dir, recipe=recipe, epochs=epochs, lr=lr, train_subset=args.qat_train_subset,
+                        activation_scales=mode, progress=lambda line: log(f"{dataset}: qat ({mode} scales) {line}"))
+        export_qat(qres, work / f"qat-{mode}", n=n, force=True, threads=args.threads, check=False)
+        timings[f"QAT fine-tuning + export ({mode} scales)"] = round(time.perf_counter() - t0, 1)
+        files[qat_row(mode, args.qat_scales)] = work / f"qat-{mode}" / "model.qat.int8.onnx"
+        qat_history[mode] = qres.history
 
     pack_attacks = list(d.pack.attacks) if d is not None else ["apgd-ce", "apgd-t"]
     art_attacks = args.artifact_attacks or (list(d.pack.artifact_attacks) if d is not None
@@ -160,7 +164,17 @@ def bench(dataset: str, run_dir: Path, work: Path, args: argparse.Namespace) -> 
             "student": recipe.student.arch if hasattr(recipe, "student") else None, "eps": pack.meta.get("eps_label") or f"{pack.eps:g}",
             "n": pack.n, "transferred_attacks": pack_attacks, "artifact_attacks": art_attacks,
             "calib": {"sources": list(args.calib), "n": calib_n, "method": args.calib_method},
-            "qat": {"epochs": epochs, "lr": lr, "train_images": qres.settings["train_images"], "history": qres.history}, "rows": rows, "timings_s": timings}
+            "qat": {"epochs": epochs, "lr": lr, "train_images": qres.settings["train_images"],
+                    "activation_scales": list(args.qat_scales), "history": qat_history}, "rows": rows, "timings_s": timings}
+
+
+def qat_row(mode: str, modes: list[str]) -> str:
+    """The table row of a QAT artifact: ``QAT INT8``, or ``QAT INT8 (learned scales)`` when both modes run."""
+    return "QAT INT8" if modes == [mode] or mode == "observed" else f"QAT INT8 ({mode} scales)"
+
+
+def is_qat(name: str) -> bool:
+    return name.startswith("QAT INT8")
 
 
 def pct(v: float | None) -> str:
@@ -172,7 +186,9 @@ def render(r: dict[str, Any]) -> str:
              f"eps {r['eps']}, {r['n']} test images",
              "",
              f"PTQ: onnxruntime quantize_static, {r['calib']['method']}, {r['calib']['n']} training images per "
-             f"calibration source. QAT: {r['qat']['epochs']} epoch(s), lr {r['qat']['lr']}. White-box on the "
+             f"calibration source. QAT: {r['qat']['epochs']} epoch(s), lr {r['qat']['lr']}, "
+             f"{r['qat']['train_images']} training images, activation scales "
+             f"{' and '.join(r['qat']['activation_scales'])}. White-box on the "
              f"artifact: {', '.join(r['artifact_attacks'])} through its twin, scored on onnxruntime; worst case: "
              f"per sample over those and {', '.join(r['transferred_attacks'])} transferred from PyTorch.",
              "",
@@ -188,7 +204,7 @@ def render(r: dict[str, Any]) -> str:
     for row in r["rows"][1:]:
         dc, dw = 100 * (row["clean"] - fp32["clean"]), 100 * (row["worst_case"] - fp32["worst_case"])
         verdict = ""
-        if row["artifact"] == "QAT INT8":
+        if is_qat(row["artifact"]):
             met = dw >= -TARGET_ROBUST_PT and dc >= -TARGET_CLEAN_PT
             verdict = (f" -- issue 17 target (robust within {TARGET_ROBUST_PT:g} pt, clean within "
                        f"{TARGET_CLEAN_PT:g} pt): {'met' if met else 'NOT met'}")
@@ -229,11 +245,10 @@ def render_summary(result: dict[str, Any]) -> str:
         cells = [f"{s[k]['mean']:.2f} [{s[k]['min']:.2f}, {s[k]['max']:.2f}]" for k in
                  ("clean", "worst_case", "clean_vs_fp32", "worst_vs_fp32")]
         lines.append(f"| {s['artifact']} | " + " | ".join(cells) + " |")
-    qat = next((s for s in result["summary"] if s["artifact"] == "QAT INT8"), None)
-    if qat is not None:
+    for qat in (s for s in result["summary"] if is_qat(s["artifact"])):
         met = qat["worst_vs_fp32"]["mean"] >= -TARGET_ROBUST_PT and qat["clean_vs_fp32"]["mean"] >= -TARGET_CLEAN_PT
         every = (qat["worst_vs_fp32"]["min"] >= -TARGET_ROBUST_PT and qat["clean_vs_fp32"]["min"] >= -TARGET_CLEAN_PT)
-        lines += ["", f"QAT INT8 vs issue 17's target (robust within {TARGET_ROBUST_PT:g} pt, clean within "
+        lines += ["", f"{qat['artifact']} vs issue 17's target (robust within {TARGET_ROBUST_PT:g} pt, clean within "
                       f"{TARGET_CLEAN_PT:g} pt of FP32): {'met' if met else 'NOT met'} on the mean, "
                       f"{'met' if every else 'NOT met'} on every seed"]
     return "\n".join(lines)
@@ -250,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-method", default="minmax", help="onnxruntime calibration method")
     ap.add_argument("--qat-epochs", type=int, help="default: the recipe's quantize.epochs, else 2")
     ap.add_argument("--qat-lr", type=float, help="default: the recipe's quantize.lr, else 0.01")
+    ap.add_argument("--qat-scales", default="observed", help="QAT activation scales, one QAT row each: observed, "
+                                                             "learned or both (comma-separated)")
     ap.add_argument("--qat-train-subset", type=int, help="QAT on this many of the run's training images (default: all)")
     ap.add_argument("--artifact-attacks", help="white-box attacks on each file (default: the recipe's "
                                                "deploy.pack.artifact_attacks, else apgd-ce,apgd-t,mtpgd100)")
@@ -263,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     datasets = [s.strip() for s in args.dataset.split(",") if s.strip()]
     args.calib = [s.strip() for s in args.calib.split(",") if s.strip()]
+    args.qat_scales = [s.strip() for s in args.qat_scales.split(",") if s.strip()]
+    if not args.qat_scales or any(m not in ("observed", "learned") for m in args.qat_scales):
+        ap.error(f"--qat-scales: observed, learned or both, got {','.join(args.qat_scales)!r}")
     if args.artifact_attacks:
         args.artifact_attacks = [s.strip() for s in args.artifact_attacks.split(",") if s.strip()]
     try:

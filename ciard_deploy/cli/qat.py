@@ -20,6 +20,7 @@ def qat_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.qat.int8.onnx and manifest.json."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default: the recipe's quantize.epochs, else 2)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate, cosine to 0 (default: the recipe's quantize.lr, else 0.01)."),
+    activation_scales: Optional[str] = typer.Option(None, "--activation-scales", help="observed (moving-average min/max) or learned (trained by gradient, LSQ) (default: the recipe's quantize.activation_scales, else observed)."),
     train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Fine-tune on this many of the run's training images (default: all)."),
     n: int = typer.Option(512, "--n", help="Test images of the check against the fake-quantized PyTorch student."),
     threads: ThreadsOption = None,
@@ -43,6 +44,7 @@ def qat_cmd(
         refuse_without_int8(list(recipe.deploy.formats))
     with terminate_as_interrupt():
         result = finetune(run_dir, recipe=recipe, epochs=epochs, lr=lr, train_subset=train_subset,
+                          activation_scales=activation_scales,
                           progress=lambda line: console.print(
                               f"qat epoch {line['epoch']}: loss {line['loss']:.4f} ({line['images']} images, "
                               f"{line['time_s']:.1f} s)", highlight=False))

@@ -6,9 +6,9 @@ Python mode keeps the float, so fingerprints compare numbers).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 from ciard_deploy.attacks.budget import format_eps, parse_eps
 from ciard_deploy.attacks.base import parse_attack_spec
@@ -19,6 +19,22 @@ class Options(BaseModel):
     """Base of every option model and recipe section: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class OmitsNewDefaults(BaseModel):
+    """Base of a model whose fields added after recipes were first hashed (``OMIT_AT_DEFAULT``) are left
+    out of its dump (hence out of the recipe hash and the stage fingerprints) while at their default, so
+    a recipe that does not set them keeps its hash."""
+
+    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        d = handler(self)
+        for name in self.OMIT_AT_DEFAULT:
+            if getattr(self, name) == type(self).model_fields[name].default:
+                d.pop(name, None)
+        return d
 
 
 def eps_value(v: Any) -> float:

@@ -9,31 +9,21 @@ registry accepts: a new method adds its ``Config`` and one catalog row here, and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-import pydantic
-from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from ciard_deploy.options.common import OmitsNewDefaults
 
 #: where the MTARD/CIARD temperature and weight steps shrink, as fractions of the run (215, 260, 285 of 300)
 PAPER_MILESTONES = (215 / 300, 260 / 300, 285 / 300)
 
 
-class MethodConfig(pydantic.BaseModel):
-    """Base of each method's hyper-parameters; every field has a description (shown by `ciard recipe show`)."""
+class MethodConfig(OmitsNewDefaults):
+    """Base of each method's hyper-parameters; every field has a description (shown by `ciard recipe show`).
+    Fields added after recipes were first hashed are named in ``OMIT_AT_DEFAULT`` (``OmitsNewDefaults``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: fields added after recipes were first hashed: left out of the dump (hence of the recipe hash) while at
-    #: their default, so a recipe that does not set them keeps its hash
-    OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        d = handler(self)
-        for name in self.OMIT_AT_DEFAULT:
-            if getattr(self, name) == type(self).model_fields[name].default:
-                d.pop(name, None)
-        return d
 
 
 class DualTeacherConfig(MethodConfig):

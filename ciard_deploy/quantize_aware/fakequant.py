@@ -7,8 +7,11 @@ arithmetic is what onnxruntime's INT8 QDQ and TensorRT's explicit quantization e
 * weights: int8 per output channel, symmetric (zero point 0, range [-127, 127]), the scale the
   per-channel min/max of the current weights (so the exported int8 weights are exact);
 * activations: int8 per tensor, symmetric (zero point 0, as TensorRT requires), on the input of
-  every Conv2d and Linear, the scale a moving average of the min/max seen during fine-tuning
-  (``MovingAverageMinMaxObserver``), frozen for export;
+  every Conv2d and Linear; the scale either ``observed``: a moving average of the min/max seen during
+  fine-tuning (``MovingAverageMinMaxObserver``), or ``learned``: started from the calibration's
+  observed value, then a parameter trained by gradient with the weights (LSQ, Esser et al. 2020:
+  ``torch._fake_quantize_learnable_per_tensor_affine``, gradient scaled by 1/sqrt(numel * 127),
+  no weight decay), in the attacks' passes as well; frozen for export either way;
 * BatchNorm folded into the preceding convolution first (``torch.fx`` conv-bn fusion, eval
   statistics), as onnxruntime's pre-processing does before quantizing, so the quantized weights
   are the ones that run.
@@ -20,6 +23,7 @@ ConvTranspose2d, Embedding, ...) is refused with one line naming it (``UsageErro
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -55,9 +59,17 @@ class FakeQuantLayer(nn.Module):
         self.act_fq = activation_fake_quant()
         self.weight_fq = weight_fake_quant()
         self.frozen = False  # set by ``freeze``: fixed scales in train mode too
+        self.act_scale: nn.Parameter | None = None  # set by ``learn_activation_scales``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.frozen or not self.training:  # eval (the attacks' forward passes): scales fixed, no observing
+        if self.act_scale is not None and not self.frozen:  # learned (LSQ) activation scale
+            a = self.act_fq
+            grad_factor = 1.0 / math.sqrt(x[0].numel() * a.quant_max)
+            x = torch._fake_quantize_learnable_per_tensor_affine(x, self.act_scale.abs() + 1e-12, self._zero,
+                                                                 a.quant_min, a.quant_max, grad_factor)
+            w = self.weight_fq(self.layer.weight) if self.training else torch.fake_quantize_per_channel_affine(
+                self.layer.weight, self.weight_fq.scale, self.weight_fq.zero_point.to(torch.int32), 0, -128, 127)
+        elif self.frozen or not self.training:  # eval (the attacks' forward passes): scales fixed, no observing
             a, q = self.act_fq, self.weight_fq
             x = torch.fake_quantize_per_tensor_affine(x, float(a.scale), int(a.zero_point), a.quant_min, a.quant_max)
             # ONNX's QuantizeLinear saturates to [-128, 127]; with scale max|w| / 127 no weight reaches -128
@@ -69,6 +81,11 @@ class FakeQuantLayer(nn.Module):
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.layer.bias)
         return F.linear(x, w, self.layer.bias)
+
+
+    @property
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros(1, device=self.act_scale.device)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -116,10 +133,26 @@ def calibrate(model: nn.Module, batches: Any) -> None:
             model(x)
 
 
+def learn_activation_scales(model: nn.Module) -> list[nn.Parameter]:
+    """Turns every layer's calibrated activation scale into a trained parameter (LSQ); returns them (the
+    optimizer's no-weight-decay group). The observers stop: the scales move by gradient only."""
+    params = []
+    for m in fake_quant_layers(model).values():
+        m.act_fq.disable_observer()
+        m.act_scale = nn.Parameter(m.act_fq.scale.detach().clone().float().reshape(1))
+        params.append(m.act_scale)
+    return params
+
+
 def freeze(model: nn.Module) -> nn.Module:
-    """Stops the observers (scales fixed) and puts ``model`` in eval mode: what the export writes."""
+    """Stops the observers (scales fixed; a learned scale written into its fake quantizer) and puts
+    ``model`` in eval mode: what the export writes."""
     model.apply(torch.ao.quantization.disable_observer)
     for m in fake_quant_layers(model).values():
+        if m.act_scale is not None:
+            with torch.no_grad():
+                m.act_fq.scale.copy_(m.act_scale.detach().abs().reshape(m.act_fq.scale.shape) + 1e-12)
+            m.act_scale = None
         m.frozen = True
     return model.eval()
 

@@ -25,7 +25,7 @@ import torch
 
 from ciard_deploy.checkpoints import CheckpointMeta, resolve_checkpoint
 from ciard_deploy.config import DistillRecipe, RecipeBase, load_recipe
-from ciard_deploy.config.quantize import QuantizeConfig
+from ciard_deploy.config.quantize import ACTIVATION_SCALES, QuantizeConfig
 from ciard_deploy.data import iterate_batches
 from ciard_deploy.distill.loop import train_step
 from ciard_deploy.distill.methods import create_method
@@ -33,7 +33,7 @@ from ciard_deploy.distill.splits import prepare_data
 from ciard_deploy.distill.trainer import resolve_teachers
 from ciard_deploy.errors import CiardError, UsageError
 from ciard_deploy.model_loader import load_model
-from ciard_deploy.quantize_aware.fakequant import calibrate, freeze, prepare_qat, scales
+from ciard_deploy.quantize_aware.fakequant import calibrate, freeze, learn_activation_scales, prepare_qat, scales
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -64,11 +64,12 @@ def run_recipe(run_dir: Path) -> RecipeBase:
 
 def finetune(run_dir: str | Path, *, epochs: int | None = None, lr: float | None = None,
              recipe: RecipeBase | None = None, train_subset: int | None = None, calib_batches: int | None = None,
-             device: str = "cpu", progress: Progress | None = None) -> QatResult:
+             activation_scales: str | None = None, device: str = "cpu",
+             progress: Progress | None = None) -> QatResult:
     """Fine-tunes the run's best student with INT8 fake quantization in the loop; returns it frozen.
 
-    ``epochs``, ``lr``, ``train_subset`` and ``calib_batches`` default to the recipe's ``quantize``
-    section (then to ``QuantizeConfig``'s defaults).
+    ``epochs``, ``lr``, ``train_subset``, ``calib_batches`` and ``activation_scales`` (observed or
+    learned) default to the recipe's ``quantize`` section (then to ``QuantizeConfig``'s defaults).
 
     Raises:
         UsageError: no run dir / recipe, a layer the quantizer cannot handle (named), a loss that diverges.
@@ -80,6 +81,10 @@ def finetune(run_dir: str | Path, *, epochs: int | None = None, lr: float | None
     lr = lr if lr is not None else q.lr
     train_subset = train_subset if train_subset is not None else q.train_subset
     calib_batches = calib_batches if calib_batches is not None else q.calib_batches
+    activation_scales = activation_scales or q.activation_scales
+    if activation_scales not in ACTIVATION_SCALES:
+        raise UsageError(f"QAT: activation_scales must be one of {', '.join(ACTIVATION_SCALES)}, got "
+                         f"{activation_scales!r}")
     dev = torch.device(device)
     ckpt = resolve_checkpoint(run_dir)
     student, meta = load_model(run_dir)
@@ -103,7 +108,12 @@ def finetune(run_dir: str | Path, *, epochs: int | None = None, lr: float | None
                            num_classes=data.info.num_classes, eps=a.eps, attack_steps=a.steps, step_size=a.step_size,
                            epochs=epochs, steps_per_epoch=steps)
     o = recipe.optim
-    opt = torch.optim.SGD(qmodel.parameters(), lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    learned = learn_activation_scales(qmodel) if activation_scales == "learned" else []
+    ids = {id(p) for p in learned}
+    groups = [{"params": [p for p in qmodel.parameters() if id(p) not in ids]}]
+    if learned:
+        groups.append({"params": learned, "weight_decay": 0.0})  # LSQ: scales without weight decay
+    opt = torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     total = epochs * steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -133,6 +143,7 @@ def finetune(run_dir: str | Path, *, epochs: int | None = None, lr: float | None
                 "method": recipe.method.name, "teachers": sorted(teachers), "eps": a.eps,
                 "attack_steps": a.steps, "train_images": int(len(idx)), "calib_batches": calib_batches,
                 "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor symmetric",
+                "activation_scales": activation_scales,
                 "batchnorm": "folded into the preceding Conv2d before fine-tuning",
                 "source_checkpoint": str(ckpt), "recipe_hash": recipe.hash}
     return QatResult(qmodel, meta, recipe, ckpt, settings, history)

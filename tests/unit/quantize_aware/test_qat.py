@@ -113,3 +113,43 @@ def test_cli_names_the_layer_it_cannot_quantize(digits_robust_run: Path, tmp_pat
     monkeypatch.setattr(finetune, "load_model", with_bad_layer)
     res = invoke("qat", digits_robust_run, "--out", tmp_path / "out", "--threads", 1)
     assert_one_line_error(res, 2, "layer '2' (Conv1d)")
+
+
+def test_learned_activation_scales_move_by_gradient_and_land_in_the_file(digits_robust_run: Path,
+                                                                         tmp_path: Path) -> None:
+    """activation_scales=learned (LSQ): from the same calibration, the scales end elsewhere than the observed
+    ones, the exported QuantizeLinear scales are the learned values, and onnxruntime agrees with the student."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from ciard_deploy.data import create_dataset
+    from ciard_deploy.quantize_aware.export import QAT_FILE, export_qat
+    from ciard_deploy.quantize_aware.finetune import finetune
+
+    runs = {mode: finetune(digits_robust_run, epochs=1, lr=0.01, train_subset=320, activation_scales=mode)
+            for mode in ("observed", "learned")}
+    assert runs["learned"].settings["activation_scales"] == "learned"
+    observed, learned = (runs[m].describe()["scales"] for m in ("observed", "learned"))
+    assert set(observed) == set(learned) and all(v["activation_scale"] > 0 for v in learned.values())
+    moved = [abs(learned[k]["activation_scale"] / observed[k]["activation_scale"] - 1) for k in learned]
+    assert max(moved) > 0.01  # trained, not the observer's moving average
+    assert not any(p.requires_grad and p.dim() == 1 and p.numel() == 1 for p in runs["learned"].model.parameters())
+
+    manifest = export_qat(runs["learned"], tmp_path / "qat", n=200)
+    assert manifest.artifacts[0].passed
+    proto = onnx.load(str(tmp_path / "qat" / QAT_FILE))
+    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
+                   if n.op_type == "Constant"})
+    q_scales = sorted(float(consts[n.input[1]]) for n in proto.graph.node
+                      if n.op_type == "QuantizeLinear" and n.input[1] in consts and consts[n.input[1]].size == 1)
+    expect = sorted(v["activation_scale"] for v in learned.values())
+    assert len(q_scales) == len(expect) and np.allclose(q_scales, expect, rtol=1e-6)
+
+    x, _ = create_dataset("digits", "test", n=200, seed=1).tensors()
+    logits = ort.InferenceSession(str(tmp_path / "qat" / QAT_FILE),
+                                  providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = runs["learned"].model(x).numpy()
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.97
