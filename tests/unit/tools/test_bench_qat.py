@@ -75,6 +75,10 @@ def test_run_dir_needs_one_dataset(bq, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         bq.main(["--dataset", "digits,cifar10", "--run-dir", str(tmp_path)])
     assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:
-        bq.main(["--seeds", "0,x"])
-    assert e.value.code == 2
+    for bad in (["--seeds", "0,x"], ["--qat-scales", "observed,bogus"]):
+        with pytest.raises(SystemExit) as e:
+            bq.main(bad)
+        assert e.value.code == 2
+    assert bq.qat_row("observed", ["observed", "learned"]) == "QAT INT8"
+    assert bq.qat_row("learned", ["observed", "learned"]) == "QAT INT8 (learned scales)"
+    assert bq.qat_row("learned", ["learned"]) == "QAT INT8"
