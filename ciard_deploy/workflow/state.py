@@ -155,4 +155,5 @@ def new_state(entry: str) -> dict[str, Any]:
 
 
 __all__ = ["Action", "Layout", "QAT_NAME", "QAT_REPORT", "QAT_STAGES", "STAGES", "STATE_FORMAT", "STATE_NAME", "Stage",
-           "StateFile", "check_out_dir", "load_state", "new_state", "paths_of", "report_paths", "stages_of", "state_path"]
+           "StateFile", "check_out_dir", "load_state", "new_state", "paths_of", "report_paths", "stages_of",
+           "state_path"]
