@@ -7,7 +7,10 @@
 ``plot``, ``eval``, ``export``, ``pack``, ``inspect`` and ``verify`` pass what they were given through
 ``resolve_run_folder`` with the part they need; a run folder (a folder holding ``workflow.json``)
 gives that part of its layout (``workflow.Layout``), anything else is returned unchanged and read as
-before. Torch-free: ``ciard verify DIR`` uses it on the device.
+before. ``run_artifacts`` lists what ``ciard verify DIR`` measures: the export's artifacts, then the
+quantize stage's QAT artifact (DIR/qat/, a recipe with ``quantize:``), which ``artifact_name`` names
+``onnx-int8 (qat)`` as the workflow's own verify stage does. Torch-free: ``ciard verify DIR`` uses it
+on the device.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from typing import Any, Literal
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.export.manifest import MANIFEST_NAME, load_manifest
 from ciard_deploy.checkpoints import resolve_checkpoint
-from ciard_deploy.workflow.state import STATE_NAME, Layout
+from ciard_deploy.workflow.state import QAT_NAME, STATE_NAME, Layout
 
-Need = Literal["checkpoint", "metrics", "export", "pack"]
+Need = Literal["checkpoint", "metrics", "export", "qat", "pack"]
 
 #: need -> (what it is, in words; the stage of ``ciard run`` that makes it; where a plain folder holds it)
 _PARTS: dict[str, tuple[str, str, str]] = {
@@ -29,6 +32,7 @@ _PARTS: dict[str, tuple[str, str, str]] = {
                    "a run dir with a checkpoint (student_best.safetensors)"),
     "metrics": ("training metrics (run/metrics.jsonl)", "distill", "a training run dir (metrics.jsonl)"),
     "export": ("exported artifacts (export/manifest.json)", "export", "an export folder (manifest.json)"),
+    "qat": ("a QAT artifact (qat/manifest.json)", "quantize", "a QAT folder (manifest.json)"),
     "pack": ("a robustness pack (pack.npz)", "pack", "a pack file (.npz)"),
 }
 
@@ -39,10 +43,15 @@ def is_run_folder(path: str | Path) -> bool:
     return p.is_dir() and (p / STATE_NAME).is_file()
 
 
+#: the folders of a run folder that hold artifacts: the export stage's and the quantize stage's
+_ARTIFACT_FOLDERS = ("export", "qat")
+
+
 def run_folder_of(artifact: str | Path) -> Path | None:
-    """The run folder an exported file lies in (``DIR/export/<file>``), or None."""
+    """The run folder an exported file lies in (``DIR/export/<file>``, or the QAT artifact ``DIR/qat/<file>``),
+    or None."""
     p = Path(artifact)
-    if p.parent.name != "export":
+    if p.parent.name not in _ARTIFACT_FOLDERS:
         return None
     root = p.parent.parent
     return root if is_run_folder(root) else None
@@ -52,9 +61,9 @@ def resolve_run_folder(path: str | Path, need: Need) -> Path:
     """What a verb should read for ``need``, given ``path``.
 
     - a run folder: its part: ``run/<best checkpoint>`` (checkpoint), ``run/metrics.jsonl`` (metrics),
-      ``export/`` (export) or ``pack.npz`` (pack);
+      ``export/`` (export), ``qat/`` (qat: the quantize stage's folder) or ``pack.npz`` (pack);
     - any other folder that holds the part itself (a training run dir's checkpoint or metrics.jsonl,
-      an export folder's manifest.json) or any file: ``path`` unchanged.
+      an export or QAT folder's manifest.json) or any file: ``path`` unchanged.
 
     Raises:
         ArtifactError (exit 2): a run folder without the part (names it and the stage of ``ciard run``
@@ -83,7 +92,7 @@ def _holds(folder: Path, need: str) -> bool:
         return _checkpoint(folder) is not None
     if need == "metrics":
         return (folder / "metrics.jsonl").is_file()
-    if need == "export":
+    if need in ("export", "qat"):
         return (folder / MANIFEST_NAME).is_file()
     return False  # a pack is a file
 
@@ -98,8 +107,9 @@ def _checkpoint(folder: Path) -> Path | None:
 def _part(layout: Layout, need: str) -> Path | None:
     if need == "checkpoint":
         return _checkpoint(layout.run)
-    part = {"metrics": layout.run / "metrics.jsonl", "export": layout.export, "pack": layout.pack}[need]
-    present = (part / MANIFEST_NAME).is_file() if need == "export" else part.is_file()
+    part = {"metrics": layout.run / "metrics.jsonl", "export": layout.export, "qat": layout.qat,
+            "pack": layout.pack}[need]
+    present = (part / MANIFEST_NAME).is_file() if need in ("export", "qat") else part.is_file()
     return part if present else None
 
 
@@ -129,6 +139,33 @@ def exported_artifacts(root: str | Path) -> list[Path]:
     if export is None:
         raise ArtifactError(f"{root} is not a `ciard run` folder ({STATE_NAME})")
     return manifest_artifacts(export)
+
+
+def qat_artifacts(root: str | Path) -> list[Path]:
+    """The quantize stage's artifacts of run folder ``root`` (DIR/qat/, as its manifest lists them); ``[]``
+    when its recipe never had a ``quantize:`` section (``workflow.json`` records no quantize stage).
+
+    Raises:
+        ArtifactError: a quantize stage is recorded but DIR/qat/ holds no manifest (the stage is not done, or
+            its output is gone: one line naming the stage's status and the command that finishes it).
+    """
+    if _stage_status(Path(root), "quantize") == "not recorded":
+        return []
+    return manifest_artifacts(resolve_run_folder(root, "qat"))
+
+
+def run_artifacts(root: str | Path) -> list[Path]:
+    """What ``ciard verify DIR`` measures in run folder ``root``: every file its export manifest lists, then
+    the quantize stage's QAT artifact when it has one (``qat_artifacts``)."""
+    return exported_artifacts(root) + qat_artifacts(root)
+
+
+def artifact_name(artifact: str | Path) -> str:
+    """How reports name an artifact: the quantize stage's artifact of a run folder (DIR/qat/<file>)
+    ``onnx-int8 (qat)``, as the workflow's own verify stage and ``ciard run``'s summary do; any other its
+    file name."""
+    p = Path(artifact)
+    return QAT_NAME if p.parent.name == "qat" and run_folder_of(p) is not None else p.name
 
 
 def is_export_folder(path: str | Path) -> bool:
@@ -161,4 +198,5 @@ def verify_settings(root: str | Path) -> dict[str, Any]:
     return {k: dict(inputs.get(k) or {}) for k in ("gates", "policy", "settings")}
 
 
-__all__ = ["Need", "exported_artifacts", "is_export_folder", "is_run_folder", "manifest_artifacts", "resolve_run_folder", "run_folder_of", "verify_settings"]
+__all__ = ["Need", "artifact_name", "exported_artifacts", "is_export_folder", "is_run_folder", "manifest_artifacts",
+           "qat_artifacts", "resolve_run_folder", "run_artifacts", "run_folder_of", "verify_settings"]

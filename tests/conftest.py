@@ -344,6 +344,20 @@ def invoke() -> Callable[..., Any]:
 
 
 @pytest.fixture(scope="session")
+def snapshot() -> Callable[[Path], dict[str, tuple[int, str]]]:
+    """``snapshot(root)``: (mtime_ns, sha256) of every file under a ``ciard run`` folder, except the two the
+    workflow rewrites on each call (``workflow.json``, ``recipe.yaml``): equal before and after a call that
+    must neither write nor touch anything else."""
+    from ciard_deploy.fingerprint import sha256_file
+
+    def take(root: Path) -> dict[str, tuple[int, str]]:
+        return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, sha256_file(p))
+                for p in sorted(root.rglob("*")) if p.is_file() and p.name not in ("workflow.json", "recipe.yaml")}
+
+    return take
+
+
+@pytest.fixture(scope="session")
 def assert_one_line_error() -> Callable[..., None]:
     """``assert_one_line_error(res, code, *needles)``: ``res`` exited ``code`` with an ``error:`` message on
     stderr holding every needle (its lines joined: the console may wrap one message over several) and

@@ -12,11 +12,12 @@ from rich.table import Table
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import (JsonOption, ForceJsonOption, ThreadsOption, apply_threads, artifact_inputs,
                                      check_outputs, checkpoint_inputs, console, err_console, from_run_folder,
-                                     handle_errors, progress, write_json)
+                                     handle_errors, note, progress, write_json)
 from ciard_deploy.cli.model_options import model_option
 from ciard_deploy.errors import CiardError, GateFailed, UsageError
 from ciard_deploy.options.export import ExportOptions
-from ciard_deploy.run_folder import resolve_run_folder
+from ciard_deploy.run_folder import is_export_folder, is_run_folder, resolve_run_folder
+from ciard_deploy.workflow.state import Layout
 from ciard_deploy.signals import terminate_as_interrupt
 from ciard_deploy import export
 from ciard_deploy.attacks.budget import format_eps, parse_eps
@@ -111,7 +112,8 @@ def export_cmd(
 @app.command("inspect")
 @handle_errors
 def inspect_cmd(
-    path: Path = typer.Argument(..., help="Export folder, `ciard run` folder (its export/), manifest.json, .onnx file or .engine/.plan file."),
+    path: Path = typer.Argument(..., help="Export folder, `ciard run` folder (its export/; its qat/ is a folder to "
+                                          "inspect of its own), manifest.json, .onnx file or .engine/.plan file."),
     json_out: JsonOption = None,
     force: ForceJsonOption = False,
 ) -> None:
@@ -128,6 +130,8 @@ def inspect_cmd(
         read = path  # inspect_artifact says what is wrong with it
     check_outputs({"--json": json_out}, force, {**artifact_inputs(read, "PATH"), "PATH": path})
     rep = inspect_artifact(from_run_folder(path, "export"))
+    if is_run_folder(path) and is_export_folder(Layout(path).qat):  # one manifest per call: the export's
+        note(f"the run folder also holds its quantize stage's QAT artifact: `ciard inspect {Layout(path).qat}`")
     if rep["kind"] == "manifest":
         render_manifest(rep["manifest"])
     else:
@@ -251,8 +255,8 @@ def render_onnx_summary(rep: dict[str, Any]) -> None:
         if not k.startswith("ciard."):  # ciard's own keys: the metadata table below
             t.add_row(f"[dim]{escape(k)}[/]", escape(v))
     console.print(t)
-    for note in s.get("notes", []):
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    for line in s.get("notes", []):
+        err_console.print(f"[yellow]note:[/] {escape(line)}", highlight=False)
 
 
 def render_artifact_metadata(rep: dict[str, Any], other_props: bool = True) -> None:

@@ -131,7 +131,8 @@ def render_result(result: Any) -> None:
         files = ", ".join(str(root / p) for p in r["reports"].values())
         console.print(f"  {r['name']}: {files}", highlight=False, soft_wrap=True, markup=False)
     paths = result.to_dict()["paths"]
-    console.print(f"  manifest {paths['manifest']}, pack {paths['pack']}, training curves {paths['plots']}, "
+    qat = f"QAT manifest {paths['qat_manifest']}, " if "qat_manifest" in paths else ""
+    console.print(f"  manifest {paths['manifest']}, {qat}pack {paths['pack']}, training curves {paths['plots']}, "
                   f"state {paths['state']}", highlight=False, soft_wrap=True, markup=False)
     n = len(rows)
     artifacts = f"{n} artifact{'s' if n != 1 else ''}"
@@ -201,8 +202,9 @@ def run_cmd(
 ) -> None:
     """Run a recipe end to end: distill -> export -> pack -> verify, skipping stages whose inputs did not change.
 
-    Writes DIR/run (training), DIR/export (artifacts + manifest.json), DIR/pack.npz, DIR/verify/<format>.{json,xml,md}
-    and DIR/workflow.json (each stage's input and output hashes). An interrupted stage resumes on the next call:
+    Writes DIR/run (training), DIR/export (artifacts + manifest.json), with a quantize: section DIR/qat (the QAT
+    INT8 artifact + manifest.json), DIR/pack.npz, DIR/verify/<format>.{json,xml,md} and DIR/workflow.json (each
+    stage's input and output hashes). An interrupted stage resumes on the next call:
     training from its last saved step, the pack from its finished attacks, verify from its live attacks' last batches.
 
     Without deploy.gates nothing is judged: the result is NOT GATED (exit 0), never passed. A verify

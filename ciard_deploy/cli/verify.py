@@ -30,7 +30,8 @@ from ciard_deploy.verify.pack_build import write_pack
 from ciard_deploy.verify.pack_partial import check_partial_dir, partial_dir, read_partial
 from ciard_deploy.verify.render import render_pack
 from ciard_deploy.errors import CiardError
-from ciard_deploy.run_folder import exported_artifacts, is_export_folder, is_run_folder, manifest_artifacts, resolve_run_folder, run_folder_of, verify_settings
+from ciard_deploy.run_folder import (artifact_name, is_export_folder, is_run_folder, manifest_artifacts,
+                                     resolve_run_folder, run_artifacts, run_folder_of, verify_settings)
 from ciard_deploy.runtime import backend_for
 from ciard_deploy.verify.gates import Policy, gates_from_mapping, load_gates
 from ciard_deploy.verify.render import render_report
@@ -217,17 +218,18 @@ def _verify_inputs(artifact: Path, pack: Optional[Path]) -> tuple[list[Path], Pa
     """What `ciard verify` measures: the artifacts, the pack and, for a `ciard run` folder, what its recipe told
     its verify stage (``run_folder.verify_settings``; None for anything else).
 
-    ARTIFACT may be a run folder (each artifact its export manifest lists, against its pack.npz); --pack may be
-    left out for an artifact in a run folder's export/ (its pack.npz) or --pack may name the folder."""
+    ARTIFACT may be a run folder (each artifact its export manifest lists, then its quantize stage's QAT artifact
+    in qat/ when it has one, against its pack.npz); --pack may be left out for an artifact in a run folder's
+    export/ or qat/ (its pack.npz), or for either folder, or --pack may name the run folder."""
 
     recorded = None
     if is_run_folder(artifact):
-        targets, root, recorded = exported_artifacts(artifact), artifact, verify_settings(artifact)
+        targets, root, recorded = run_artifacts(artifact), artifact, verify_settings(artifact)
     elif is_export_folder(artifact):  # what `ciard export` wrote: each artifact its manifest lists
         targets = manifest_artifacts(artifact)
         root = run_folder_of(targets[0])
         note(f"verifying the {len(targets)} artifact(s) of {artifact / 'manifest.json'}: "
-             + ", ".join(t.name for t in targets))
+             + ", ".join(_named(t) for t in targets))
     else:
         if artifact.is_dir():  # a training run dir (PyTorch), or one line naming what the folder lacks
             from_run_folder(artifact, "checkpoint")
@@ -236,11 +238,18 @@ def _verify_inputs(artifact: Path, pack: Optional[Path]) -> tuple[list[Path], Pa
         return targets, from_run_folder(pack, "pack"), recorded
     if root is None:
         raise UsageError("missing --pack PACK: the robustness pack `ciard pack` built (found without --pack only for "
-                         "a `ciard run` folder or an artifact in its export/)")
+                         "a `ciard run` folder or an artifact in its export/ or qat/)")
     found = resolve_run_folder(root, "pack")
     if recorded is None:
         note(f"using {found} from the run folder {root}")
     return targets, found, recorded
+
+
+def _named(target: Path) -> str:
+    """A target as the lines of `ciard verify` name it: its file name, and the workflow's name of a run folder's
+    QAT artifact (``model.qat.int8.onnx (onnx-int8 (qat))``), so it is never taken for the export's INT8 file."""
+    name = artifact_name(target)
+    return target.name if name == target.name else f"{target.name} ({name})"
 
 
 def _one_artifact_for(flags: dict[str, Optional[Path]], folder: Path, targets: list[Path]) -> None:
@@ -251,7 +260,7 @@ def _one_artifact_for(flags: dict[str, Optional[Path]], folder: Path, targets: l
         what, reports = (("the run folder", f" (the run's own reports are in {folder / 'verify'})")
                          if is_run_folder(folder) else ("the export folder", ""))
         raise UsageError(f"{given[0]} writes one artifact's file, and {what} {folder} holds {len(targets)} "
-                         f"({', '.join(t.name for t in targets)}): verify one of them, e.g. `ciard verify "
+                         f"({', '.join(_named(t) for t in targets)}): verify one of them, e.g. `ciard verify "
                          f"{targets[0]} {given[0]} ...`{reports}")
 
 
@@ -259,7 +268,7 @@ def _run_folder_line(folder: Path, targets: list[Path], pack: Path, recorded: di
                      live_n: Optional[int], square_queries: Optional[int]) -> str:
     """The one line saying what `ciard verify DIR` took from the run folder, gates included (or why none), and
     the live attacks it runs (the recipe's unless flags said otherwise)."""
-    names = ", ".join(t.name for t in targets)
+    names = ", ".join(_named(t) for t in targets)
     head = f"verify: {len(targets)} artifact{'s' if len(targets) != 1 else ''} of the run folder {folder} ({names}) " \
            f"against {pack}"
     if not recorded:
@@ -295,11 +304,12 @@ def _takes_provider(path: Path) -> bool:
 def verify_cmd(
     artifact: Path = typer.Argument(
         ..., help="Exported model: .onnx (onnxruntime), .engine/.plan (TensorRT), a checkpoint (PyTorch), or a `ciard "
-                  "run` folder (each artifact of its export/, against its pack, with its recipe's gates)."),
+                  "run` folder (each artifact of its export/, and of its qat/ with a quantize: recipe, against its "
+                  "pack, with its recipe's gates)."),
     pack: Optional[Path] = typer.Option(
         None, "--pack", "-p",
-        help="Robustness pack built by `ciard pack` (default, for ARTIFACT in a `ciard run` folder's export/ or the "
-             "folder itself: its pack.npz)."),
+        help="Robustness pack built by `ciard pack` (default, for ARTIFACT in a `ciard run` folder's export/ or qat/, "
+             "or the folder itself: its pack.npz)."),
     provider: Optional[str] = typer.Option(None, "--provider", help="onnxruntime execution provider: cpu (default), cuda, tensorrt."),
     live: Optional[str] = typer.Option(
         None, "--live",
@@ -398,7 +408,7 @@ def verify_cmd(
                 report = run(artifact, pack, provider=on_runtime, gates=gates,
                              policy=Policy(allow_mismatch=allow_mismatch, strict=strict), live=specs, live_n=n_live,
                              batch_size=batch_size, seed=seed, threads=threads, progress=update,
-                             state_path=state, fresh=fresh, on_state=_state_line)
+                             state_path=state, fresh=fresh, on_state=_state_line, name=artifact_name(artifact))
         except KeyboardInterrupt as e:
             if state is not None and state.is_file():
                 again = "the same command again without --fresh" if fresh else "the same command again"
@@ -417,6 +427,6 @@ def verify_cmd(
                 _wrote(path)
         if report.failed:
             failures.append(report.failure_summary() if len(targets) == 1
-                            else f"{artifact.name}: {report.failure_summary()}")
+                            else f"{report.name}: {report.failure_summary()}")
     if failures:
         raise GateFailed("; ".join(failures))

@@ -45,7 +45,7 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         batch_size: int = DEFAULT_BATCH, seed: int = 0, threads: int | None = None,
         progress: Progress | None = None, state_path: str | os.PathLike | None = None, fresh: bool = False,
         on_state: Callable[[StateEvent], None] | None = None, save_every: float = SAVE_EVERY_S,
-        square_queries: int | None = None, square_n: int | None = None) -> VerifyReport:
+        square_queries: int | None = None, square_n: int | None = None, name: str | None = None) -> VerifyReport:
     """Verifies an exported artifact on its runtime against a robustness pack.
 
     Order of work, so that bad input costs nothing: gates and settings (the live attacks
@@ -83,6 +83,8 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
         save_every: seconds between saves of finished live-attack batches (0: after every batch).
         square_queries: deprecated alias: ``live=[square<N>]`` (0: none).
         square_n: deprecated alias of ``live_n``.
+        name: how the report names the artifact (its tables, ``artifact.name``; default: its file name), e.g.
+            ``onnx-int8 (qat)`` for a run folder's QAT artifact (``run_folder.artifact_name``).
 
     Returns:
         the ``VerifyReport`` (``report.status``: passed, failed or not_gated; ``report.failed`` says
@@ -191,7 +193,7 @@ def run(artifact: str | os.PathLike, pack: str | os.PathLike | RobustnessPack, *
                   **{o.label: _bits(o.per_sample) for o in ev.attacks if o.per_sample is not None},
                   "live_indices": [int(i) for i in ev.live_indices] if ev.live_indices is not None else None}
     artifact_path = Path(artifact)
-    artifact_section = {"path": str(artifact_path), "name": artifact_path.name, **prov,
+    artifact_section = {"path": str(artifact_path), "name": name or artifact_path.name, **prov,
                         "backend": runtime.get("backend"), "provider": runtime.get("provider", provider),
                         "precision": precision, "num_classes": num_classes, "input_spec": runtime.get("input_spec"),
                         "active_providers": runtime.get("active_providers"), "metadata": metadata}

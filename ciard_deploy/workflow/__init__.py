@@ -14,7 +14,8 @@ The recipe's ``deploy:`` section (``config.DeployConfig``) says what export, pac
 the upstream files it consumes), the sha256 of its outputs, its status and its timings. A second
 run skips every stage whose inputs are unchanged and whose outputs are still there with the
 recorded hashes; an interrupted distill stage resumes from its last checkpoint (the trainer's own
-resume); an interrupted pack stage reuses the attacks it finished (``write_pack``);
+resume); an interrupted quantize stage leaves no DIR/qat/ (it writes DIR/qat.partial/ and renames it
+once complete) and runs again whole; an interrupted pack stage reuses the attacks it finished (``write_pack``);
 an interrupted verify stage continues each artifact's live attacks from its state file
 (``verify.run(state_path=...)``); a stage whose only changed inputs are the gates or the warning
 policy (``deploy.allow_mismatch``, ``deploy.strict``) is re-judged from its stored reports

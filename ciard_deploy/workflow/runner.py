@@ -192,8 +192,9 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
             outcomes[stage] = StageOutcome(stage, done, reason, seconds)
             emit(StageEvent("end", stage, done, reason, seconds))
 
-    rows, reference, failures = summarize(layout, rec.quantize is not None)
-    result = WorkflowResult(layout.root, outcomes, rows, reference, failures, sf.data)
+    qat = rec.quantize is not None
+    rows, reference, failures = summarize(layout, qat)
+    result = WorkflowResult(layout.root, outcomes, rows, reference, failures, sf.data, qat=qat)
     sf.data.update(status=result.status, artifacts=rows, reference=reference, failures=failures,
                    last_call={k: asdict(v) for k, v in outcomes.items()})
     sf.save()

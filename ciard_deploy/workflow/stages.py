@@ -4,12 +4,12 @@
               (+ training curves in DIR/run/plots/)
     export    export.run(DIR/run, DIR/export, deploy.formats, ...)  -> artifacts + manifest.json
     quantize  (a recipe with quantize: only) quantize_aware finetune + export_qat -> DIR/qat/
-              (model.qat.int8.onnx + manifest.json)
+              (model.qat.int8.onnx + manifest.json; written as DIR/qat.partial/, renamed once complete)
     pack      verify.pack_build.write_pack(DIR/run, DIR/pack.npz, ...)  -> DIR/pack.npz
               (while it runs, finished attacks in DIR/pack.npz.partial/, removed when the stage is done)
     verify    verify.run(artifact, DIR/pack.npz, gates=...) for every artifact of the manifest (and the
-              QAT artifact, reported as onnx-int8-qat) -> DIR/verify/<format>.json (report), .xml (JUnit),
-              .md (Markdown) and .png (chart);
+              QAT artifact, reported as onnx-int8-qat, named onnx-int8 (qat)) -> DIR/verify/<format>.json
+              (report), .xml (JUnit), .md (Markdown) and .png (chart);
               while it runs, DIR/verify/<format>.state.json (removed when the stage is done)
 
 The trainer and the QAT fine-tuning (torch) are imported when their stage runs; everything else here is
@@ -38,7 +38,7 @@ from ciard_deploy.verify.report import VerifyReport
 from ciard_deploy.verify.state import VerifyState
 from ciard_deploy.workflow.planning import attacked_artifacts, checkpoint_files, pack_eps
 from ciard_deploy.workflow.summary import verified_artifacts
-from ciard_deploy.workflow.state import Action, Layout, report_paths, state_path
+from ciard_deploy.workflow.state import QAT_NAME, QAT_REPORT, Action, Layout, report_paths, state_path
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., None]
@@ -115,17 +115,33 @@ def _run_export(ctx: StageContext) -> list[Path]:
     return files + [ctx.layout.export / "manifest.json"]
 
 
+def qat_partial_path(layout: Layout) -> Path:
+    """Where the quantize stage writes its folder before it becomes DIR/qat/ (a rename, once complete)."""
+    return layout.root / "qat.partial"
+
+
 def _run_quantize(ctx: StageContext) -> list[Path]:
     """Fine-tunes the distilled student with fake quantization (the recipe's quantize: section, its method
-    and teachers) and writes DIR/qat/model.qat.int8.onnx + manifest.json (the workflow's own: replaced)."""
+    and teachers) and writes DIR/qat/model.qat.int8.onnx + manifest.json (the workflow's own: replaced).
+
+    Never half-written: the earlier DIR/qat/ is removed before the fine-tuning, and the new one is written
+    into DIR/qat.partial/ and renamed into place once complete. An interrupted stage (Ctrl-C, a killed job)
+    leaves no DIR/qat/ (a stale DIR/qat.partial/ at most, removed by the next call), and runs again whole:
+    the fine-tuning is short and keeps no checkpoint to resume from.
+    """
     from ciard_deploy.quantize_aware.export import export_qat  # imports torch: the workflow package stays torch-free
     from ciard_deploy.quantize_aware.finetune import finetune  # imports torch
 
+    qat, partial = ctx.layout.qat, qat_partial_path(ctx.layout)
+    for old in (qat, partial):
+        if old.exists():
+            shutil.rmtree(old)
     device = ctx.device or ctx.recipe.train.device
     result = finetune(ctx.layout.run, recipe=ctx.recipe, device="cpu" if device in (None, "auto") else device)
-    manifest = export_qat(result, ctx.layout.qat, n=ctx.recipe.deploy.parity_n, force=True,
-                          threads=ctx.threads, check=False)
-    return [ctx.layout.qat / a.file for a in manifest.artifacts] + [ctx.layout.qat / "manifest.json"]
+    manifest = export_qat(result, partial, n=ctx.recipe.deploy.parity_n, force=True, threads=ctx.threads,
+                          check=False)
+    partial.rename(qat)
+    return [qat / a.file for a in manifest.artifacts] + [qat / "manifest.json"]
 
 
 def pack_partial_path(layout: Layout) -> Path:
@@ -226,6 +242,7 @@ def _run_verify(ctx: StageContext) -> list[Path]:
 
         options = dict(gates=gates, policy=_policy(ctx.recipe), provider=BACKENDS.get(a.runtime).provider_for(d.provider),
                        live=list(d.live_attacks), live_n=d.live_n, seed=d.seed, threads=ctx.threads,
+                       name=QAT_NAME if name == QAT_REPORT else None,
                        progress=ctx.progress_for(f"verify {name}"), state_path=states[name], on_state=on_state)
         try:
             report = verify_run(file, ctx.layout.pack, **options)
@@ -260,4 +277,4 @@ def _combined_chart(layout: Layout, names: list[str]) -> None:
         log.info("no combined accuracy chart: %s", e)
 
 
-__all__ = ["Progress", "StageContext", "pack_partial_path", "run_stage"]
+__all__ = ["Progress", "StageContext", "pack_partial_path", "qat_partial_path", "run_stage"]

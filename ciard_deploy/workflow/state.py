@@ -20,6 +20,7 @@ from ciard_deploy.io import atomic_write_json
 STAGES = ("distill", "export", "pack", "verify")
 QAT_STAGES = ("distill", "export", "quantize", "pack", "verify")  # a recipe with a quantize: section
 QAT_REPORT = "onnx-int8-qat"  # the report name of the quantize stage's artifact (the export's is onnx-int8)
+QAT_NAME = "onnx-int8 (qat)"  # how summaries and reports name it (the export's INT8 artifact is onnx-int8)
 STATE_NAME = "workflow.json"
 STATE_FORMAT = "ciard-workflow/1"
 Stage = Literal["distill", "export", "quantize", "pack", "verify"]
@@ -69,11 +70,15 @@ def stages_of(recipe: Any) -> tuple[str, ...]:
     return QAT_STAGES if getattr(recipe, "quantize", None) is not None else STAGES
 
 
-def paths_of(layout: Layout) -> dict[str, str]:
-    """Every part of the workflow dir by name (for ``WorkflowResult.to_dict``)."""
-    return {"state": str(layout.state), "recipe": str(layout.recipe), "run": str(layout.run),
-            "plots": str(layout.run / "plots"), "export": str(layout.export),
-            "manifest": str(layout.export / "manifest.json"), "pack": str(layout.pack), "verify": str(layout.verify)}
+def paths_of(layout: Layout, qat: bool = False) -> dict[str, str]:
+    """Every part of the workflow dir by name (for ``WorkflowResult.to_dict``); ``qat`` (a recipe with
+    ``quantize:``): the quantize stage's folder and manifest too."""
+    paths = {"state": str(layout.state), "recipe": str(layout.recipe), "run": str(layout.run),
+             "plots": str(layout.run / "plots"), "export": str(layout.export),
+             "manifest": str(layout.export / "manifest.json")}
+    if qat:
+        paths.update(qat=str(layout.qat), qat_manifest=str(layout.qat / "manifest.json"))
+    return {**paths, "pack": str(layout.pack), "verify": str(layout.verify)}
 
 
 def report_paths(layout: Layout, name: str) -> dict[str, Path]:
@@ -149,5 +154,6 @@ def new_state(entry: str) -> dict[str, Any]:
             "updated": now, "status": "running", "recipe": {}, "stages": {s: {"status": "pending"} for s in STAGES}}
 
 
-__all__ = ["Action", "Layout", "QAT_REPORT", "QAT_STAGES", "STAGES", "STATE_FORMAT", "STATE_NAME", "Stage", "StateFile",
-           "check_out_dir", "load_state", "new_state", "paths_of", "report_paths", "stages_of", "state_path"]
+__all__ = ["Action", "Layout", "QAT_NAME", "QAT_REPORT", "QAT_STAGES", "STAGES", "STATE_FORMAT", "STATE_NAME", "Stage",
+           "StateFile", "check_out_dir", "load_state", "new_state", "paths_of", "report_paths", "stages_of",
+           "state_path"]

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from ciard_deploy.export.manifest import load_manifest
 from ciard_deploy.checkpoints import checkpoint_paths, resolve_checkpoint
 from ciard_deploy.verify.report import VerifyReport
-from ciard_deploy.workflow.state import QAT_REPORT, Layout, paths_of, report_paths
+from ciard_deploy.workflow.state import QAT_NAME, QAT_REPORT, Layout, paths_of, report_paths
 
 
 @dataclass
@@ -49,6 +49,7 @@ class WorkflowResult:
             attacks, size of its checkpoint).
         failures: one line per failed gate, failing warning (``mismatch V104``) or export check.
         state: the content of ``workflow.json``.
+        qat: the recipe has a ``quantize:`` section (its paths list DIR/qat/).
     """
 
     out_dir: Path
@@ -57,6 +58,7 @@ class WorkflowResult:
     reference: dict[str, Any]
     failures: list[str]
     state: dict[str, Any]
+    qat: bool = False
 
     @property
     def failed(self) -> bool:
@@ -86,7 +88,7 @@ class WorkflowResult:
         return {"kind": "ciard.workflow_result", "status": self.status, "out_dir": str(self.out_dir),
                 "stages": {k: asdict(v) for k, v in self.stages.items()}, "artifacts": self.rows,
                 "reference": self.reference, "failures": self.failures,
-                "paths": paths_of(Layout(self.out_dir)), "state": self.state}
+                "paths": paths_of(Layout(self.out_dir), self.qat), "state": self.state}
 
 
 def verified_artifacts(layout: Layout, qat: bool = False) -> list[tuple[str, Any, Path]]:
@@ -100,13 +102,13 @@ def verified_artifacts(layout: Layout, qat: bool = False) -> list[tuple[str, Any
 
 def summarize(layout: Layout, qat: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any], list[str]]:
     """Rows per artifact, the PyTorch reference and the failures, from the manifests and the reports on disk
-    (``qat``: the quantize stage's artifact too, in a row named ``onnx-int8 (qat)``)."""
+    (``qat``: the quantize stage's artifact too, in a row named ``onnx-int8 (qat)``: ``QAT_NAME``)."""
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     pack: dict[str, Any] = {}
     for report_name, a, file in verified_artifacts(layout, qat):
         paths = report_paths(layout, report_name)
-        name = f"{a.name} (qat)" if report_name == QAT_REPORT else a.name
+        name = QAT_NAME if report_name == QAT_REPORT else a.name
         rep = VerifyReport.from_json(paths["json"])
         pack = rep.pack
         wc = rep.results.get("worst_case") or {}

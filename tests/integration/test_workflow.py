@@ -45,12 +45,6 @@ def assert_one_line_error(res, code, *needles):
         assert n in errors[0], errors[0]
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, str]]:
-    """(mtime_ns, sha256) of every file, except the two the workflow rewrites on each call."""
-    return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, sha256_file(p)) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in ("workflow.json", "recipe.yaml")}
-
-
 def stage_actions(summary: Path) -> dict[str, str]:
     return {k: v["action"] for k, v in json.loads(summary.read_text())["stages"].items()}
 
@@ -192,7 +186,7 @@ def test_workflow_state_records_inputs_and_outputs(first):
 
 
 # --------------------------------------------------------------------------- the run folder as every verb's input
-def test_every_verb_takes_the_run_folder_and_says_what_it_picked(first, tmp_path):
+def test_every_verb_takes_the_run_folder_and_says_what_it_picked(first, tmp_path, snapshot):
     out = first["out"]
     before = snapshot(out)
     student = out / "run" / "student_best.safetensors"
@@ -223,7 +217,7 @@ def test_every_verb_takes_the_run_folder_and_says_what_it_picked(first, tmp_path
 
 
 # --------------------------------------------------------------------------- re-runs
-def test_second_run_skips_every_stage_and_touches_no_output(first, sets):
+def test_second_run_skips_every_stage_and_touches_no_output(first, sets, snapshot):
     out = first["out"]
     before = snapshot(out)
     res, summary, seconds = run_cli(out, sets)
@@ -234,7 +228,7 @@ def test_second_run_skips_every_stage_and_touches_no_output(first, sets):
     assert seconds < first["seconds"] / 3, (seconds, first["seconds"])
 
 
-def test_from_verify_reruns_only_verify(first, sets):
+def test_from_verify_reruns_only_verify(first, sets, snapshot):
     out = first["out"]
     before = snapshot(out)
     res, summary, _ = run_cli(out, sets, "--from", "verify")
@@ -249,7 +243,7 @@ def test_from_verify_reruns_only_verify(first, sets):
     assert again == json.loads(first["summary"].read_text())["artifacts"][1]["worst_case"]["acc"]
 
 
-def test_from_export_reruns_export_pack_and_verify_but_not_training(first, sets):
+def test_from_export_reruns_export_pack_and_verify_but_not_training(first, sets, snapshot):
     import numpy as np
 
     from ciard_deploy.verify import load_pack
@@ -275,7 +269,7 @@ def test_from_export_reruns_export_pack_and_verify_but_not_training(first, sets)
     assert st["status"] == "passed" and st["stages"]["export"]["runs"] == 2 and st["stages"]["distill"]["runs"] == 1
 
 
-def test_a_stricter_gate_rejudges_only_verify_and_exits_1(first, sets):
+def test_a_stricter_gate_rejudges_only_verify_and_exits_1(first, sets, snapshot):
     out = first["out"]
     before = snapshot(out)
     measured = json.loads((out / "verify" / "onnx.json").read_text())["metrics"]
@@ -419,7 +413,7 @@ TRAIN_SETS = ["deploy.formats=[onnx]", "train.epochs=2", "train.eval_every=2", "
               "deploy.square_n=20", "deploy.gates={min_clean: 0.5, min_agreement: 0.99}"]  # these gates alone
 
 
-def test_a_train_recipe_runs_the_chain_and_from_distill_trains_again_from_scratch(tmp_path):
+def test_a_train_recipe_runs_the_chain_and_from_distill_trains_again_from_scratch(tmp_path, snapshot):
     out = tmp_path / "pgd-at"
     res, summary, _ = run_cli(out, TRAIN_SETS, recipe=TRAIN_RECIPE)
     assert res.exit_code == 0, (res.stdout, res.stderr)
@@ -446,7 +440,7 @@ def test_a_train_recipe_runs_the_chain_and_from_distill_trains_again_from_scratc
     assert after[student][1] == before[student][1]
 
 
-def test_bad_inputs_exit_2_and_leave_the_workflow_alone(first, sets, tmp_path):
+def test_bad_inputs_exit_2_and_leave_the_workflow_alone(first, sets, tmp_path, snapshot):
     out = first["out"]
     before = snapshot(out)
     res = invoke("run", RECIPE, "--out", out, "--from", "deploy")

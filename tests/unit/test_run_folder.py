@@ -9,9 +9,9 @@ import json
 import pytest
 
 from ciard_deploy.errors import ArtifactError
-from ciard_deploy.run_folder import (exported_artifacts, is_run_folder, resolve_run_folder, run_folder_of,
-                                     verify_settings)
-from ciard_deploy.workflow import STATE_FORMAT
+from ciard_deploy.run_folder import (artifact_name, exported_artifacts, is_run_folder, qat_artifacts,
+                                     resolve_run_folder, run_folder_of, verify_settings)
+from ciard_deploy.workflow import STATE_FORMAT, Layout, paths_of
 
 pytestmark = pytest.mark.unit
 
@@ -67,3 +67,32 @@ def test_an_artifact_knows_its_run_folder_and_the_verify_settings_are_read(tmp_p
     assert run_folder_of(tmp_path / "export" / "model.onnx") is None  # no workflow.json above it
     assert resolve_run_folder(root, "export") == root / "export"
     assert verify_settings(root) == inputs
+
+
+def test_the_qat_folder_is_a_part_its_artifact_knows_its_run_folder_and_is_named_apart(tmp_path):
+    """DIR/qat/ (the quantize stage's, a recipe with quantize:) is a part like export/; a run folder whose
+    recipe never had quantize: has no QAT artifact ([]), one whose quantize stage is recorded but whose
+    qat/ is missing says so (the stage's status and the command that finishes it)."""
+    root = make_run_folder(tmp_path / "wf", {"export": {"status": "done"}, "quantize": {"status": "interrupted"}})
+    with pytest.raises(ArtifactError, match=r"without a QAT artifact \(qat/manifest.json\): its quantize stage is "
+                                            r"interrupted; finish it with `ciard run RECIPE --out "):
+        qat_artifacts(root)
+    (root / "qat").mkdir()
+    (root / "qat" / "manifest.json").write_text("{}")
+    assert resolve_run_folder(root, "qat") == root / "qat"
+    assert resolve_run_folder(root / "qat", "qat") == root / "qat"  # a QAT folder itself: as it is
+    assert run_folder_of(root / "qat" / "model.qat.int8.onnx") == root
+    assert artifact_name(root / "qat" / "model.qat.int8.onnx") == "onnx-int8 (qat)"  # as ciard run's summary
+    assert artifact_name(root / "export" / "model.int8.onnx") == "model.int8.onnx"
+    assert artifact_name(tmp_path / "qat" / "model.qat.int8.onnx") == "model.qat.int8.onnx"  # not in a run folder
+    plain = make_run_folder(tmp_path / "plain", {"export": {"status": "done"}})
+    assert qat_artifacts(plain) == []  # no quantize stage recorded: nothing to add
+
+
+def test_the_paths_name_the_qat_folder_only_with_a_quantize_section(tmp_path):
+    layout = Layout(tmp_path)
+    assert "qat" not in paths_of(layout) and "qat_manifest" not in paths_of(layout)
+    paths = paths_of(layout, qat=True)
+    assert paths["qat"] == str(tmp_path / "qat") and paths["qat_manifest"] == str(tmp_path / "qat" / "manifest.json")
+    assert list(paths) == ["state", "recipe", "run", "plots", "export", "manifest", "qat", "qat_manifest", "pack",
+                           "verify"]
