@@ -9,6 +9,9 @@ arithmetic is what onnxruntime's INT8 QDQ and TensorRT's explicit quantization e
 * activations: int8 per tensor, symmetric (zero point 0, as TensorRT requires), on the input of
   every Conv2d and Linear, the scale a moving average of the min/max seen during fine-tuning
   (``MovingAverageMinMaxObserver``), frozen for export;
+* biases: on the int32 grid of scale activation scale x weight scale (zero point 0), as onnxruntime's
+  QLinearConv, its graph optimizer's rewrite of a float bias after DequantizeLinear inputs, and fbgemm
+  add them (``quantize_bias``), so the exported float bias is the value every runtime adds;
 * BatchNorm folded into the preceding convolution first (``torch.fx`` conv-bn fusion, eval
   statistics), as onnxruntime's pre-processing does before quantizing, so the quantized weights
   are the ones that run.
@@ -66,9 +69,25 @@ class FakeQuantLayer(nn.Module):
         else:
             x = self.act_fq(x)
             w = self.weight_fq(self.layer.weight)
+        b = self.layer.bias
+        if b is not None:
+            b = quantize_bias(b, self.act_fq.scale, self.weight_fq.scale)
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.layer.bias)
-        return F.linear(x, w, self.layer.bias)
+            return self.layer._conv_forward(x, w, b)
+        return F.linear(x, w, b)
+
+
+def quantize_bias(bias: torch.Tensor, act_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The bias on the int32 grid of its output channel, ``round(b / s) * s`` with ``s = act_scale * weight_scale``
+    (float32, rounding half to even), as integer kernels add it; gradient straight through (the identity).
+
+    onnxruntime's graph optimizer rewrites the float bias of a DequantizeLinear -> Conv/Gemm this way
+    (``WeightBiasQuantization``, on the layers it picks), QLinearConv and fbgemm take it in int32, and
+    ``export.py`` writes these values: student, artifact and the runtime's rewrite add the same bias.
+    """
+    s = act_scale.detach().to(bias.dtype).reshape(()) * weight_scale.detach().to(bias.dtype)
+    v = bias / s
+    return torch.round(v.detach()) * s + (bias - bias.detach())  # value exactly round(v) * s
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
