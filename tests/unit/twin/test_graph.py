@@ -75,6 +75,10 @@ CASES: dict[str, Callable[[], tuple[onnx.ModelProto, tuple]]] = {
                                 inits={"k": np.float32(8.0)}), ()),
     "Neg-Abs": lambda: (graph([node("Neg", ["x"], "n"), node("Abs", ["n"])]), ()),
     "Exp-Sqrt": lambda: (graph([node("Exp", ["x"], "e"), node("Sqrt", ["e"])]), ()),
+    "Round-half-to-even": lambda: (graph([node("Mul", ["x", "k"], "m"), node("Add", ["m", "h"], "t"),
+                                         node("Round", ["t"])],  # x * 0 + (-2.5, -1.5, ..., 2.5): halves
+                                        inits={"k": np.float32(0.0), "h": np.arange(-2.5, 3.0, 1.0, np.float32)}),
+                                  ()),
     "Clip": lambda: (graph([node("Clip", ["x", "lo", "hi"])], inits={"lo": np.float32(0.2), "hi": np.float32(0.7)}),
                      ()),
     "Clip-min-only": lambda: (graph([node("Clip", ["x", "lo"])], inits={"lo": np.float32(0.2)}), ()),
