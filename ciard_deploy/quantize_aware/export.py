@@ -187,7 +187,8 @@ def export_qat(result: QatResult, out_dir: str | Path, *, n: int = 512, force: b
         exporter = {"tool": f"torch.onnx TorchScript exporter (torch {torch.__version__}) of the fake-quantized "
                             "student", "format": "QDQ", "weights": "int8 per-channel, symmetric (learned in QAT)",
                     "activations": "int8 per-tensor symmetric (learned in QAT)",
-                    "bias": "float32 on the int32 grid of scale activation x weight scale", "int8_weight_tensors": n_weights}
+                    "bias": "float32 on the int32 grid of scale activation x weight scale",
+                    "int8_weight_tensors": n_weights}
         ispec = ctx.input_spec(spec)
         rec = ArtifactRecord(name="onnx-int8", file=QAT_FILE, format="onnx", precision="int8",
                              runtime="onnxruntime", opset=info["opset"], ir_version=info["ir_version"],

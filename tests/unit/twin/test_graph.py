@@ -285,9 +285,9 @@ def test_dynamic_batch_gradients_copy_and_device():
     model = CONV_NET[1]()
     twin = build_twin(model)
     assert isinstance(twin, OnnxTwin) and not twin.training and twin.precision == "fp32"
-    for n in (1, 7):
+    for n in (1, 7):  # logits up to ~25: another summation order moves them by ulps of 25 (2e-6), near 0 too
         x = rand(n, 4, 6, 6)
-        np.testing.assert_allclose(twin_run(model, x), ort_run(model, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(twin_run(model, x), ort_run(model, x), rtol=1e-5, atol=1e-5)
     x = torch.from_numpy(rand(3, 4, 6, 6)).requires_grad_(True)
     torch.nn.functional.cross_entropy(twin(x), torch.tensor([0, 1, 2])).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
