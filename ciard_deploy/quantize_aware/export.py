@@ -4,10 +4,15 @@ The frozen fake-quantized student is exported with the TorchScript exporter (the
 does not lower ``fake_quantize_*``): every fake quantization becomes a QuantizeLinear/DequantizeLinear
 pair with the scale learned in fine-tuning. The weights' pairs are then folded into int8 initializers
 read by a DequantizeLinear (per output channel), the layout onnxruntime's ``quantize_static`` writes,
-so the file holds int8 weights. The artifact carries the metadata ``export`` writes into every artifact
-(precision int8, the FP32 checkpoint as its source, the QAT settings as its ``calibration``) and is
-checked like an export: re-opened in onnxruntime and compared with the PyTorch fake-quantized student
-(its reference) on the test images, at the INT8 agreement threshold. ``manifest.json`` lists it.
+so the file holds int8 weights. Each bias, which the student rounds to the int32 grid of activation
+scale x weight scale (``fakequant.quantize_bias``), is folded into one float32 initializer: the
+float-bias layout TensorRT's explicit quantization takes, holding the values onnxruntime's graph
+optimizer adds when it rewrites such a bias to int32 itself, so student, file, onnxruntime and the
+twin (``ciard_deploy.twin``) add the same bias. The artifact carries the metadata ``export`` writes into
+every artifact (precision int8, the FP32 checkpoint as its source, the QAT settings as its
+``calibration``) and is checked like an export: re-opened in onnxruntime and compared with the PyTorch
+fake-quantized student (its reference) on the test images, at the INT8 agreement threshold.
+``manifest.json`` lists it.
 """
 
 from __future__ import annotations
@@ -36,8 +41,14 @@ from ciard_deploy.runtime.base import INPUT_NAME, OUTPUT_NAME
 QAT_FILE = "model.qat.int8.onnx"
 
 
+#: the elementwise arithmetic the exporter leaves on constants (the bias of ``fakequant.quantize_bias``), in
+#: numpy float32: the same IEEE operations, rounding half to even, as the student's torch ops
+_ARITHMETIC = {"Round": np.rint, "Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide}
+
+
 def _value(proto: Any, name: str) -> np.ndarray | None:
-    """An initializer's or a Constant's value by tensor name, through Identity and Cast (None: computed)."""
+    """An initializer's or a Constant's value by tensor name, through Identity, Cast and elementwise arithmetic
+    on constants (None: computed from the input)."""
     from onnx import numpy_helper
 
     for t in proto.graph.initializer:
@@ -53,7 +64,52 @@ def _value(proto: Any, name: str) -> np.ndarray | None:
                 v = _value(proto, n.input[0])
                 return None if v is None else v.astype(numpy_helper.helper.tensor_dtype_to_np_dtype(
                     next(a.i for a in n.attribute if a.name == "to")))
+            if n.op_type in _ARITHMETIC:
+                args = [_value(proto, i) for i in n.input]
+                if any(a is None for a in args):
+                    return None
+                out = _ARITHMETIC[n.op_type](*args)
+                return out.astype(args[0].dtype) if isinstance(out, np.ndarray) else np.asarray(out, args[0].dtype)
     return None
+
+
+def _drop_dead_nodes(proto: Any) -> None:
+    """Removes the nodes and initializers nothing reads any more (the graph output excepted)."""
+    outputs = {o.name for o in proto.graph.output}
+    while True:
+        used = {i for n in proto.graph.node for i in n.input} | outputs
+        dead = [n for n in proto.graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            proto.graph.node.remove(n)
+    keep = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+
+
+def fold_bias(proto: Any) -> int:
+    """Replaces each Conv/Gemm bias computed from constants (the int32-grid rounding of
+    ``fakequant.quantize_bias``, which the TorchScript exporter leaves as Round/Mul/Add nodes) by one float32
+    initializer holding its value; returns how many. The file then has the float bias a QAT export for
+    TensorRT carries, and onnxruntime's own int32 rewrite of it gives back the same values."""
+    from onnx import numpy_helper
+
+    inits = {t.name for t in proto.graph.initializer}
+    folded = 0
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2] or node.input[2] in inits:
+            continue
+        b = _value(proto, node.input[2])
+        if b is None or b.dtype != np.float32:
+            continue
+        name = f"{node.name.strip('/').replace('/', '.') or node.output[0]}.bias_int32_grid"
+        proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(b), name))
+        inits.add(name)
+        node.input[2] = name
+        folded += 1
+    _drop_dead_nodes(proto)
+    return folded
 
 
 def fold_weight_quantization(proto: Any) -> int:
@@ -84,10 +140,7 @@ def fold_weight_quantization(proto: Any) -> int:
                     other.input[i] = name
         proto.graph.node.remove(node)
         folded += 1
-    used = {i for n in proto.graph.node for i in n.input}
-    keep = [t for t in proto.graph.initializer if t.name in used]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
+    _drop_dead_nodes(proto)
     return folded
 
 
@@ -126,13 +179,16 @@ def export_qat(result: QatResult, out_dir: str | Path, *, n: int = 512, force: b
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
         proto = onnx.load(str(raw))
         n_weights = fold_weight_quantization(proto)
+        fold_bias(proto)
         calibration = {"source": "qat", "split": "train", "n": result.settings["train_images"], "sha256": None,
                        "qat": result.describe()}
         dest = staging / QAT_FILE
         info = save_onnx(proto, dest, ctx.artifact_metadata(spec, opts.opset, calibration=calibration), opts.opset)
         exporter = {"tool": f"torch.onnx TorchScript exporter (torch {torch.__version__}) of the fake-quantized "
                             "student", "format": "QDQ", "weights": "int8 per-channel, symmetric (learned in QAT)",
-                    "activations": "int8 per-tensor symmetric (learned in QAT)", "int8_weight_tensors": n_weights}
+                    "activations": "int8 per-tensor symmetric (learned in QAT)",
+                    "bias": "float32 on the int32 grid of scale activation x weight scale",
+                    "int8_weight_tensors": n_weights}
         ispec = ctx.input_spec(spec)
         rec = ArtifactRecord(name="onnx-int8", file=QAT_FILE, format="onnx", precision="int8",
                              runtime="onnxruntime", opset=info["opset"], ir_version=info["ir_version"],

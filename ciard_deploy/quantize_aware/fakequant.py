@@ -12,6 +12,9 @@ arithmetic is what onnxruntime's INT8 QDQ and TensorRT's explicit quantization e
   observed value, then a parameter trained by gradient with the weights (LSQ, Esser et al. 2020:
   ``torch._fake_quantize_learnable_per_tensor_affine``, gradient scaled by 1/sqrt(numel * 127),
   no weight decay), in the attacks' passes as well; frozen for export either way;
+* biases: on the int32 grid of scale activation scale x weight scale (zero point 0), as onnxruntime's
+  QLinearConv, its graph optimizer's rewrite of a float bias after DequantizeLinear inputs, and fbgemm
+  add them (``quantize_bias``), so the exported float bias is the value every runtime adds;
 * BatchNorm folded into the preceding convolution first (``torch.fx`` conv-bn fusion, eval
   statistics), as onnxruntime's pre-processing does before quantizing, so the quantized weights
   are the ones that run.
@@ -78,14 +81,30 @@ class FakeQuantLayer(nn.Module):
         else:
             x = self.act_fq(x)
             w = self.weight_fq(self.layer.weight)
+        b = self.layer.bias
+        if b is not None:  # on the grid of the scales this pass used
+            act = self.act_fq.scale if self.act_scale is None or self.frozen else self.act_scale.abs() + 1e-12
+            b = quantize_bias(b, act, self.weight_fq.scale)
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.layer.bias)
-        return F.linear(x, w, self.layer.bias)
-
+            return self.layer._conv_forward(x, w, b)
+        return F.linear(x, w, b)
 
     @property
     def _zero(self) -> torch.Tensor:
         return torch.zeros(1, device=self.act_scale.device)
+
+
+def quantize_bias(bias: torch.Tensor, act_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The bias on the int32 grid of its output channel, ``round(b / s) * s`` with ``s = act_scale * weight_scale``
+    (float32, rounding half to even), as integer kernels add it; gradient straight through (the identity).
+
+    onnxruntime's graph optimizer rewrites the float bias of a DequantizeLinear -> Conv/Gemm this way
+    (``WeightBiasQuantization``, on the layers it picks), QLinearConv and fbgemm take it in int32, and
+    ``export.py`` writes these values: student, artifact and the runtime's rewrite add the same bias.
+    """
+    s = act_scale.detach().to(bias.dtype).reshape(()) * weight_scale.detach().to(bias.dtype)
+    v = bias / s
+    return torch.round(v.detach()) * s + (bias - bias.detach())  # value exactly round(v) * s
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -254,6 +254,7 @@ OPS: dict[str, Callable[..., Any]] = {
     "Abs": lambda a, x: x.abs(),
     "Sqrt": lambda a, x: x.sqrt(),
     "Exp": lambda a, x: x.exp(),
+    "Round": lambda a, x: torch.round(x),  # half to even, as ONNX
     "Relu": lambda a, x: F.relu(x),
     "LeakyRelu": lambda a, x: F.leaky_relu(x, a.get("alpha", 0.01)),
     "Sigmoid": lambda a, x: torch.sigmoid(x),

@@ -1,10 +1,8 @@
 """`ciard run` with a ``quantize:`` section (issue 17 item 4): distill -> export -> quantize -> pack -> verify
 on the quick CIARD digits recipe, shrunk by ``--set`` (short teachers, as tests/integration/test_workflow.py
 makes them, so the session's teacher cache serves both; a 3-epoch student; a 1-epoch QAT on 256 images;
-small pack and verify budgets, no gates; the twin of so short a QAT may miss the 99.5 % fidelity bar on 100
-random points in the ball, so the pack attacks through it anyway: this test is about the chain, not the
-numbers). The QAT artifact lands in DIR/qat/, is attacked white-box by the pack stage and verified like the
-export's artifacts.
+small pack and verify budgets, no gates). The QAT artifact lands in DIR/qat/, is attacked white-box by the
+pack stage (through its twin, which has to pass the fidelity bar) and verified like the export's artifacts.
 
 One run folder is made per module, for real: its first call is interrupted (Ctrl-C) inside the QAT
 fine-tuning, so the second call, which finishes it, also proves that an interrupted quantize stage runs
@@ -34,7 +32,7 @@ def sets(short_digits_teachers) -> list[str]:
     return [*short_digits_teachers,
             "train.epochs=3", "train.eval_every=3", "train.final_attacks=[]", "deploy.formats=[onnx-int8]",
             "deploy.pack.n=100", "deploy.parity_n=100", "deploy.calib_n=128", "deploy.pack.attacks=[fgsm]",
-            "deploy.pack.artifact_attacks=[mtpgd10]", "deploy.pack.allow_untrusted_twin=true",
+            "deploy.pack.artifact_attacks=[mtpgd10]",
             "deploy.live_attacks=[]", "deploy.gates={}",
             "quantize={mode: qat, epochs: 1, train_subset: 256}"]
 
