@@ -183,7 +183,8 @@ def export_qat(result: QatResult, out_dir: str | Path, *, n: int = 512, force: b
         calibration = {"source": "qat", "split": "train", "n": result.settings["train_images"], "sha256": None,
                        "qat": result.describe()}
         dest = staging / QAT_FILE
-        info = save_onnx(proto, dest, ctx.artifact_metadata(spec, opts.opset, calibration=calibration), opts.opset)
+        in_file = {**calibration, "qat": result.describe(reproducible=True)}  # same run, same bytes
+        info = save_onnx(proto, dest, ctx.artifact_metadata(spec, opts.opset, calibration=in_file), opts.opset)
         exporter = {"tool": f"torch.onnx TorchScript exporter (torch {torch.__version__}) of the fake-quantized "
                             "student", "format": "QDQ", "weights": "int8 per-channel, symmetric (learned in QAT)",
                     "activations": "int8 per-tensor symmetric (learned in QAT)",

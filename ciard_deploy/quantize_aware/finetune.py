@@ -49,8 +49,15 @@ class QatResult:
     settings: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
 
-    def describe(self) -> dict[str, Any]:
-        return {**self.settings, "history": self.history, "scales": scales(self.model)}
+    def describe(self, reproducible: bool = False) -> dict[str, Any]:
+        """The settings, the per-epoch history and the learned scales. ``reproducible``: without what
+        changes between identical runs (each epoch's seconds, the checkpoint's absolute path), as the
+        artifact carries it, so the same fine-tuning always writes the same bytes."""
+        if not reproducible:
+            return {**self.settings, "history": self.history, "scales": scales(self.model)}
+        history = [{k: v for k, v in line.items() if k != "time_s"} for line in self.history]
+        settings = {**self.settings, "source_checkpoint": Path(self.settings["source_checkpoint"]).name}
+        return {**settings, "history": history, "scales": scales(self.model)}
 
 
 def run_recipe(run_dir: Path) -> RecipeBase:

@@ -225,3 +225,18 @@ def test_learned_activation_scales_move_by_gradient_and_land_in_the_file(qat_exp
     expect = sorted(v["activation_scale"] for v in learned.values())
     assert len(q_scales) == len(expect) and np.allclose(q_scales, expect, rtol=1e-6)
     assert_faithful_qdq(path)
+
+
+def test_the_same_fine_tuning_exports_the_same_bytes(qat_export, tmp_path: Path) -> None:
+    """The artifact carries no wall-clock seconds and no absolute path: a re-made QAT stage whose weights
+    are the same writes the same file (so pack and verify need not run again), the manifest keeps both."""
+    import dataclasses
+    import json
+
+    result, manifest, path = qat_export
+    later = dataclasses.replace(result, history=[{**line, "time_s": line["time_s"] + 12.5} for line in result.history])
+    again = export_qat(later, tmp_path / "again", n=200)
+    assert (tmp_path / "again" / QAT_FILE).read_bytes() == path.read_bytes()
+    recorded = json.loads((tmp_path / "again" / "manifest.json").read_text())["artifacts"][0]["calibration"]["qat"]
+    assert recorded["history"][0]["time_s"] == result.history[0]["time_s"] + 12.5
+    assert Path(recorded["source_checkpoint"]).is_absolute() and again.artifacts[0].passed
