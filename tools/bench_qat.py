@@ -117,12 +117,13 @@ def bench(dataset: str, run_dir: Path, work: Path, args: argparse.Namespace) -> 
     d = recipe.deploy
     n = args.n or DATASETS[dataset]["n"]
     calib_n = d.calib_n if d is not None else 512
+    root = {"data_root": str(recipe.data.data_root)} if recipe.data.data_root else {}  # an image folder's
     timings: dict[str, float] = {}
     files: dict[str, Path] = {}
     for source in args.calib:
         t0 = time.perf_counter()
         res = export.run(run_dir, work / f"export-{source}", ["onnx", "onnx-int8"], n=n, threads=args.threads,
-                         force=True, check=False, calib=source, calib_n=calib_n, calib_method=args.calib_method)
+                         force=True, check=False, calib=source, calib_n=calib_n, calib_method=args.calib_method, **root)
         timings[f"export ({source} calibration)"] = round(time.perf_counter() - t0, 1)
         files.setdefault("FP32", res.path("onnx"))
         files[f"PTQ INT8 ({source} calib.)"] = res.path("onnx-int8")
@@ -144,7 +145,7 @@ def bench(dataset: str, run_dir: Path, work: Path, args: argparse.Namespace) -> 
                                             else ["apgd-ce", "apgd-t", "mtpgd100"])
     t0 = time.perf_counter()
     pack = api.pack(run_dir, work / "pack.npz", n=n, attacks=pack_attacks, artifacts=list(files.values()),
-                    artifact_attacks=art_attacks, allow_untrusted_twin=True, threads=args.threads, force=True)
+                    artifact_attacks=art_attacks, allow_untrusted_twin=True, threads=args.threads, force=True, **root)
     timings["pack"] = round(time.perf_counter() - t0, 1)
     log(f"{dataset}: pack ({', '.join(pack_attacks)} transferred; {', '.join(art_attacks)} white-box on each of "
         f"{len(files)} files) in {timings['pack']:.1f} s")
