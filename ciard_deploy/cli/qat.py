@@ -21,7 +21,7 @@ def qat_cmd(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default: the recipe's quantize.epochs, else 2)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate, cosine to 0 (default: the recipe's quantize.lr, else 0.01)."),
     activation_scales: Optional[str] = typer.Option(None, "--activation-scales", help="observed (moving-average min/max) or learned (trained by gradient, LSQ) (default: the recipe's quantize.activation_scales, else observed)."),
-    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Fine-tune on this many of the run's training images (default: all)."),
+    train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Fine-tune on this many of the run's training images (default: the recipe's quantize.train_subset, else all)."),
     n: int = typer.Option(512, "--n", help="Test images of the check against the fake-quantized PyTorch student."),
     threads: ThreadsOption = None,
     force: bool = typer.Option(False, "--force", help="Overwrite model.qat.int8.onnx and manifest.json in --out."),
