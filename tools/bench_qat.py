@@ -110,6 +110,7 @@ def train(dataset: str, work: Path, extra: list[str]) -> Path:
 def bench(dataset: str, run_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Exports, fine-tunes, packs and verifies one run; returns the rows and what they were measured with."""
     from ciard_deploy import api, export
+    from ciard_deploy.config.quantize import QuantizeConfig
     from ciard_deploy.quantize_aware.export import export_qat
     from ciard_deploy.quantize_aware.finetune import finetune, run_recipe
 
@@ -127,9 +128,9 @@ def bench(dataset: str, run_dir: Path, work: Path, args: argparse.Namespace) -> 
         timings[f"export ({source} calibration)"] = round(time.perf_counter() - t0, 1)
         files.setdefault("FP32", res.path("onnx"))
         files[f"PTQ INT8 ({source} calib.)"] = res.path("onnx-int8")
-    q = recipe.quantize
-    epochs = args.qat_epochs or (q.epochs if q else 2)
-    lr = args.qat_lr or (q.lr if q else 0.01)
+    q = recipe.quantize or QuantizeConfig()
+    epochs = args.qat_epochs or q.epochs
+    lr = args.qat_lr or q.lr
     qat_history = {}
     for mode in args.qat_scales:
         t0 = time.perf_counter()
@@ -264,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cifar-tar", type=Path, default=CIFAR_TAR, help="CIFAR-10 JPEG archive extracted once")
     ap.add_argument("--calib", default="clean,adversarial,mixed", help="PTQ calibration sources, one INT8 row each")
     ap.add_argument("--calib-method", default="minmax", help="onnxruntime calibration method")
-    ap.add_argument("--qat-epochs", type=int, help="default: the recipe's quantize.epochs, else 2")
-    ap.add_argument("--qat-lr", type=float, help="default: the recipe's quantize.lr, else 0.01")
+    ap.add_argument("--qat-epochs", type=int, help="default: the recipe's quantize.epochs, else QuantizeConfig's")
+    ap.add_argument("--qat-lr", type=float, help="default: the recipe's quantize.lr, else QuantizeConfig's")
     ap.add_argument("--qat-scales", default="observed", help="QAT activation scales, one QAT row each: observed, "
                                                              "learned or both (comma-separated)")
     ap.add_argument("--qat-train-subset", type=int, help="QAT on this many of the run's training images (default: all)")

@@ -9,8 +9,11 @@ import typer
 
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import ThreadsOption, apply_threads, console, handle_errors
+from ciard_deploy.config.quantize import QuantizeConfig
 from ciard_deploy.errors import GateFailed, UsageError
 from ciard_deploy.signals import terminate_as_interrupt
+
+_DEFAULT = QuantizeConfig()  # the defaults the help states
 
 
 @app.command("qat")
@@ -18,8 +21,8 @@ from ciard_deploy.signals import terminate_as_interrupt
 def qat_cmd(
     run_dir: Path = typer.Argument(..., help="A training run dir (its student_best and recipe.yaml)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.qat.int8.onnx and manifest.json."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Fine-tuning epochs (default: the recipe's quantize.epochs, else 2)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate, cosine to 0 (default: the recipe's quantize.lr, else 0.01)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Fine-tuning epochs (default: the recipe's quantize.epochs, else {_DEFAULT.epochs})."),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"Learning rate, cosine to 0 (default: the recipe's quantize.lr, else {_DEFAULT.lr:g})."),
     activation_scales: Optional[str] = typer.Option(None, "--activation-scales", help="observed (moving-average min/max) or learned (trained by gradient, LSQ) (default: the recipe's quantize.activation_scales, else observed)."),
     train_subset: Optional[int] = typer.Option(None, "--train-subset", help="Fine-tune on this many of the run's training images (default: the recipe's quantize.train_subset, else all)."),
     n: int = typer.Option(512, "--n", help="Test images of the check against the fake-quantized PyTorch student."),
@@ -31,7 +34,7 @@ def qat_cmd(
     ONNX with the learned scales and check it in onnxruntime. `ciard pack --artifact` and `ciard verify`
     measure it like any export.
 
-        ciard qat runs/digits-ciard --out runs/digits-ciard-qat --epochs 2
+        ciard qat runs/digits-ciard --out runs/digits-ciard-qat --epochs 5
     """
     from ciard_deploy.quantize_aware.export import export_qat, refuse_without_int8  # imports torch
     from ciard_deploy.quantize_aware.finetune import finetune, run_recipe  # imports torch

@@ -1,6 +1,6 @@
 """The recipe's ``quantize:`` section: quantization-aware robust fine-tuning of the trained student.
 
-``quantize: {mode: qat, epochs: 2, lr: 0.01}`` fine-tunes the distilled student with INT8 fake
+``quantize: {mode: qat, epochs: 5, lr: 0.01}`` fine-tunes the distilled student with INT8 fake
 quantization in the loop (``quantize_aware``), with the recipe's own method and teachers, then
 exports an INT8 QDQ ONNX carrying the learned scales (``ciard qat``). Like ``deploy``, it is a stage
 after training: the recipe hash leaves it out, so adding it never retrains the student.
@@ -23,7 +23,7 @@ class QuantizeConfig(Options, OmitsNewDefaults):
     OMIT_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"activation_scales"})  # the quantize stage's fingerprint
     mode: Literal["qat"] = Field("qat", description="qat: quantization-aware fine-tuning (the post-training path "
                                                     "is deploy.formats onnx-int8 alone)")
-    epochs: int = Field(2, gt=0, description="fine-tuning epochs with fake quantization in the loop")
+    epochs: int = Field(5, gt=0, description="fine-tuning epochs with fake quantization in the loop")
     lr: float = Field(0.01, gt=0, description="SGD learning rate of the fine-tuning (cosine to 0 over its steps); "
                                               "momentum and weight decay are the recipe's optim ones")
     calib_batches: int = Field(4, gt=0, description="clean training batches that set the activation ranges "
