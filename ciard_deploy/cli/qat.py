@@ -9,8 +9,9 @@ import typer
 
 from ciard_deploy.cli.app import app
 from ciard_deploy.cli.common import ThreadsOption, apply_threads, console, handle_errors
-from ciard_deploy.config.quantize import QuantizeConfig
+from ciard_deploy.config.quantize import QuantizeConfig, quantize_settings
 from ciard_deploy.errors import GateFailed, UsageError
+from ciard_deploy.run_folder import is_run_folder, resolve_run_folder
 from ciard_deploy.signals import terminate_as_interrupt
 
 _DEFAULT = QuantizeConfig()  # the defaults the help states
@@ -19,7 +20,8 @@ _DEFAULT = QuantizeConfig()  # the defaults the help states
 @app.command("qat")
 @handle_errors
 def qat_cmd(
-    run_dir: Path = typer.Argument(..., help="A training run dir (its student_best and recipe.yaml)."),
+    run_dir: Path = typer.Argument(..., help="A training run dir (its student_best and recipe.yaml), or a `ciard run` "
+                                             "folder (its run/)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for model.qat.int8.onnx and manifest.json."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Fine-tuning epochs (default: the recipe's quantize.epochs, else {_DEFAULT.epochs})."),
     lr: Optional[float] = typer.Option(None, "--lr", help=f"Learning rate, cosine to 0 (default: the recipe's quantize.lr, else {_DEFAULT.lr:g})."),
@@ -36,15 +38,23 @@ def qat_cmd(
 
         ciard qat runs/digits-ciard --out runs/digits-ciard-qat --epochs 5
     """
-    from ciard_deploy.quantize_aware.export import export_qat, refuse_without_int8  # imports torch
+    from ciard_deploy.quantize_aware.export import check_qat_output, export_qat, refuse_without_int8  # imports torch
     from ciard_deploy.quantize_aware.finetune import finetune, run_recipe  # imports torch
 
     if not run_dir.is_dir():
         raise UsageError(f"RUN_DIR {run_dir} is not a run dir (a folder with student_best and recipe.yaml)")
+    if is_run_folder(run_dir):  # a `ciard run` folder: its training run dir (DIR/run)
+        run_dir = resolve_run_folder(run_dir, "checkpoint").parent
+    if n < 1:
+        raise UsageError(f"--n {n}: the check needs at least 1 test image")
     threads = apply_threads(threads)
     recipe = run_recipe(run_dir)
     if recipe.deploy is not None:
         refuse_without_int8(list(recipe.deploy.formats))
+    # every setting and --out refused before the fine-tuning (minutes), not after it
+    quantize_settings(recipe.quantize, flags=True, epochs=epochs, lr=lr, train_subset=train_subset,
+                      activation_scales=activation_scales)
+    check_qat_output(out, force, run_dir)
     with terminate_as_interrupt():
         result = finetune(run_dir, recipe=recipe, epochs=epochs, lr=lr, train_subset=train_subset,
                           activation_scales=activation_scales,

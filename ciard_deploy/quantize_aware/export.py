@@ -221,6 +221,21 @@ def export_qat(result: QatResult, out_dir: str | Path, *, n: int = 512, force: b
     return manifest
 
 
+def check_qat_output(out_dir: str | Path, force: bool, run_dir: str | Path | None = None) -> None:
+    """What ``export_qat`` will refuse, checked before the fine-tuning: ``out_dir`` a file, unwritable, holding
+    the files without ``force``, or the run dir itself (its manifest.json would make the training run dir
+    read as an export folder by ``ciard verify``/``inspect``).
+
+    Raises:
+        UsageError: one line naming --out and the problem.
+    """
+    out = Path(out_dir)
+    if run_dir is not None and out.resolve() == Path(run_dir).resolve():
+        raise UsageError(f"--out {out} is the run dir being fine-tuned: write the QAT artifact into a folder of its "
+                         "own (a manifest.json there would make the run dir read as an export folder)")
+    check_output(out, [QAT_FILE, MANIFEST_NAME], force)
+
+
 def refuse_without_int8(formats: list[str]) -> None:
     """QAT makes an INT8 artifact: a request whose targets hold none is refused (exit 2)."""
     if "onnx-int8" not in formats:

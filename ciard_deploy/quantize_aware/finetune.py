@@ -25,7 +25,7 @@ import torch
 
 from ciard_deploy.checkpoints import CheckpointMeta, resolve_checkpoint
 from ciard_deploy.config import DistillRecipe, RecipeBase, load_recipe
-from ciard_deploy.config.quantize import ACTIVATION_SCALES, QuantizeConfig
+from ciard_deploy.config.quantize import quantize_settings
 from ciard_deploy.data import iterate_batches
 from ciard_deploy.distill.loop import train_step
 from ciard_deploy.distill.methods import create_method
@@ -79,25 +79,26 @@ def finetune(run_dir: str | Path, *, epochs: int | None = None, lr: float | None
     learned) default to the recipe's ``quantize`` section (then to ``QuantizeConfig``'s defaults).
 
     Raises:
-        UsageError: no run dir / recipe, a layer the quantizer cannot handle (named), a loss that diverges.
+        UsageError: no run dir / recipe, a bad setting (named, before any work), a ``train_subset`` larger than
+            the training split, a layer the quantizer cannot handle (named), a loss that diverges.
     """
     run_dir = Path(run_dir)
     recipe = recipe or run_recipe(run_dir)
-    q = recipe.quantize or QuantizeConfig()
-    epochs = epochs if epochs is not None else q.epochs
-    lr = lr if lr is not None else q.lr
-    train_subset = train_subset if train_subset is not None else q.train_subset
-    calib_batches = calib_batches if calib_batches is not None else q.calib_batches
-    activation_scales = activation_scales or q.activation_scales
-    if activation_scales not in ACTIVATION_SCALES:
-        raise UsageError(f"QAT: activation_scales must be one of {', '.join(ACTIVATION_SCALES)}, got "
-                         f"{activation_scales!r}")
+    subset_given = train_subset is not None
+    q = quantize_settings(recipe.quantize, epochs=epochs, lr=lr, train_subset=train_subset,
+                          calib_batches=calib_batches, activation_scales=activation_scales)  # before any work
+    epochs, lr, train_subset, calib_batches = q.epochs, q.lr, q.train_subset, q.calib_batches
+    activation_scales = q.activation_scales
     dev = torch.device(device)
     ckpt = resolve_checkpoint(run_dir)
     student, meta = load_model(run_dir)
     qmodel = prepare_qat(student).to(dev)  # refuses a layer it cannot quantize before any data is read
 
     data = prepare_data(recipe)
+    if train_subset is not None and train_subset > len(data.train_idx):
+        key = "QAT: train_subset" if subset_given else f"{recipe.source or 'recipe'}: quantize.train_subset"
+        raise UsageError(f"{key} {train_subset} is more than the {len(data.train_idx)} training images of the run "
+                         "(leave it out to fine-tune on all of them)")
     teachers: dict[str, torch.nn.Module] = {}
     if isinstance(recipe, DistillRecipe):
         teachers, _ = resolve_teachers(recipe, data.info, dev)

@@ -240,3 +240,127 @@ def test_the_same_fine_tuning_exports_the_same_bytes(qat_export, tmp_path: Path)
     recorded = json.loads((tmp_path / "again" / "manifest.json").read_text())["artifacts"][0]["calibration"]["qat"]
     assert recorded["history"][0]["time_s"] == result.history[0]["time_s"] + 12.5
     assert Path(recorded["source_checkpoint"]).is_absolute() and again.artifacts[0].passed
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    from ciard_deploy.fingerprint import sha256_file
+
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the student fails the test: a refusal must come before any work (minutes of fine-tuning)."""
+    from ciard_deploy.quantize_aware import finetune as module
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the student was loaded: the refusal came too late")
+
+    monkeypatch.setattr(module, "load_model", fail)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--activation-scales", "bogus"], "--activation-scales 'bogus': Input should be 'observed' or 'learned'"),
+    (["--epochs", "0"], "--epochs 0: Input should be greater than 0"),
+    (["--epochs", "-3"], "--epochs -3: Input should be greater than 0"),
+    (["--lr", "0"], "--lr 0.0: Input should be greater than 0"),
+    (["--lr", "-0.1"], "--lr -0.1: Input should be greater than 0"),
+    (["--lr", "nan"], "--lr nan: Input should be a finite number"),
+    (["--lr", "inf"], "--lr inf: Input should be a finite number"),
+    (["--train-subset", "0"], "--train-subset 0: Input should be greater than 0"),
+    (["--n", "0"], "--n 0: the check needs at least 1 test image"),
+])
+def test_cli_refuses_a_bad_setting_before_any_work(digits_robust_run: Path, tmp_path: Path, invoke,
+                                                   assert_one_line_error, no_work, flags: list[str],
+                                                   needle: str) -> None:
+    """Each refused in one line naming the flag, before the student is loaded (a bad --lr used to fine-tune for
+    minutes and fail the export check with a NaN model (exit 1); --lr -0.1 was a traceback; --epochs 0 named
+    neither the flag nor the option)."""
+    before = _hashes(digits_robust_run)
+    res = invoke("qat", digits_robust_run, "--out", tmp_path / "out", "--threads", 1, *flags)
+    assert_one_line_error(res, 2, needle)
+    assert not (tmp_path / "out").exists() and _hashes(digits_robust_run) == before
+
+
+def test_cli_refuses_a_bad_out_before_any_work(digits_robust_run: Path, tmp_path: Path, invoke,
+                                               assert_one_line_error, no_work) -> None:
+    """--out a file, under a file, holding the files without --force, or the run dir itself: refused before the
+    fine-tuning (they were refused only after it), every file as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(digits_robust_run, run)
+    (tmp_path / "file").write_text("mine")
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "manifest.json").write_text("{\"mine\": 1}")
+    before = _hashes(tmp_path)
+    cases = [(tmp_path / "file", ["--out", str(tmp_path / "file"), "exists and is not a folder"]),
+             (tmp_path / "file" / "sub", ["cannot write to --out", "is not a folder"]),
+             (held, [str(held), "already holds manifest.json; pass --force to overwrite"]),
+             (run, [f"--out {run} is the run dir being fine-tuned"])]
+    for out, needles in cases:
+        res = invoke("qat", run, "--out", out, "--threads", 1)
+        assert_one_line_error(res, 2, *needles)
+    assert _hashes(tmp_path) == before
+
+
+def test_a_train_subset_larger_than_the_training_split_is_refused(digits_robust_run: Path, tmp_path: Path, invoke,
+                                                                  assert_one_line_error,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to fine-tune on all images and record the number asked for nowhere; now refused before any step,
+    naming the flag's keyword or the recipe file's key."""
+    from ciard_deploy.quantize_aware import finetune as module
+
+    monkeypatch.setattr(module, "train_step", lambda *a, **k: pytest.fail("fine-tuned"))
+    res = invoke("qat", digits_robust_run, "--out", tmp_path / "out", "--threads", 1, "--train-subset", 100000)
+    assert_one_line_error(res, 2, "train_subset 100000 is more than the", "training images of the run")
+    run = tmp_path / "run"
+    shutil.copytree(digits_robust_run, run)
+    recipe = load_recipe(digits_robust_run / "recipe.yaml", ["quantize.train_subset=100000"])
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    res = invoke("qat", run, "--out", tmp_path / "out", "--threads", 1)
+    assert_one_line_error(res, 2, f"{run / 'recipe.yaml'}: quantize.train_subset 100000 is more than the")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_quantize_section_with_an_unknown_key_is_refused(digits_robust_run: Path, tmp_path: Path, invoke,
+                                                                  assert_one_line_error, no_work) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(digits_robust_run, run)
+    (run / "recipe.yaml").write_text((digits_robust_run / "recipe.yaml").read_text()
+                                     + "quantize:\n  mode: qat\n  epocs: 2\n")
+    res = invoke("qat", run, "--out", tmp_path / "out", "--threads", 1)
+    assert_one_line_error(res, 2, f"{run / 'recipe.yaml'}: quantize.epocs: unknown key (did you mean 'epochs'?)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_during_the_fine_tuning_exits_130_and_writes_nothing(digits_robust_run: Path, tmp_path: Path, invoke,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from ciard_deploy.quantize_aware import finetune as module
+
+    def ctrl_c(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "train_step", ctrl_c)
+    res = invoke("qat", digits_robust_run, "--out", tmp_path / "out", "--threads", 1, "--train-subset", 64)
+    assert res.exit_code == 130 and "interrupted" in res.stderr and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []  # no --out, no staging folder beside it
+
+
+def test_cli_takes_a_ciard_run_folder_as_its_run_dir(digits_robust_run: Path, tmp_path: Path, invoke,
+                                                     assert_one_line_error, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ciard qat DIR` on a `ciard run` folder fine-tunes DIR/run (as export, pack and verify read it); it used to
+    say the folder had no checkpoint."""
+    from ciard_deploy.errors import CiardError
+    from ciard_deploy.quantize_aware import finetune as module
+    from ciard_deploy.workflow import STATE_FORMAT
+
+    folder = tmp_path / "wf"
+    shutil.copytree(digits_robust_run, folder / "run")
+    (folder / "workflow.json").write_text(f'{{"format": "{STATE_FORMAT}", "stages": {{}}}}')
+
+    def seen(run_dir: Path, **kwargs: Any) -> None:
+        raise CiardError(f"finetune called on {run_dir}")
+
+    monkeypatch.setattr(module, "finetune", seen)
+    res = invoke("qat", folder, "--out", tmp_path / "out", "--threads", 1)
+    assert_one_line_error(res, 2, f"finetune called on {folder / 'run'}")
