@@ -143,15 +143,31 @@ def exported_artifacts(root: str | Path) -> list[Path]:
 
 def qat_artifacts(root: str | Path) -> list[Path]:
     """The quantize stage's artifacts of run folder ``root`` (DIR/qat/, as its manifest lists them); ``[]``
-    when its recipe never had a ``quantize:`` section (``workflow.json`` records no quantize stage).
+    when its recipe has no ``quantize:`` section: it never had one (``workflow.json`` records no quantize
+    stage), or the last ``ciard run`` ran a recipe without one (``stale_qat``: DIR/qat/ is left as it was,
+    like the workflow's own verify stage and summary, ``ciard verify DIR`` leaves it out).
 
     Raises:
         ArtifactError: a quantize stage is recorded but DIR/qat/ holds no manifest (the stage is not done, or
             its output is gone: one line naming the stage's status and the command that finishes it).
     """
-    if _stage_status(Path(root), "quantize") == "not recorded":
+    if not _recipe_quantizes(Path(root)) or _stage_status(Path(root), "quantize") == "not recorded":
         return []
     return manifest_artifacts(resolve_run_folder(root, "qat"))
+
+
+def _recipe_quantizes(root: Path) -> bool:
+    """The last ``ciard run`` into ``root`` ran a recipe with ``quantize:`` (its recorded stages name it); True
+    when ``workflow.json`` predates that record (the quantize stage's own record decides then)."""
+    stages = (_state(root).get("recipe") or {}).get("stages")
+    return not isinstance(stages, list) or "quantize" in stages
+
+
+def stale_qat(root: str | Path) -> Path | None:
+    """DIR/qat/ of run folder ``root`` when the recipe of its last ``ciard run`` no longer has ``quantize:`` (a
+    folder an earlier recipe's quantize stage wrote: not verified, not in the summary), else None."""
+    folder = Layout(Path(root)).qat
+    return folder if folder.is_dir() and not _recipe_quantizes(Path(root)) else None
 
 
 def run_artifacts(root: str | Path) -> list[Path]:
@@ -199,4 +215,4 @@ def verify_settings(root: str | Path) -> dict[str, Any]:
 
 
 __all__ = ["Need", "artifact_name", "exported_artifacts", "is_export_folder", "is_run_folder", "manifest_artifacts",
-           "qat_artifacts", "resolve_run_folder", "run_artifacts", "run_folder_of", "verify_settings"]
+           "qat_artifacts", "resolve_run_folder", "run_artifacts", "run_folder_of", "stale_qat", "verify_settings"]

@@ -31,7 +31,7 @@ from ciard_deploy.verify.pack_partial import check_partial_dir, partial_dir, rea
 from ciard_deploy.verify.render import render_pack
 from ciard_deploy.errors import CiardError
 from ciard_deploy.run_folder import (artifact_name, is_export_folder, is_run_folder, manifest_artifacts,
-                                     resolve_run_folder, run_artifacts, run_folder_of, verify_settings)
+                                     resolve_run_folder, run_artifacts, run_folder_of, stale_qat, verify_settings)
 from ciard_deploy.runtime import backend_for
 from ciard_deploy.verify.gates import Policy, gates_from_mapping, load_gates
 from ciard_deploy.verify.render import render_report
@@ -225,6 +225,10 @@ def _verify_inputs(artifact: Path, pack: Optional[Path]) -> tuple[list[Path], Pa
     recorded = None
     if is_run_folder(artifact):
         targets, root, recorded = run_artifacts(artifact), artifact, verify_settings(artifact)
+        stale = stale_qat(artifact)
+        if stale is not None:
+            note(f"{stale} is left from an earlier recipe with quantize: (the run's recipe has none now): not "
+                 f"verified (verify its file by name to measure it)")
     elif is_export_folder(artifact):  # what `ciard export` wrote: each artifact its manifest lists
         targets = manifest_artifacts(artifact)
         root = run_folder_of(targets[0])

@@ -146,7 +146,7 @@ def run(recipe: "RecipeBase | str | Path", out_dir: str | Path, *, overrides: Se
     sf.data["recipe"] = {"path": str(rec.source) if rec.source else None, "overrides": list(overrides),
                          "hash": rec.hash, "deploy_hash": canonical_json_hash(rec.deploy.model_dump(mode="json")),
                          "kind": rec.kind, "method": rec.method.name, "arch": rec.model_spec.arch,
-                         "dataset": rec.data.dataset}
+                         "dataset": rec.data.dataset, "stages": list(stages)}  # run_folder.qat_artifacts reads it
     sf.save()
     src = f" from {rec.source}" if rec.source else ""
     atomic_write_text(layout.recipe, f"# the recipe of this workflow{src}, resolved (training hash {rec.short_hash})\n"

@@ -208,17 +208,10 @@ def test_a_qat_artifact_edited_or_deleted_by_hand_is_noticed_and_made_again(firs
     recorded = result["state"]["stages"]["quantize"]["outputs"]
     assert recorded[QAT] == sha256_file(out / QAT)
     assert workflow.outputs_problem(out, recorded) is None
-    # made again with the same weights (one thread, seeded), but not the same bytes: the artifact records its
-    # source checkpoint's path (this copy's), so pack and verify, whose inputs are its sha256, run again
-    assert recorded[QAT] != record["outputs"][QAT]
-    assert actions["pack"] == actions["verify"] == "ran"
-    assert initializers(out / QAT) == initializers(first["out"] / QAT)
-
-
-def initializers(path: Path) -> dict[str, bytes]:
-    import onnx
-
-    return {t.name: t.SerializeToString() for t in onnx.load(str(path)).graph.initializer}
+    # made again, the same bytes (one thread, seeded; the artifact records no path and no seconds), in this copy
+    # too: pack and verify, whose inputs are its sha256, have nothing new to measure
+    assert recorded[QAT] == record["outputs"][QAT] and (out / QAT).read_bytes() == (first["out"] / QAT).read_bytes()
+    assert actions["pack"] == actions["verify"] == "skipped"
 
 
 def test_a_changed_qat_setting_reruns_quantize_pack_and_verify_only(first, sets, invoke, tmp_path):
@@ -238,3 +231,25 @@ def test_from_quantize_without_a_quantize_section_is_refused_with_one_line(first
     assert_one_line_error(res, 2, "--from quantize: the recipe has no quantize: section, so no such stage",
                           "stages: distill, export, pack, verify")
     assert result is None and snapshot(out) == before
+
+
+def test_a_recipe_that_drops_quantize_leaves_qat_out_of_verify_until_it_comes_back(first, sets, invoke, tmp_path):
+    """quantize: removed from the recipe and `ciard run` again: the workflow's verify stage and summary leave
+    DIR/qat/ out, and so does `ciard verify DIR` (it used to verify the stale folder, against a pack no longer
+    built for it, with the recipe's gates), saying in one line that it is left; put back, the quantize stage's
+    record still holds (skipped, not fine-tuned again)."""
+    out = tmp_path / "digits-qat"
+    shutil.copytree(first["out"], out)
+    plain = [s for s in sets if not s.startswith("quantize=")]
+    _, result, actions = run_cli(invoke, out, plain)
+    assert "quantize" not in actions and result["state"]["recipe"]["stages"] == ["distill", "export", "pack", "verify"]
+    assert {r["name"] for r in result["artifacts"]} == {"onnx", "onnx-int8"} and (out / QAT).is_file()
+    res = invoke("verify", out, "--threads", 1)
+    assert res.exit_code == 0, res.output
+    assert f"verify: 2 artifacts of the run folder {out} (model.onnx, model.int8.onnx) against" in res.stderr
+    assert f"{out / 'qat'} is left from an earlier recipe with quantize:" in " ".join(res.stderr.split())
+    assert "onnx-int8 (qat)" not in res.stdout
+    _, result, actions = run_cli(invoke, out, sets)
+    assert actions["quantize"] == "skipped" and actions["pack"] == actions["verify"] == "ran"
+    assert "quantize" in result["state"]["recipe"]["stages"]
+    assert {r["name"] for r in result["artifacts"]} == {"onnx", "onnx-int8", "onnx-int8 (qat)"}

@@ -10,7 +10,7 @@ import pytest
 
 from ciard_deploy.errors import ArtifactError
 from ciard_deploy.run_folder import (artifact_name, exported_artifacts, is_run_folder, qat_artifacts,
-                                     resolve_run_folder, run_folder_of, verify_settings)
+                                     resolve_run_folder, run_folder_of, stale_qat, verify_settings)
 from ciard_deploy.workflow import STATE_FORMAT, Layout, paths_of
 
 pytestmark = pytest.mark.unit
@@ -96,3 +96,24 @@ def test_the_paths_name_the_qat_folder_only_with_a_quantize_section(tmp_path):
     assert paths["qat"] == str(tmp_path / "qat") and paths["qat_manifest"] == str(tmp_path / "qat" / "manifest.json")
     assert list(paths) == ["state", "recipe", "run", "plots", "export", "manifest", "qat", "qat_manifest", "pack",
                            "verify"]
+
+
+def test_a_qat_folder_left_by_a_recipe_that_dropped_quantize_is_not_an_artifact_of_the_run(tmp_path):
+    """The last `ciard run` ran a recipe without quantize: (workflow.json's recipe.stages): DIR/qat/ and the
+    quantize record stay, but the run has no QAT artifact to verify (`ciard verify DIR` used to take the stale
+    folder); with quantize: in the stages, or a workflow.json from before that record, the quantize stage's
+    own record decides, as before (here: interrupted, so DIR/qat/ is incomplete and named)."""
+    stages = {"export": {"status": "done"}, "quantize": {"status": "interrupted"}}
+    root = make_run_folder(tmp_path / "wf", stages)
+    (root / "qat").mkdir()
+    with pytest.raises(ArtifactError, match="its quantize stage is interrupted"):
+        qat_artifacts(root)  # a workflow.json without recipe.stages
+    assert stale_qat(root) is None
+    state = {"format": STATE_FORMAT, "stages": stages, "recipe": {"stages": ["distill", "export", "pack", "verify"]}}
+    (root / "workflow.json").write_text(json.dumps(state))
+    assert qat_artifacts(root) == [] and stale_qat(root) == root / "qat"
+    state["recipe"]["stages"] = ["distill", "export", "quantize", "pack", "verify"]
+    (root / "workflow.json").write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match="its quantize stage is interrupted"):
+        qat_artifacts(root)
+    assert stale_qat(root) is None
