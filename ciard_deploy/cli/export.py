@@ -16,7 +16,7 @@ from ciard_deploy.cli.common import (JsonOption, ForceJsonOption, ThreadsOption,
 from ciard_deploy.cli.model_options import model_option
 from ciard_deploy.errors import CiardError, GateFailed, UsageError
 from ciard_deploy.options.export import ExportOptions
-from ciard_deploy.run_folder import is_export_folder, is_run_folder, resolve_run_folder
+from ciard_deploy.run_folder import is_export_folder, is_run_folder, resolve_run_folder, stale_qat
 from ciard_deploy.workflow.state import Layout
 from ciard_deploy.signals import terminate_as_interrupt
 from ciard_deploy import export
@@ -131,7 +131,8 @@ def inspect_cmd(
     check_outputs({"--json": json_out}, force, {**artifact_inputs(read, "PATH"), "PATH": path})
     rep = inspect_artifact(from_run_folder(path, "export"))
     if is_run_folder(path) and is_export_folder(Layout(path).qat):  # one manifest per call: the export's
-        note(f"the run folder also holds its quantize stage's QAT artifact: `ciard inspect {Layout(path).qat}`")
+        stale = " (left from an earlier recipe with quantize:)" if stale_qat(path) else ""
+        note(f"the run folder also holds its quantize stage's QAT artifact{stale}: `ciard inspect {Layout(path).qat}`")
     if rep["kind"] == "manifest":
         render_manifest(rep["manifest"])
     else:

@@ -249,6 +249,9 @@ def test_a_recipe_that_drops_quantize_leaves_qat_out_of_verify_until_it_comes_ba
     assert f"verify: 2 artifacts of the run folder {out} (model.onnx, model.int8.onnx) against" in res.stderr
     assert f"{out / 'qat'} is left from an earlier recipe with quantize:" in " ".join(res.stderr.split())
     assert "onnx-int8 (qat)" not in res.stdout
+    res = invoke("inspect", out)
+    assert res.exit_code == 0 and "QAT artifact (left from an earlier recipe with quantize:)" in \
+        " ".join(res.stderr.split()), res.output
     _, result, actions = run_cli(invoke, out, sets)
     assert actions["quantize"] == "skipped" and actions["pack"] == actions["verify"] == "ran"
     assert "quantize" in result["state"]["recipe"]["stages"]
