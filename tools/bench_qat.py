@@ -283,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     datasets = [s.strip() for s in args.dataset.split(",") if s.strip()]
     args.calib = [s.strip() for s in args.calib.split(",") if s.strip()]
     args.qat_scales = [s.strip() for s in args.qat_scales.split(",") if s.strip()]
-    if not args.qat_scales or any(m not in ("observed", "learned") for m in args.qat_scales):
-        ap.error(f"--qat-scales: observed, learned or both, got {','.join(args.qat_scales)!r}")
+    from ciard_deploy.config.quantize import ACTIVATION_SCALES  # torch-free
+
+    if not args.qat_scales or any(m not in ACTIVATION_SCALES for m in args.qat_scales):
+        ap.error(f"--qat-scales: one or more of {', '.join(ACTIVATION_SCALES)}, got {','.join(args.qat_scales)!r}")
     if args.artifact_attacks:
         args.artifact_attacks = [s.strip() for s in args.artifact_attacks.split(",") if s.strip()]
     try:
